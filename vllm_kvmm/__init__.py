@@ -1,0 +1,3 @@
+"""vllm-kvmm: multimodal KV-cache compression (MEDA, LOOK-M, HAE and baselines) inside vLLM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""Pure-torch primitives for KV scoring, selection, merging and compaction (no vLLM import)."""
+
+from vllm_kvmm.ops.merge import MergeKind, merge_kv, nearest_kept
+from vllm_kvmm.ops.select import complement, pool1d, reduce_heads, select_topk
+from vllm_kvmm.ops.stats import LayerStats, StatsAccumulator, StatsRequest, attention_stats, row_entropy
+
+__all__ = [
+    "LayerStats",
+    "MergeKind",
+    "StatsAccumulator",
+    "StatsRequest",
+    "attention_stats",
+    "complement",
+    "merge_kv",
+    "nearest_kept",
+    "pool1d",
+    "reduce_heads",
+    "row_entropy",
+    "select_topk",
+]

@@ -1,0 +1,262 @@
+"""Chunked attention statistics for KV-cache scoring (pure torch, never N×N).
+
+Every policy scores prompt tokens from a handful of statistics of the prefill attention map
+``A[h, i, j] = softmax_j(q_i·k_j·scale)`` (causal, ``j ≤ i``). They are accumulated one *query chunk*
+at a time, so the same code serves a whole prompt (dense reference) and a prompt that vLLM prefills
+in several chunks: each call sees the queries of positions ``[q_start, q_start + n_q)`` and the keys
+of positions ``[0, q_start + n_q)``. Extra memory is ``O(chunk · N)`` per call.
+
+Statistics (all float32, all reduced to KV heads by the mean over each GQA group):
+
+* ``colsum``   ``Σ_i A[i, j]`` over all queries (H2O, LOOK-M, MEDA).
+* ``window``   ``Σ_i A[i, j]`` over the last ``window`` queries (SnapKV, PyramidKV).
+* ``entropy``  mean row entropy of the full causal map, averaged over query heads (MEDA code).
+* ``entropy_tv`` / ``entropy_vt``  mean row entropy of the head-averaged cross-modal maps
+  text→vision and vision→text, each renormalised over its key modality (MEDA paper, Eq. 4–6).
+  Causal: a text query sees only earlier vision keys (see docs/policies.md for why).
+* ``t2v_sum`` / ``t2v_max``  head-averaged attention that vision keys receive from the text queries
+  after the last vision token: sum and max over those queries (HAE dual-attention pruning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerStats", "StatsAccumulator", "StatsRequest", "attention_stats", "row_entropy"]
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Which statistics a policy needs for one prompt (drives what the attention hook computes).
+
+    ``window`` is a number of queries (0 = none); ``layers`` the layers to collect (``None`` = all).
+    """
+
+    colsum: bool = False
+    window: int = 0
+    entropy: bool = False
+    cross_entropy: bool = False
+    t2v: bool = False
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.colsum or self.window or self.entropy or self.cross_entropy or self.t2v)
+
+    def wants_layer(self, layer: int) -> bool:
+        return not self.empty and (self.layers is None or layer in self.layers)
+
+
+@dataclass(slots=True)
+class LayerStats:
+    """Statistics of one layer for one prompt of ``N`` tokens (see module docstring).
+
+    Shapes: ``colsum``, ``window``: ``[H_kv, N]``; ``t2v_sum``, ``t2v_max``: ``[N]`` (zero outside vision
+    keys); entropies: 0-d tensors (``nan`` when the map has no rows, e.g. no vision tokens).
+    """
+
+    colsum: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    entropy_tv: torch.Tensor | None = None
+    entropy_vt: torch.Tensor | None = None
+    t2v_sum: torch.Tensor | None = None
+    t2v_max: torch.Tensor | None = None
+
+
+def row_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the ``True`` entries of ``mask``, per row.
+
+    Uses ``H = lse − Σ_j p_j z_j`` so no ``log p`` is formed. ``logits``/``mask``: ``[..., n]``;
+    returns ``[...]`` (``nan`` for rows with no ``True`` entry).
+    """
+    z = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse.unsqueeze(-1))
+    pz = torch.where(mask, p * logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    return lse - pz.sum(-1)
+
+
+@dataclass(slots=True)
+class _Acc:
+    colsum: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    ent_sum: float = 0.0
+    ent_rows: int = 0
+    tv_sum: float = 0.0
+    tv_rows: int = 0
+    vt_sum: float = 0.0
+    vt_rows: int = 0
+    t2v_sum: torch.Tensor | None = None
+    t2v_max: torch.Tensor | None = None
+    seen: int = 0
+
+
+class StatsAccumulator:
+    """Accumulates :class:`LayerStats` of one layer of one prompt over query chunks.
+
+    Args:
+        request: which statistics to collect.
+        num_tokens: prompt length ``N``.
+        num_heads: query heads ``H``; ``num_kv_heads``: KV heads ``H_kv`` (``H % H_kv == 0``).
+        vision_mask: ``[N]`` bool, ``True`` at vision (image/video) token positions.
+        scale: softmax scale (``1/sqrt(d)`` unless the model says otherwise).
+        chunk: queries per internal block; the largest temporary is ``[H, chunk, N]``.
+    """
+
+    def __init__(
+        self,
+        request: StatsRequest,
+        num_tokens: int,
+        num_heads: int,
+        num_kv_heads: int,
+        vision_mask: torch.Tensor,
+        scale: float,
+        chunk: int = 256,
+    ) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if vision_mask.shape != (num_tokens,):
+            raise ValueError(f"vision_mask has shape {tuple(vision_mask.shape)}, expected ({num_tokens},)")
+        self.request = request
+        self.n = num_tokens
+        self.h = num_heads
+        self.h_kv = num_kv_heads
+        self.scale = scale
+        self.chunk = chunk
+        self.vision = vision_mask.to(torch.bool)
+        vis_pos = torch.nonzero(self.vision).flatten()
+        # HAE's text queries are those after the last vision token (the instruction / question).
+        self.t2v_from = int(vis_pos[-1].item()) + 1 if vis_pos.numel() else num_tokens
+        self.window_from = num_tokens - request.window if request.window else num_tokens
+        self._acc = _Acc()
+
+    @property
+    def done(self) -> bool:
+        """True once every prompt query has been seen."""
+        return self._acc.seen >= self.n
+
+    def update(self, q: torch.Tensor, k: torch.Tensor, q_start: int) -> None:
+        """Add the queries of positions ``[q_start, q_start + n_q)``.
+
+        Args:
+            q: ``[n_q, H, d]`` post-RoPE queries.
+            k: ``[n_k, H_kv, d]`` post-RoPE keys of positions ``[0, n_k)``, ``n_k ≥ q_start + n_q``.
+            q_start: absolute position of ``q[0]``.
+        """
+        n_q = q.shape[0]
+        if q_start != self._acc.seen:
+            raise ValueError(f"query chunks must arrive in order: expected start {self._acc.seen}, got {q_start}")
+        if q_start + n_q > self.n or k.shape[0] < q_start + n_q:
+            raise ValueError(
+                f"chunk [{q_start}, {q_start + n_q}) with {k.shape[0]} keys does not fit a prompt of {self.n}"
+            )
+        k = k[: self.n]
+        for s in range(0, n_q, self.chunk):
+            e = min(n_q, s + self.chunk)
+            self._update_block(q[s:e], k, q_start + s)
+        self._acc.seen += n_q
+
+    def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+        req, acc = self.request, self._acc
+        n_q, n_k = q.shape[0], k.shape[0]
+        dev = q.device
+        g = self.h // self.h_kv
+        # Keys beyond the last query of this block are never visible: trim them.
+        n_vis = start + n_q
+        kk = k[:n_vis].float()
+        qq = q.float()
+        # [H, n_q, n_vis] logits, GQA by repeating KV heads.
+        kk_h = kk.repeat_interleave(g, dim=1) if g > 1 else kk
+        z = torch.einsum("qhd,khd->hqk", qq, kk_h) * self.scale
+        qpos = torch.arange(start, start + n_q, device=dev)
+        kpos = torch.arange(n_vis, device=dev)
+        causal = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n_q, n_vis]
+        zc = z.masked_fill(~causal, float("-inf"))
+        lse = torch.logsumexp(zc, dim=-1, keepdim=True)
+        p = torch.exp(zc - lse)  # [H, n_q, n_vis]; exact zeros above the diagonal
+
+        def to_kv(x: torch.Tensor) -> torch.Tensor:  # [H, n] -> [H_kv, n], mean over each group
+            return x.view(self.h_kv, g, -1).mean(1)
+
+        if req.colsum:
+            if acc.colsum is None:
+                acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
+            acc.colsum[:, :n_vis] += to_kv(p.sum(1))
+        if req.window and start + n_q > self.window_from:
+            if acc.window is None:
+                acc.window = torch.zeros(self.h_kv, self.n, device=dev)
+            sel = qpos >= self.window_from
+            acc.window[:, :n_vis] += to_kv(p[:, sel].sum(1))
+        if req.entropy:
+            pz = torch.where(causal, p * z, torch.zeros((), device=dev))
+            ent = lse.squeeze(-1) - pz.sum(-1)  # [H, n_q]
+            acc.ent_sum += float(ent.sum())
+            acc.ent_rows += n_q * self.h
+        vis_k = self.vision[:n_vis].to(dev)
+        vis_q = self.vision[start : start + n_q].to(dev)
+        if req.cross_entropy:
+            for rows, cols, kind in ((~vis_q, vis_k, "tv"), (vis_q, ~vis_k, "vt")):
+                if not bool(rows.any()) or not bool(cols.any()):
+                    continue
+                m = causal[rows][:, cols]  # [r, c]
+                zz = zc[:, rows][:, :, cols]  # [H, r, c]
+                lse_m = torch.logsumexp(zz, dim=-1, keepdim=True)
+                pm = torch.exp(zz - lse_m).nan_to_num(0.0).mean(0)  # head-averaged map, [r, c]
+                valid = m.any(-1)
+                if not bool(valid.any()):
+                    continue
+                logp = torch.where(m, pm.clamp_min(1e-30).log(), torch.zeros((), device=dev))
+                ent = -(pm * logp).sum(-1)[valid]
+                if kind == "tv":
+                    acc.tv_sum += float(ent.sum())
+                    acc.tv_rows += int(valid.sum())
+                else:
+                    acc.vt_sum += float(ent.sum())
+                    acc.vt_rows += int(valid.sum())
+        if req.t2v and start + n_q > self.t2v_from:
+            if acc.t2v_sum is None:
+                acc.t2v_sum = torch.zeros(self.n, device=dev)
+                acc.t2v_max = torch.zeros(self.n, device=dev)
+            rows = (qpos >= self.t2v_from) & ~vis_q
+            if bool(rows.any()):
+                pm = p[:, rows].mean(0)  # [r, n_vis] head-averaged attention
+                pm = pm * vis_k.unsqueeze(0)
+                acc.t2v_sum[:n_vis] += pm.sum(0)
+                acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], pm.max(0).values)
+
+    def result(self) -> LayerStats:
+        """The statistics so far (complete once :attr:`done`)."""
+        acc, req = self._acc, self.request
+        nan = torch.tensor(math.nan)
+        out = LayerStats()
+        if req.colsum:
+            out.colsum = acc.colsum if acc.colsum is not None else torch.zeros(self.h_kv, self.n)
+        if req.window:
+            out.window = acc.window if acc.window is not None else torch.zeros(self.h_kv, self.n)
+        if req.entropy:
+            out.entropy = torch.tensor(acc.ent_sum / acc.ent_rows) if acc.ent_rows else nan
+        if req.cross_entropy:
+            out.entropy_tv = torch.tensor(acc.tv_sum / acc.tv_rows) if acc.tv_rows else nan
+            out.entropy_vt = torch.tensor(acc.vt_sum / acc.vt_rows) if acc.vt_rows else nan
+        if req.t2v:
+            out.t2v_sum = acc.t2v_sum if acc.t2v_sum is not None else torch.zeros(self.n)
+            out.t2v_max = acc.t2v_max if acc.t2v_max is not None else torch.zeros(self.n)
+        return out
+
+
+def attention_stats(
+    request: StatsRequest,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vision_mask: torch.Tensor,
+    scale: float,
+    chunk: int = 256,
+) -> LayerStats:
+    """One-shot :class:`StatsAccumulator` over a whole prompt. ``q``: ``[N, H, d]``; ``k``: ``[N, H_kv, d]``."""
+    acc = StatsAccumulator(request, q.shape[0], q.shape[1], k.shape[1], vision_mask, scale, chunk)
+    acc.update(q, k, 0)
+    return acc.result()

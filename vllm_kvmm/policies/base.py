@@ -1,0 +1,233 @@
+"""The policy abstraction shared by the dense reference and the vLLM path.
+
+A policy is a small frozen pydantic model whose fields are its hyper-parameters. It answers, for one
+prompt of ``N`` tokens, five questions (ALGORITHMS.md §8):
+
+1. :meth:`KVPolicy.stats_request`  which attention statistics to collect during prefill;
+2. :meth:`KVPolicy.layer_budgets`  how many tokens each layer keeps;
+3. :meth:`KVPolicy.recent_window`  how many trailing tokens are always kept;
+4. :meth:`KVPolicy.protected` / :meth:`KVPolicy.scores`  which of the other tokens to keep, per KV head;
+5. :meth:`KVPolicy.merge_spec`  whether and how evicted tokens are merged into kept ones.
+
+:func:`plan_compression` turns the answers into a per-layer :class:`LayerPlan` (kept indices per KV
+head), and :func:`apply_plan` gathers/merges one layer's keys and values. Both are used unchanged by
+the dense reference (``granularity=1`` or the block size) and by vLLM (``granularity = block size``).
+
+Paged layout constraint (``granularity = g``): the tokens of ``[tail_start, N)`` with
+``tail_start = g·⌊(N − recent)/g⌋`` are always kept in place, and exactly ``K = g·k`` tokens are kept
+from the compressible prefix ``[0, tail_start)``, so the compacted prefix fills whole blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from vllm_kvmm.ops import LayerStats, MergeKind, StatsRequest, complement, merge_kv, select_topk
+
+__all__ = [
+    "KVPolicy",
+    "LayerPlan",
+    "MergeSpec",
+    "PromptInfo",
+    "apply_plan",
+    "layout",
+    "plan_compression",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInfo:
+    """What a policy knows about one prompt.
+
+    ``vision_mask``: ``[N]`` bool, ``True`` at image/video placeholder positions (from the processor or
+    vLLM's multimodal placeholder ranges; never hard-coded counts).
+    """
+
+    num_tokens: int
+    vision_mask: torch.Tensor
+    num_layers: int
+    num_kv_heads: int
+
+    @classmethod
+    def text_only(cls, num_tokens: int, num_layers: int, num_kv_heads: int) -> PromptInfo:
+        return cls(num_tokens, torch.zeros(num_tokens, dtype=torch.bool), num_layers, num_kv_heads)
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        return ~self.vision_mask
+
+    @property
+    def has_vision(self) -> bool:
+        return bool(self.vision_mask.any())
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSpec:
+    """How evicted tokens are folded into kept ones (see :mod:`vllm_kvmm.ops.merge`)."""
+
+    kind: MergeKind
+    merge_keys: bool = True
+    similarity_filter: bool = False
+    misaligned_source: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """The decision for one layer of one prompt.
+
+    ``keep``: ``[H_kv, K_total]`` ascending kept positions per KV head; the first ``prefix_keep`` of each
+    row lie in ``[0, tail_start)``, the rest are exactly ``[tail_start, N)``.
+    """
+
+    keep: torch.Tensor
+    tail_start: int
+    prefix_keep: int
+    num_tokens: int
+
+    @property
+    def num_kept(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def num_evicted(self) -> int:
+        return self.num_tokens - self.num_kept
+
+    @property
+    def is_identity(self) -> bool:
+        return self.num_kept == self.num_tokens
+
+
+class KVPolicy(BaseModel):
+    """Base class of every policy. Subclasses set :attr:`name` and :attr:`summary` and override hooks.
+
+    ``budget`` is the fraction of the prompt's KV entries kept, averaged over layers (``ρ``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+
+    budget: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the prompt KV kept, in (0, 1]")
+
+    # ---- declarative requirements ------------------------------------------------------------
+    @property
+    def compresses(self) -> bool:
+        """False when the policy can never evict a prompt token (``full``, or budget 1)."""
+        return self.budget < 1.0
+
+    def stats_request(self, info: PromptInfo) -> StatsRequest:
+        """Statistics the attention hook must collect for this prompt (default: none)."""
+        return StatsRequest()
+
+    # ---- stages -------------------------------------------------------------------------------
+    def layer_budgets(self, stats: Sequence[LayerStats | None], info: PromptInfo) -> list[int]:
+        """Tokens kept per layer (including the recent window). Default: ``round(ρ·N)`` everywhere."""
+        b = budget_tokens(self.budget, info.num_tokens)
+        return [b] * info.num_layers
+
+    def recent_window(self, info: PromptInfo) -> int:
+        """Trailing prompt tokens that are always kept."""
+        return 0
+
+    def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
+        """``[N]`` bool: tokens that must be kept whatever their score (the budget grows if needed)."""
+        return None
+
+    def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
+        """``[H_kv, N]`` importance of every prompt token for ``layer`` (higher = keep)."""
+        raise NotImplementedError
+
+    def merge_spec(self, info: PromptInfo) -> MergeSpec | None:
+        """Merge rule for evicted tokens, or ``None`` to drop them."""
+        return None
+
+
+def budget_tokens(ratio: float, n: int) -> int:
+    """``round(ratio·n)`` clamped to ``[0, n]`` (half away from zero, so 0.5·3 → 2)."""
+    return min(n, max(0, math.floor(ratio * n + 0.5)))
+
+
+def layout(n: int, recent: int, budget: int, granularity: int, n_protected: int = 0) -> tuple[int, int]:
+    """Where the kept tail starts and how many prefix tokens are kept.
+
+    Args:
+        n: prompt length. ``recent``: trailing tokens always kept. ``budget``: tokens to keep in total.
+        granularity: the prefix keep count is a multiple of it (the vLLM block size, or 1).
+        n_protected: hard-protected tokens inside the prefix; the keep count grows to cover them.
+    Returns:
+        ``(tail_start, prefix_keep)``.
+    """
+    g = max(1, granularity)
+    recent = min(max(recent, 0), n)
+    tail_start = g * ((n - recent) // g)
+    prefix_keep = g * (max(0, budget - (n - tail_start)) // g)
+    if n_protected > prefix_keep:
+        prefix_keep = g * math.ceil(n_protected / g)
+    return tail_start, min(prefix_keep, tail_start)
+
+
+def plan_compression(
+    policy: KVPolicy,
+    stats: Sequence[LayerStats | None],
+    info: PromptInfo,
+    granularity: int = 1,
+) -> list[LayerPlan]:
+    """Decide the kept tokens of every layer and KV head for one prompt.
+
+    Args:
+        stats: one entry per layer (``None`` where the policy collected nothing).
+        granularity: see :func:`layout`.
+    """
+    n, h = info.num_tokens, info.num_kv_heads
+    if len(stats) != info.num_layers:
+        raise ValueError(f"got statistics for {len(stats)} layers, expected {info.num_layers}")
+    budgets = policy.layer_budgets(stats, info) if policy.compresses else [n] * info.num_layers
+    recent = policy.recent_window(info)
+    plans = []
+    for layer, b in enumerate(budgets):
+        prot = policy.protected(info, layer)
+        tail_start, _ = layout(n, recent, b, granularity)
+        n_prot = int(prot[:tail_start].sum()) if prot is not None else 0
+        tail_start, k = layout(n, recent, b, granularity, n_prot)
+        tail = torch.arange(tail_start, n).expand(h, n - tail_start)
+        if k == tail_start:
+            keep = torch.arange(n).expand(h, n).clone()
+        else:
+            sc = policy.scores(stats, info, layer)
+            if sc.shape != (h, n):
+                raise ValueError(f"{policy.name}.scores returned {tuple(sc.shape)}, expected ({h}, {n})")
+            p = prot[:tail_start] if prot is not None else None
+            head = select_topk(sc[:, :tail_start].cpu(), k, p)
+            keep = torch.cat([head, tail], dim=1)
+        plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n))
+    return plans
+
+
+def apply_plan(
+    plan: LayerPlan, keys: torch.Tensor, values: torch.Tensor, merge: MergeSpec | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact one layer: ``keys``/``values`` ``[H_kv, N, d]`` → ``[H_kv, K_total, d]`` (merged if asked)."""
+    keep = plan.keep.to(keys.device)
+    if plan.is_identity:
+        return keys, values
+    evict = complement(keep, plan.num_tokens)
+    if merge is None:
+        evict = evict[:, :0]
+        return merge_kv(keys, values, keep, evict, "average")
+    return merge_kv(
+        keys,
+        values,
+        keep,
+        evict,
+        merge.kind,
+        merge_keys=merge.merge_keys,
+        similarity_filter=merge.similarity_filter,
+        misaligned_source=merge.misaligned_source,
+    )
