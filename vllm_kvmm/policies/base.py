@@ -5,7 +5,7 @@ prompt of ``N`` tokens, five questions (ALGORITHMS.md §8):
 
 1. :meth:`KVPolicy.stats_request`  which attention statistics to collect during prefill;
 2. :meth:`KVPolicy.layer_budgets`  how many tokens each layer keeps;
-3. :meth:`KVPolicy.recent_window`  how many trailing tokens are always kept;
+3. :meth:`KVPolicy.recent_window`  how many trailing tokens each layer always keeps;
 4. :meth:`KVPolicy.protected` / :meth:`KVPolicy.scores`  which of the other tokens to keep, per KV head;
 5. :meth:`KVPolicy.merge_spec`  whether and how evicted tokens are merged into kept ones.
 
@@ -132,8 +132,8 @@ class KVPolicy(BaseModel):
         b = budget_tokens(self.budget, info.num_tokens)
         return [b] * info.num_layers
 
-    def recent_window(self, info: PromptInfo) -> int:
-        """Trailing prompt tokens that are always kept."""
+    def recent_window(self, info: PromptInfo, budget: int) -> int:
+        """Trailing prompt tokens always kept by a layer whose token budget is ``budget``."""
         return 0
 
     def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
@@ -189,9 +189,9 @@ def plan_compression(
     if len(stats) != info.num_layers:
         raise ValueError(f"got statistics for {len(stats)} layers, expected {info.num_layers}")
     budgets = policy.layer_budgets(stats, info) if policy.compresses else [n] * info.num_layers
-    recent = policy.recent_window(info)
     plans = []
     for layer, b in enumerate(budgets):
+        recent = policy.recent_window(info, b)
         prot = policy.protected(info, layer)
         tail_start, _ = layout(n, recent, b, granularity)
         n_prot = int(prot[:tail_start].sum()) if prot is not None else 0

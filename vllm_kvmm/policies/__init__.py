@@ -1,0 +1,46 @@
+"""KV-compression policies (pure torch, no vLLM import). See :mod:`vllm_kvmm.policies.base`."""
+
+from vllm_kvmm.policies.base import (
+    KVPolicy,
+    LayerPlan,
+    MergeSpec,
+    PromptInfo,
+    apply_plan,
+    budget_tokens,
+    layout,
+    plan_compression,
+)
+from vllm_kvmm.policies.full import Full
+from vllm_kvmm.policies.h2o import H2O
+from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
+from vllm_kvmm.policies.lookm import LookM
+from vllm_kvmm.policies.meda import MEDA
+from vllm_kvmm.policies.pyramidkv import PyramidKV
+from vllm_kvmm.policies.registry import POLICIES, PolicyError, make_policy, policy_names
+from vllm_kvmm.policies.snapkv import SnapKV
+from vllm_kvmm.policies.streaming import StreamingLLM
+
+__all__ = [
+    "H2O",
+    "HAE",
+    "MEDA",
+    "POLICIES",
+    "BinEvent",
+    "Full",
+    "KVPolicy",
+    "LayerPlan",
+    "LookM",
+    "MergeSpec",
+    "PolicyError",
+    "PromptInfo",
+    "PyramidKV",
+    "RecycleBin",
+    "SnapKV",
+    "StreamingLLM",
+    "apply_plan",
+    "budget_tokens",
+    "layout",
+    "make_policy",
+    "plan_compression",
+    "policy_names",
+]

@@ -1,0 +1,51 @@
+"""Budget arithmetic shared by the per-layer policies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["clamped_softmax_ratios", "round_preserving_sum"]
+
+
+def round_preserving_sum(values: Sequence[float], total: int) -> list[int]:
+    """Round non-negative ``values`` to integers summing exactly to ``total`` (largest remainder).
+
+    Ties in the remainder go to the lower index, so the result is deterministic.
+    """
+    floors = [math.floor(v) for v in values]
+    rest = total - sum(floors)
+    order = sorted(range(len(values)), key=lambda i: (-(values[i] - floors[i]), i))
+    for i in order[: max(0, rest)]:
+        floors[i] += 1
+    return floors
+
+
+def clamped_softmax_ratios(
+    scores: torch.Tensor, total: float, lo: float, hi: float, renormalize: bool = True
+) -> torch.Tensor:
+    """Per-layer keep ratios ``softmax(scores)·total`` clamped to ``[lo, hi]``.
+
+    With ``renormalize`` (MEDA paper: budgets sum to ``L·ρ``) the ratios are ``clamp(c·w_l, lo, hi)``
+    with the one scale ``c`` that makes them sum to ``total`` (found by bisection; the sum is monotone
+    in ``c``), so unclamped layers keep the softmax proportions. Without it, this is the released MEDA
+    code: ``clamp(w_l·total, lo, hi)`` once, and the sum may drift from ``total``.
+
+    ``scores``: ``[L]``; returns ``[L]`` float64 ratios.
+    """
+    w = torch.softmax(scores.double(), dim=0)
+    if not renormalize:
+        return (w * total).clamp(lo, hi)
+    n = w.numel()
+    if not n * lo - 1e-9 <= total <= n * hi + 1e-9:
+        raise ValueError(f"cannot share {total:.4f} among {n} layers within [{lo}, {hi}]")
+    c_lo, c_hi = 0.0, hi / max(float(w.min()), 1e-300)
+    for _ in range(200):
+        c = 0.5 * (c_lo + c_hi)
+        if float((c * w).clamp(lo, hi).sum()) < total:
+            c_lo = c
+        else:
+            c_hi = c
+    return (c_hi * w).clamp(lo, hi)

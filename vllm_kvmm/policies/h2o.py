@@ -1,0 +1,36 @@
+"""``h2o``: heavy hitters by accumulated attention plus a recent window (Zhang et al., NeurIPS 2023).
+
+Prefill: ``s_j = Σ_i A[i, j]`` over all prompt queries; each KV head keeps the last
+``r = recent_fraction·B`` tokens and the top ``B − r`` of the rest (the paper's 20 % budget split
+1:1). The original also evicts greedily at every decode step; that lives in the decode path
+(:class:`vllm_kvmm.policies.hae.RecycleBin` with ``bin_size=0`` is exactly that greedy rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from vllm_kvmm.ops import LayerStats, StatsRequest
+from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
+
+
+class H2O(KVPolicy):
+    name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = "heavy hitters by accumulated attention + recent window (H2O)"
+
+    recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens")
+
+    def stats_request(self, info: PromptInfo) -> StatsRequest:
+        return StatsRequest(colsum=True)
+
+    def recent_window(self, info: PromptInfo, budget: int) -> int:
+        return budget_tokens(self.recent_fraction, budget)
+
+    def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
+        st = stats[layer]
+        assert st is not None and st.colsum is not None
+        return st.colsum
