@@ -1,0 +1,72 @@
+"""``vllm-kvmm`` command line: list policies, prepare the embedded models, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vllm_kvmm.policies import POLICIES, PolicyError
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    width = max(len(n) for n in POLICIES)
+    for name, cls in POLICIES.items():
+        print(f"{name:<{width}}  {cls.summary}")
+    return 0
+
+
+def _cmd_prepare_models(args: argparse.Namespace) -> int:
+    from vllm_kvmm.models.smollm2 import ensure_smollm2, verify_smollm2
+
+    path = ensure_smollm2()
+    answer = verify_smollm2(path)
+    print(f"SmolLM2-135M-Instruct ready at {path}")
+    print(f"  check: 'What is the capital of France?' -> {answer!r}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_kvmm.demo import run_reference_demo
+
+    return run_reference_demo(
+        policies=args.policies.split(","),
+        budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        doc_words=args.doc_words,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-kvmm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("policies", help="list every registered KV policy")
+    sp.set_defaults(func=_cmd_policies)
+
+    sp = sub.add_parser("prepare-models", help="convert the embedded SmolLM2 GGUF into a Hugging Face folder")
+    sp.set_defaults(func=_cmd_prepare_models)
+
+    sp = sub.add_parser(
+        "demo",
+        help="run the dense reference on the embedded SmolLM2 with a long prompt under several policies",
+    )
+    sp.add_argument("--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
+    sp.add_argument("--budget", type=float, default=0.3, help="fraction of prompt KV kept, in (0, 1]")
+    sp.add_argument("--max-new-tokens", type=int, default=24)
+    sp.add_argument("--doc-words", type=int, default=900, help="length of the document in the prompt")
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PolicyError as e:
+        print(f"vllm-kvmm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
