@@ -65,8 +65,8 @@ def merge_kv(
         merge_keys: merge keys as well as values (``False`` is safer with M-RoPE, where averaging
             post-RoPE keys of different positions corrupts attention).
         similarity_filter: LOOK-M A/W-merge and MEDA code: merge only evicted slot ``i`` whose head-mean
-            best similarity ``mean_h max_j s[h, i, j]`` is at least the mean over all ``(h, i)``. Slot ``i`` is
-            the i-th evicted token of each head (as in the released code).
+            best similarity ``mean_h max_j s[h, i, j]`` is at least the mean over all ``(h, i)``. Slot
+            ``i`` is the i-th evicted token of each head (as in the released code).
         misaligned_source: reproduce MEDA's released-code bug: the filtered slots' targets are paired with
             the *first* ``|F|`` evicted tokens instead of the filtered ones (needs ``similarity_filter``).
     Returns:

@@ -60,7 +60,7 @@ def select_topk(scores: torch.Tensor, k: int, protected: torch.Tensor | None = N
 
 
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices in ``[0, n)`` not in ``keep``, per head. ``keep``: ``[H_kv, K]`` → ``[H_kv, n − K]`` ascending."""
+    """Indices in ``[0, n)`` not in ``keep``, per head: ``[H_kv, K]`` → ``[H_kv, n − K]``, ascending."""
     h, kk = keep.shape
     mask = torch.ones(h, n, dtype=torch.bool, device=keep.device)
     mask.scatter_(1, keep, False)

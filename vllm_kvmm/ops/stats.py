@@ -149,7 +149,9 @@ class StatsAccumulator:
         """
         n_q = q.shape[0]
         if q_start != self._acc.seen:
-            raise ValueError(f"query chunks must arrive in order: expected start {self._acc.seen}, got {q_start}")
+            raise ValueError(
+                f"query chunks must arrive in order: expected start {self._acc.seen}, got {q_start}"
+            )
         if q_start + n_q > self.n or k.shape[0] < q_start + n_q:
             raise ValueError(
                 f"chunk [{q_start}, {q_start + n_q}) with {k.shape[0]} keys does not fit a prompt of {self.n}"
@@ -162,7 +164,7 @@ class StatsAccumulator:
 
     def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         req, acc = self.request, self._acc
-        n_q, n_k = q.shape[0], k.shape[0]
+        n_q = q.shape[0]
         dev = q.device
         g = self.h // self.h_kv
         # Keys beyond the last query of this block are never visible: trim them.
@@ -256,7 +258,7 @@ def attention_stats(
     scale: float,
     chunk: int = 256,
 ) -> LayerStats:
-    """One-shot :class:`StatsAccumulator` over a whole prompt. ``q``: ``[N, H, d]``; ``k``: ``[N, H_kv, d]``."""
+    """One-shot :class:`StatsAccumulator` over a prompt; ``q``: ``[N, H, d]``, ``k``: ``[N, H_kv, d]``."""
     acc = StatsAccumulator(request, q.shape[0], q.shape[1], k.shape[1], vision_mask, scale, chunk)
     acc.update(q, k, 0)
     return acc.result()

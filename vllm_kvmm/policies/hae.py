@@ -38,10 +38,14 @@ __all__ = ["HAE", "BinEvent", "RecycleBin"]
 
 class HAE(KVPolicy):
     name: ClassVar[str] = "hae"
-    summary: ClassVar[str] = "first-layer text→vision pruning broadcast to all layers + decode recycle bin (HAE)"
+    summary: ClassVar[str] = (
+        "first-layer text→vision pruning broadcast to all layers + decode recycle bin (HAE)"
+    )
 
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="DAP global threshold r (paper 0.0015)")
-    individual_threshold: float | None = Field(None, gt=0.0, lt=1.0, description="MustDrop individual threshold")
+    individual_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="MustDrop individual threshold"
+    )
     score_layer: int = Field(0, ge=0, description="layer whose attention decides (index broadcasting)")
     bin_size: int = Field(64, ge=0, description="decode recycle-bin size d (tokens per purge)")
     decode_budget: float | None = Field(
@@ -52,7 +56,9 @@ class HAE(KVPolicy):
 
     def model_post_init(self, context: object) -> None:
         if self.threshold is not None and self.budget != 1.0:
-            raise ValueError("hae: set either a budget (budget mode) or a threshold (threshold mode), not both")
+            raise ValueError(
+                "hae: set either a budget (budget mode) or a threshold (threshold mode), not both"
+            )
         if self.individual_threshold is not None and self.threshold is None:
             raise ValueError("hae: individual_threshold needs threshold")
 
@@ -181,7 +187,9 @@ class RecycleBin:
         self.scores = torch.cat([self.scores * self.decay, torch.zeros(h, 1, dtype=torch.float64)], 1)
         self.scores += attn.double()
         self.active = self._select()
-        ev = BinEvent(binned=before & ~self.active, restored=~before & self.active, active=self.active.clone())
+        ev = BinEvent(
+            binned=before & ~self.active, restored=~before & self.active, active=self.active.clone()
+        )
         if self.bin_count == 0 or self.bin_count < max(1, self.bin_size):
             return ev
         keep = torch.nonzero(self.active)[:, 1].view(h, -1)

@@ -24,7 +24,9 @@ class LookM(KVPolicy):
     name: ClassVar[str] = "lookm"
     summary: ClassVar[str] = "text-prior eviction + pivotal KV merging (LOOK-M)"
 
-    recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="α1/(α1+α2): share of the budget for recent")
+    recent_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="α1/(α1+α2): share of the budget for recent"
+    )
     text_prior: TextPrior = "bonus"
     merge: Literal["pivot", "average", "weighted", "none"] = "pivot"
     merge_keys: bool = Field(True, description="merge keys too (False is safer with M-RoPE models)")

@@ -48,7 +48,9 @@ class MEDA(KVPolicy):
         if self.min_ratio > self.budget and self.renormalize:
             raise ValueError(f"meda: min_ratio={self.min_ratio} exceeds the budget {self.budget}")
         if self.misaligned_source and not self.similarity_filter:
-            raise ValueError("meda: misaligned_source reproduces a bug of the filtered merge; set similarity_filter")
+            raise ValueError(
+                "meda: misaligned_source reproduces a bug of the filtered merge; set similarity_filter"
+            )
 
     @classmethod
     def released_code(cls, budget: float = 0.2, **overrides: object) -> MEDA:
