@@ -77,7 +77,9 @@ def row_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(z, dim=-1)
     p = torch.exp(z - lse.unsqueeze(-1))
     pz = torch.where(mask, p * logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    return lse - pz.sum(-1)
+    # An empty row has lse = -inf and Σ p·z = 0, so ``lse - Σ`` would be -inf; the contract is nan.
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+    return torch.where(mask.any(-1), lse - pz.sum(-1), nan)
 
 
 @dataclass(slots=True)

@@ -10,16 +10,25 @@ import torch
 __all__ = ["clamped_softmax_ratios", "round_preserving_sum"]
 
 
-def round_preserving_sum(values: Sequence[float], total: int) -> list[int]:
+def round_preserving_sum(values: Sequence[float], total: int, cap: int | None = None) -> list[int]:
     """Round non-negative ``values`` to integers summing exactly to ``total`` (largest remainder).
 
-    Ties in the remainder go to the lower index, so the result is deterministic.
+    Ties in the remainder go to the lower index, so the result is deterministic. With ``cap`` (values
+    ``≤ cap``, ``total ≤ len·cap``) no result exceeds ``cap``: a unit that would push a value past it
+    goes to the next value in remainder order instead (cycling if needed), so the sum stays exact.
     """
     floors = [math.floor(v) for v in values]
     rest = total - sum(floors)
     order = sorted(range(len(values)), key=lambda i: (-(values[i] - floors[i]), i))
-    for i in order[: max(0, rest)]:
-        floors[i] += 1
+    # Fix: without the cap, MEDA gave a spare unit to a layer already at N tokens, and the caller's
+    # min(N, ·) then silently dropped it (e.g. [5, 5, 0.5] → 12 became [5, 5, 1]).
+    while rest > 0:
+        room = [i for i in order if cap is None or floors[i] < cap][:rest]
+        if not room:
+            break
+        for i in room:
+            floors[i] += 1
+        rest -= len(room)
     return floors
 
 

@@ -183,8 +183,12 @@ class RecycleBin:
         h, n = self.num_kv_heads, self.num_slots + 1
         if attn.shape != (h, n):
             raise ValueError(f"attention row has shape {tuple(attn.shape)}, expected ({h}, {n})")
-        before = torch.cat([self.active, torch.ones(h, 1, dtype=torch.bool)], 1)
-        self.scores = torch.cat([self.scores * self.decay, torch.zeros(h, 1, dtype=torch.float64)], 1)
+        # Fix: the state follows the attention rows' device (decode rows come from the GPU); the new
+        # slot's entries used to be made on the CPU, so torch.cat failed for CUDA inputs.
+        dev = attn.device
+        before = torch.cat([self.active.to(dev), torch.ones(h, 1, dtype=torch.bool, device=dev)], 1)
+        new = torch.zeros(h, 1, dtype=torch.float64, device=dev)
+        self.scores = torch.cat([self.scores.to(dev) * self.decay, new], 1)
         self.scores += attn.double()
         self.active = self._select()
         ev = BinEvent(
@@ -199,13 +203,14 @@ class RecycleBin:
 
     def _select(self) -> torch.Tensor:
         h, n = self.scores.shape
+        dev = self.scores.device  # same device as the scores (see step)
         if n <= self.capacity:
-            return torch.ones(h, n, dtype=torch.bool)
-        recent = torch.zeros(n, dtype=torch.bool)
+            return torch.ones(h, n, dtype=torch.bool, device=dev)
+        recent = torch.zeros(n, dtype=torch.bool, device=dev)
         recent[n - self.protect_recent :] = True
-        ranked = torch.where(recent, torch.tensor(float("inf"), dtype=torch.float64), self.scores)
+        ranked = torch.where(recent, torch.tensor(float("inf"), dtype=torch.float64, device=dev), self.scores)
         # Stable sort: on equal scores the older slot stays active.
         order = torch.argsort(ranked, dim=1, descending=True, stable=True)
-        active = torch.zeros(h, n, dtype=torch.bool)
+        active = torch.zeros(h, n, dtype=torch.bool, device=dev)
         active.scatter_(1, order[:, : self.capacity], True)
         return active

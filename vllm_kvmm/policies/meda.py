@@ -96,7 +96,7 @@ class MEDA(KVPolicy):
         tokens = [float(r) * n for r in ratios]
         if total is None:
             return [min(n, max(0, math.floor(t + 0.5))) for t in tokens]
-        return [min(n, t) for t in round_preserving_sum(tokens, total)]
+        return [min(n, t) for t in round_preserving_sum(tokens, total, cap=n)]
 
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)

@@ -19,4 +19,5 @@ def text_prior_scores(colsum: torch.Tensor, text_mask: torch.Tensor, prior: Text
     if prior != "bonus":
         return colsum
     bonus = colsum.amax(dim=1, keepdim=True)
-    return colsum + bonus * text_mask.to(colsum.dtype).unsqueeze(0)
+    # Fix: move the (CPU) prompt mask to the statistics' device; stats collected on the GPU crashed here.
+    return colsum + bonus * text_mask.to(device=colsum.device, dtype=colsum.dtype).unsqueeze(0)
