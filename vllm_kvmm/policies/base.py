@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vllm_kvmm.ops import LayerStats, MergeKind, StatsRequest, complement, merge_kv, select_topk
 
@@ -115,6 +115,14 @@ class KVPolicy(BaseModel):
     summary: ClassVar[str] = ""
 
     budget: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the prompt KV kept, in (0, 1]")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _no_bool_budget(cls, v: object) -> object:
+        # pydantic would read True as 1.0; a boolean budget is always a caller's mistake.
+        if isinstance(v, bool):
+            raise ValueError("budget must be a number in (0, 1], not a boolean")
+        return v
 
     # ---- declarative requirements ------------------------------------------------------------
     @property
