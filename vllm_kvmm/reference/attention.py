@@ -1,0 +1,187 @@
+"""The ``kvmm`` attention function: a dense, per-layer cache with its own masks.
+
+Registered in ``transformers.AttentionInterface``; a model whose text config says
+``_attn_implementation = "kvmm"`` calls :func:`kvmm_attention` with post-RoPE ``query`` ``[B, H, q, d]``
+and the ``key``/``value`` ``[B, H_kv, q, d]`` of the *current* tokens only (the model runs with
+``use_cache=False``). The cache, the masks and the statistics live in the active :class:`DenseKVRun`,
+so HF's cache length and attention mask never matter.
+
+Cache layout of layer ``l`` during decoding, per sample ``b``::
+
+    [ compacted prompt, K_l slots (first kept[b, l] valid) | generated tokens so far | current tokens ]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from vllm_kvmm.ops import StatsAccumulator, StatsRequest
+
+__all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "activate", "kvmm_attention"]
+
+ATTN_IMPLEMENTATION = "kvmm"
+_ACTIVE: ContextVar[DenseKVRun | None] = ContextVar("vllm_kvmm_dense_run", default=None)
+
+
+class DenseKVRun:
+    """Per-layer dense cache of one right-padded batch.
+
+    Args:
+        modules: the text decoder's attention modules, by layer (others fall through to SDPA).
+        lengths: ``[B]`` prompt lengths ``N_b`` (valid tokens of each padded row).
+        requests: per sample, the statistics its policy needs.
+        vision_masks: per sample, ``[N_b]`` bool.
+        stats_chunk: queries per block in :class:`StatsAccumulator`.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[torch.nn.Module],
+        lengths: torch.Tensor,
+        requests: Sequence[StatsRequest],
+        vision_masks: Sequence[torch.Tensor],
+        stats_chunk: int = 256,
+    ) -> None:
+        self.layer_of = {id(m): i for i, m in enumerate(modules)}
+        self.num_layers = len(modules)
+        self.lengths = lengths
+        self.requests = list(requests)
+        self.vision_masks = list(vision_masks)
+        self.stats_chunk = stats_chunk
+        self.prefilled = False
+        self.stats: list[dict[int, StatsAccumulator]] = [{} for _ in requests]
+        # Prefill: the full prompt K/V per layer, [B, H_kv, n_max, d].
+        self.prompt_k: list[torch.Tensor | None] = [None] * self.num_layers
+        self.prompt_v: list[torch.Tensor | None] = [None] * self.num_layers
+        # Decode: compacted prompt cache per layer [B, H_kv, K_l, d] and valid counts [B, L].
+        self.cache_k: list[torch.Tensor] = []
+        self.cache_v: list[torch.Tensor] = []
+        self.cache_len: torch.Tensor | None = None
+        self.gen_k: list[torch.Tensor | None] = [None] * self.num_layers
+        self.gen_v: list[torch.Tensor | None] = [None] * self.num_layers
+
+    # ---- phases ------------------------------------------------------------------------------
+    def set_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], kept: torch.Tensor) -> None:
+        """Install the compacted prompt cache (``kept``: ``[B, L]`` valid slots) and drop the full one."""
+        self.cache_k, self.cache_v, self.cache_len = keys, values, kept
+        self.prompt_k = [None] * self.num_layers
+        self.prompt_v = [None] * self.num_layers
+        self.prefilled = True
+
+    # ---- attention ---------------------------------------------------------------------------
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """``q``: ``[B, H, n_q, d]``; ``k``/``v``: ``[B, H_kv, n_q, d]`` → output ``[B, n_q, H, d]``."""
+        if self.prefilled:
+            return self._decode(layer, q, k, v, scale)
+        return self._prefill(layer, q, k, v, scale)
+
+    def _prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        # Right padding makes the causal mask enough: a valid query i < N_b only sees keys j <= i < N_b,
+        # so no sample ever sees another's padding (pad queries see garbage, and nobody reads them).
+        # Without an explicit mask, torch picks its fused causal kernel (no [n, n] matrix in memory).
+        out = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), is_causal=True, scale=scale, enable_gqa=True
+        )
+        out = out.to(q.dtype).transpose(1, 2).contiguous()
+        self.prompt_k[layer], self.prompt_v[layer] = k, v
+        for b, req in enumerate(self.requests):
+            if not req.wants_layer(layer):
+                continue
+            nb = int(self.lengths[b])
+            acc = StatsAccumulator(
+                req, nb, q.shape[1], k.shape[1], self.vision_masks[b], scale, chunk=self.stats_chunk
+            )
+            acc.update(q[b, :, :nb].transpose(0, 1), k[b, :, :nb].transpose(0, 1), 0)
+            self.stats[b][layer] = acc
+        return out
+
+    def _decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        assert self.cache_len is not None
+        bsz, _, n_q, _ = q.shape
+        dev = q.device
+        ck, cv = self.cache_k[layer], self.cache_v[layer]
+        gk, gv = self.gen_k[layer], self.gen_v[layer]
+        n_gen = 0 if gk is None else gk.shape[2]
+        slots = torch.arange(ck.shape[2], device=dev)
+        in_cache = slots[None, :] < self.cache_len[:, layer].to(dev)[:, None]  # [B, K_l]
+        new = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat(
+            [
+                in_cache[:, None, :].expand(bsz, n_q, -1),
+                torch.ones(bsz, n_q, n_gen, dtype=torch.bool, device=dev),
+                new[None].expand(bsz, -1, -1),
+            ],
+            dim=-1,
+        )
+        parts_k = [ck] + ([gk] if gk is not None else []) + [k]
+        parts_v = [cv] + ([gv] if gv is not None else []) + [v]
+        out = _sdpa(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, scale)
+        self.gen_k[layer] = k if gk is None else torch.cat([gk, k], 2)
+        self.gen_v[layer] = v if gv is None else torch.cat([gv, v], 2)
+        return out
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Float32 SDPA with a boolean ``mask`` ``[B, n_q, n_k]`` shared by heads; returns ``[B, n_q, H, d]``."""
+    out = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask[:, None], scale=scale, enable_gqa=True
+    )
+    return out.to(q.dtype).transpose(1, 2).contiguous()
+
+
+def kvmm_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` entry; HF's ``attention_mask`` is ignored inside a run."""
+    run = _ACTIVE.get()
+    layer = None if run is None else run.layer_of.get(id(module))
+    if layer is None:
+        # Not a text-decoder layer of the active run (or no run): behave like stock SDPA.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return run.attend(layer, query, key, value, scale), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvmm_attention)
+
+
+@contextmanager
+def activate(run: DenseKVRun, text_configs: Sequence[Any]) -> Iterator[DenseKVRun]:
+    """Route the text decoder's attention to ``run`` for the duration of the block.
+
+    ``text_configs``: the config objects the decoder and its attention modules read
+    ``_attn_implementation`` from (the vision tower keeps its own implementation).
+    """
+    saved = [c._attn_implementation_internal for c in text_configs]
+    token = _ACTIVE.set(run)
+    try:
+        for c in text_configs:
+            c._attn_implementation_internal = ATTN_IMPLEMENTATION
+        yield run
+    finally:
+        for c, s in zip(text_configs, saved, strict=True):
+            c._attn_implementation_internal = s
+        _ACTIVE.reset(token)

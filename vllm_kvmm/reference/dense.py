@@ -1,0 +1,287 @@
+"""The dense oracle: a Hugging Face model run with a :class:`KVPolicy` on a dense, per-layer cache.
+
+Flow of :meth:`DenseReference.generate` for a batch (the same order vLLM uses):
+
+1. prefill the right-padded batch; each sample attends only to its own tokens, and its statistics are
+   collected exactly as if it ran alone;
+2. per sample: ``policy.stats_request`` → :func:`plan_compression` → :func:`apply_plan` per layer; the
+   compacted caches are padded per layer to the batch's largest kept count, with per-(sample, layer)
+   valid lengths (layers keep different counts under MEDA or PyramidKV);
+3. greedy decoding at true positions; the first token comes from the prefill logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_kvmm.ops import LayerStats
+from vllm_kvmm.policies.base import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
+from vllm_kvmm.reference.attention import DenseKVRun, activate
+from vllm_kvmm.reference.positions import RopePositions
+from vllm_kvmm.reference.prompts import PromptInput
+
+__all__ = ["DenseReference", "ReferenceOutput"]
+
+
+@dataclass
+class ReferenceOutput:
+    """Result for one prompt.
+
+    ``plans``: one :class:`LayerPlan` per layer (kept positions per KV head). ``kept_tokens``: kept count per
+    layer. ``kv_bytes_*``: prompt K+V bytes over all layers and KV heads in the cache dtype.
+    ``logits``: ``[T, V]`` float32 logits that chose each generated token (if asked).
+    """
+
+    token_ids: list[int]
+    plans: list[LayerPlan]
+    kept_tokens: list[int]
+    num_prompt_tokens: int
+    kv_bytes_kept: int
+    kv_bytes_full: int
+    stats: list[LayerStats | None] | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def kv_fraction(self) -> float:
+        """Measured fraction of the prompt KV cache kept."""
+        return self.kv_bytes_kept / self.kv_bytes_full
+
+
+def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=dtype)
+
+
+class DenseReference:
+    """Runs a text Llama, LLaVA or Qwen2-VL Hugging Face model with a KV policy (the oracle of vLLM's path).
+
+    Args:
+        model: a loaded model or a folder (loaded with ``AutoModelForCausalLM`` or, when the config has a
+            vision tower, ``AutoModelForImageTextToText``).
+        dtype / device: where and how the model runs; attention is always computed in float32.
+        stats_chunk: queries per block of the statistics pass (memory ``O(chunk·N)`` per layer).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        stats_chunk: int = 256,
+    ) -> None:
+        if isinstance(model, (str, Path)):
+            model = _load(Path(model), dtype)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.stats_chunk = stats_chunk
+        decoder = model.get_decoder()
+        self.attn_modules = [layer.self_attn for layer in decoder.layers]
+        cfg = model.config.get_text_config()
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # Every config object the text stack reads the attention implementation from.
+        configs = {id(c): c for c in [decoder.config, *(m.config for m in self.attn_modules)]}
+        self._text_configs = list(configs.values())
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = cfg.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        pad = getattr(cfg, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else 0
+
+    # ---- public API ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[PromptInput],
+        policy: KVPolicy,
+        max_new_tokens: int,
+        granularity: int = 1,
+        *,
+        stop_at_eos: bool = False,
+        return_logits: bool = False,
+        return_stats: bool = False,
+    ) -> list[ReferenceOutput]:
+        """Greedy generation of ``max_new_tokens`` per prompt with the cache compressed by ``policy``.
+
+        With ``stop_at_eos`` a sample's tokens end at its first EOS (included).
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        prompts = list(prompts)
+        bsz = len(prompts)
+        infos = [self._info(p) for p in prompts]
+        run = self._new_run(prompts, policy, infos)
+        pos = RopePositions(self.model, prompts)
+        with activate(run, self._text_configs):
+            logits = self._prefill(prompts, pos, run)  # [B, V]
+            plans, stats = self._compress(run, policy, infos, granularity)
+            steps = [logits] if return_logits else []
+            tok = logits.argmax(-1)
+            tokens = [tok]
+            done = torch.zeros(bsz, dtype=torch.bool)
+            for t in range(1, max_new_tokens):
+                done |= self._is_eos(tok)
+                if stop_at_eos and bool(done.all()):
+                    break
+                # Token t-1 (just chosen) sits at text position N_b + t - 1, never at the cache length.
+                logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
+                tok = logits.argmax(-1)
+                if return_logits:
+                    steps.append(logits)
+                tokens.append(tok)
+        all_tokens = torch.stack(tokens, 1)  # [B, T]
+        all_logits = torch.stack(steps, 1) if return_logits else None
+        outs = []
+        for b in range(bsz):
+            ids = all_tokens[b].tolist()
+            if stop_at_eos:
+                end = next((i + 1 for i, x in enumerate(ids) if x in self.eos_token_ids), len(ids))
+                ids = ids[:end]
+            outs.append(
+                self._output(
+                    ids,
+                    plans[b],
+                    infos[b],
+                    stats[b] if return_stats else None,
+                    all_logits[b, : len(ids)].float() if all_logits is not None else None,
+                )
+            )
+        return outs
+
+    @torch.inference_mode()
+    def continuation_logprobs(
+        self,
+        prompt: PromptInput,
+        continuation_ids: Sequence[int] | torch.Tensor,
+        policy: KVPolicy,
+        granularity: int = 1,
+    ) -> torch.Tensor:
+        """``[M]`` log-probabilities of ``continuation_ids`` given the compressed prompt (teacher forcing).
+
+        The first comes from the prefill logits; the others from one forward of the continuation, causal
+        among itself, at true positions ``N, N+1, ...``, over the whole compacted cache.
+        """
+        cont = torch.as_tensor(continuation_ids, dtype=torch.long).flatten()
+        if cont.numel() == 0:
+            return torch.zeros(0)
+        info = self._info(prompt)
+        run = self._new_run([prompt], policy, [info])
+        pos = RopePositions(self.model, [prompt])
+        with activate(run, self._text_configs):
+            first = self._prefill([prompt], pos, run)  # [1, V]
+            self._compress(run, policy, [info], granularity)
+            logits = [first]
+            if cont.numel() > 1:
+                rest = self._forward(cont[None, :-1].to(self.device), pos.after_prompt(0, cont.numel() - 1))
+                logits.append(rest[0])
+        logp = torch.log_softmax(torch.cat(logits, 0).float(), dim=-1)  # [M, V]
+        return logp.gather(1, cont[:, None].to(logp.device))[:, 0].cpu()
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _info(self, p: PromptInput) -> PromptInfo:
+        return PromptInfo(
+            p.num_tokens, p.vision_mask.to(torch.bool).cpu(), self.num_layers, self.num_kv_heads
+        )
+
+    def _new_run(self, prompts: list[PromptInput], policy: KVPolicy, infos: list[PromptInfo]) -> DenseKVRun:
+        lengths = torch.tensor([p.num_tokens for p in prompts], dtype=torch.long)
+        requests = [policy.stats_request(i) for i in infos]
+        vision = [i.vision_mask.to(self.device) for i in infos]
+        return DenseKVRun(self.attn_modules, lengths, requests, vision, self.stats_chunk)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        """Logits ``[B, n_kept, V]`` of ``input_ids`` ``[B, n]`` (no HF cache: the run holds it)."""
+        out = self.model(
+            input_ids=input_ids.to(self.device), position_ids=position_ids, use_cache=False, **kw
+        )
+        return out.logits
+
+    def _prefill(self, prompts: list[PromptInput], pos: RopePositions, run: DenseKVRun) -> torch.Tensor:
+        """Forward the right-padded batch; returns the logits ``[B, V]`` at each prompt's last token."""
+        n_max = max(p.num_tokens for p in prompts)
+        ids = torch.full((len(prompts), n_max), self.pad_token_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : p.num_tokens] = p.input_ids
+        mm: dict[str, torch.Tensor] = {}
+        for key in sorted({k for p in prompts for k in p.mm_inputs}):
+            parts = [p.mm_inputs[key] for p in prompts if key in p.mm_inputs]
+            t = torch.cat(parts, 0).to(self.device)
+            mm[key] = t.to(self.dtype) if t.is_floating_point() else t
+        last = run.lengths - 1
+        keep, where = torch.unique(last, return_inverse=True)  # lm_head only on the needed positions
+        logits = self._forward(ids, pos.prefill(n_max), logits_to_keep=keep.to(self.device), **mm)
+        return logits[torch.arange(len(prompts)), where.to(logits.device)]
+
+    def _compress(
+        self, run: DenseKVRun, policy: KVPolicy, infos: list[PromptInfo], granularity: int
+    ) -> tuple[list[list[LayerPlan]], list[list[LayerStats | None]]]:
+        """Plan, gather/merge and pad every layer; installs the compacted cache in ``run``."""
+        bsz, n_layers = len(infos), self.num_layers
+        plans, stats = [], []
+        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
+        for b, info in enumerate(infos):
+            accs = run.stats[b]
+            if any(not a.done for a in accs.values()):
+                raise RuntimeError("prefill ended with incomplete statistics")
+            st = [accs[layer].result() if layer in accs else None for layer in range(n_layers)]
+            p = plan_compression(policy, st, info, granularity)
+            merge = policy.merge_spec(info)
+            n = info.num_tokens
+            for layer in range(n_layers):
+                k, v = run.prompt_k[layer], run.prompt_v[layer]
+                assert k is not None and v is not None
+                per_layer[layer].append(apply_plan(p[layer], k[b, :, :n], v[b, :, :n], merge))
+            plans.append(p)
+            stats.append(st)
+        keys, values = [], []
+        kept = torch.zeros(bsz, n_layers, dtype=torch.long)
+        for layer, kv in enumerate(per_layer):
+            k_max = max(k.shape[1] for k, _ in kv)
+            k0 = kv[0][0]
+            ck = k0.new_zeros(bsz, k0.shape[0], k_max, k0.shape[2])
+            cv = torch.zeros_like(ck)
+            for b, (k, v) in enumerate(kv):
+                ck[b, :, : k.shape[1]] = k
+                cv[b, :, : v.shape[1]] = v
+                kept[b, layer] = k.shape[1]
+            keys.append(ck)
+            values.append(cv)
+        run.set_cache(keys, values, kept)
+        return plans, stats
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _is_eos(self, tok: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([int(t) in self.eos_token_ids for t in tok], dtype=torch.bool)
+
+    def _output(
+        self,
+        ids: list[int],
+        plans: list[LayerPlan],
+        info: PromptInfo,
+        stats: list[LayerStats | None] | None,
+        logits: torch.Tensor | None,
+    ) -> ReferenceOutput:
+        kept = [p.num_kept for p in plans]
+        per_token = 2 * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return ReferenceOutput(
+            token_ids=ids,
+            plans=plans,
+            kept_tokens=kept,
+            num_prompt_tokens=info.num_tokens,
+            kv_bytes_kept=sum(kept) * per_token,
+            kv_bytes_full=self.num_layers * info.num_tokens * per_token,
+            stats=stats,
+            logits=logits.cpu() if logits is not None else None,
+        )
