@@ -159,7 +159,14 @@ class StatsAccumulator:
                 f"chunk [{q_start}, {q_start + n_q}) with {k.shape[0]} keys does not fit a prompt of {self.n}"
             )
         k = k[: self.n]
-        for s in range(0, n_q, self.chunk):
+        # Window-only and text→vision statistics read just the last rows: skip the queries before them.
+        req = self.request
+        first = 0 if (req.colsum or req.entropy or req.cross_entropy) else self.n
+        if req.window:
+            first = min(first, self.window_from)
+        if req.t2v:
+            first = min(first, self.t2v_from)
+        for s in range(max(0, first - q_start), n_q, self.chunk):
             e = min(n_q, s + self.chunk)
             self._update_block(q[s:e], k, q_start + s)
         self._acc.seen += n_q
