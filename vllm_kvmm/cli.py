@@ -37,6 +37,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vllm_kvmm.bench.quality_text import run_text_quality
+
+    run_text_quality(
+        policies=args.policies.split(","),
+        budgets=[float(b) for b in args.budgets.split(",")],
+        prompt_tokens=args.prompt_tokens,
+        cont_tokens=args.cont_tokens,
+        gen_tokens=args.gen_tokens,
+        segments=args.segments,
+        out=Path(args.out),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-kvmm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=24)
     sp.add_argument("--doc-words", type=int, default=900, help="length of the document in the prompt")
     sp.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
+    sp = bench.add_parser("quality", help="perplexity / agreement with the full cache on SmolLM2 (dense)")
+    sp.add_argument("--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
+    sp.add_argument("--budgets", default="1.0,0.5,0.2")
+    sp.add_argument("--prompt-tokens", type=int, default=1536)
+    sp.add_argument("--cont-tokens", type=int, default=256)
+    sp.add_argument("--gen-tokens", type=int, default=32)
+    sp.add_argument("--segments", type=int, default=2)
+    sp.add_argument("--out", default="out/quality_text.json")
+    sp.set_defaults(func=_cmd_bench_quality)
     return p
 
 

@@ -34,7 +34,9 @@ class KVPolicyArgs(BaseModel):
             try:
                 v = json.loads(v) if v.strip() else {}
             except json.JSONDecodeError as e:
-                raise ValueError(f"kv-policy-config is not valid JSON: {e.msg} at character {e.pos}") from None
+                raise ValueError(
+                    f"kv-policy-config is not valid JSON: {e.msg} at character {e.pos}"
+                ) from None
         if not isinstance(v, dict):
             raise ValueError(f"kv-policy-config must be a JSON object, got {type(v).__name__}")
         return v

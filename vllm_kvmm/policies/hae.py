@@ -68,7 +68,9 @@ class HAE(KVPolicy):
 
     def stats_request(self, info: PromptInfo) -> StatsRequest:
         if self.score_layer >= info.num_layers:
-            raise ValueError(f"hae: score_layer={self.score_layer} but the model has {info.num_layers} layers")
+            raise ValueError(
+                f"hae: score_layer={self.score_layer} but the model has {info.num_layers} layers"
+            )
         if not info.has_vision:
             return StatsRequest()
         return StatsRequest(t2v=True, layers=(self.score_layer,))

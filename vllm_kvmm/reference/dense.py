@@ -161,21 +161,21 @@ class DenseReference:
         return outs
 
     @torch.inference_mode()
-    def continuation_logprobs(
+    def continuation_logits(
         self,
         prompt: PromptInput,
         continuation_ids: Sequence[int] | torch.Tensor,
         policy: KVPolicy,
         granularity: int = 1,
     ) -> torch.Tensor:
-        """``[M]`` log-probabilities of ``continuation_ids`` given the compressed prompt (teacher forcing).
+        """``[M, V]`` float32 logits predicting each of ``continuation_ids`` from the compressed prompt.
 
-        The first comes from the prefill logits; the others from one forward of the continuation, causal
-        among itself, at true positions ``N, N+1, ...``, over the whole compacted cache.
+        Teacher forcing: the first row comes from the prefill logits; the others from one forward of the
+        continuation, causal among itself, at true positions ``N, N+1, ...``, over the compacted cache.
         """
         cont = torch.as_tensor(continuation_ids, dtype=torch.long).flatten()
         if cont.numel() == 0:
-            return torch.zeros(0)
+            raise ValueError("continuation_ids is empty")
         info = self._info(prompt)
         run = self._new_run([prompt], policy, [info])
         pos = RopePositions(self.model, [prompt])
@@ -186,8 +186,21 @@ class DenseReference:
             if cont.numel() > 1:
                 rest = self._forward(cont[None, :-1].to(self.device), pos.after_prompt(0, cont.numel() - 1))
                 logits.append(rest[0])
-        logp = torch.log_softmax(torch.cat(logits, 0).float(), dim=-1)  # [M, V]
-        return logp.gather(1, cont[:, None].to(logp.device))[:, 0].cpu()
+        return torch.cat(logits, 0).float().cpu()
+
+    def continuation_logprobs(
+        self,
+        prompt: PromptInput,
+        continuation_ids: Sequence[int] | torch.Tensor,
+        policy: KVPolicy,
+        granularity: int = 1,
+    ) -> torch.Tensor:
+        """``[M]`` log-probabilities of ``continuation_ids`` given the compressed prompt (teacher forcing)."""
+        cont = torch.as_tensor(continuation_ids, dtype=torch.long).flatten()
+        if cont.numel() == 0:
+            return torch.zeros(0)
+        logp = torch.log_softmax(self.continuation_logits(prompt, cont, policy, granularity), dim=-1)
+        return logp.gather(1, cont[:, None])[:, 0]
 
     # ---- stages --------------------------------------------------------------------------------
     def _info(self, p: PromptInput) -> PromptInfo:
