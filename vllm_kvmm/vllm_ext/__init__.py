@@ -1,0 +1,1 @@
+"""Everything that imports vLLM: plugin, spec and manager, grouping, backend, connector, patches."""

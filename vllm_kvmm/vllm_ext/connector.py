@@ -1,0 +1,216 @@
+"""The KV connector that drives compression inside continuous batching.
+
+Scheduler side (engine-core process): decides each step which requests are prefilling under a
+compressing policy and which finish their prompt (``build_connector_meta``), and frees the blocks the
+worker reports as no longer read (``update_connector_output``), before the next ``schedule()``.
+
+Worker side: hands the step's jobs to :class:`~vllm_kvmm.vllm_ext.worker.WorkerState` before the
+forward pass and compresses finished prefills after it (``wait_for_save`` runs as the forward context
+exits), then reports the freed ranges (``build_connector_worker_meta``).
+
+It moves no KV anywhere: ``kv_role="kv_producer"`` and ``get_num_new_matched_tokens → (0, False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.logger import init_logger
+
+from vllm_kvmm.config import KVPolicyArgs, PolicyError
+from vllm_kvmm.vllm_ext.grouping import layer_index
+from vllm_kvmm.vllm_ext.messages import KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
+from vllm_kvmm.vllm_ext.spec import managers
+from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
+
+logger = init_logger(__name__)
+
+__all__ = ["KVMMConnector", "request_policy_args"]
+
+XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_config"
+
+
+def request_policy_args(
+    extra_args: dict[str, Any] | None, settings: KVMMSettings
+) -> tuple[str, float | None, dict]:
+    """The policy of one request: the engine default, overridden by ``vllm_xargs`` (validated).
+
+    Raises :class:`PolicyError` with a message fit for an HTTP 400 body.
+    """
+    extra = extra_args or {}
+    name = extra.get(XARG_POLICY, settings.policy)
+    if XARG_POLICY in extra and XARG_BUDGET not in extra:
+        budget = None  # a new policy at its own default budget, not the engine's
+    else:
+        budget = extra.get(XARG_BUDGET, settings.budget)
+    config = extra.get(XARG_CONFIG, settings.config if name == settings.policy else {})
+    policy = KVPolicyArgs.parse(name, budget, config)
+    return policy.name, policy.budget, policy.model_dump(exclude={"budget"})
+
+
+class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        settings = settings_from_vllm_config(vllm_config)
+        if settings is None:
+            raise ValueError("KVMMConnector needs additional_config['kv_policy'] (use --kv-policy)")
+        self.settings = settings
+        self.block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._requests: dict[str, Any] = {}
+        self._block_pool: Any = None
+        self._policies: dict[str, tuple[str, float | None, dict]] = {}
+        self.stats = {
+            "compressed_requests": 0,
+            "prompt_tokens": 0,
+            "kept_token_layers": 0,
+            "blocks_freed": 0,
+            "seconds": 0.0,
+        }
+        if role == KVConnectorRole.WORKER and kv_cache_config is not None:
+            layers = {
+                name: LayerRef(layer_index(name), gid)
+                for gid, group in enumerate(kv_cache_config.kv_cache_groups)
+                for name in group.layer_names
+            }
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            worker_state().configure(layers, spec.block_size, spec.num_kv_heads)
+
+    # ---- scheduler side ------------------------------------------------------------------------
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        self._block_pool = gpu_block_pool
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        return None
+
+    def on_new_request(self, request: Any) -> None:
+        self._requests[request.request_id] = request
+        extra = getattr(request.sampling_params, "extra_args", None) if request.sampling_params else None
+        try:
+            self._policies[request.request_id] = request_policy_args(extra, self.settings)
+        except PolicyError as e:
+            # The API layer rejects bad values with HTTP 400 first; if one still gets here (offline use
+            # with hand-built SamplingParams), serve the request uncompressed rather than fail the engine.
+            logger.error("kvmm: request %s: %s; serving it without compression", request.request_id, e)
+            self._policies[request.request_id] = ("full", 1.0, {})
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = KVMMStepMeta()
+        meta.dropped = set(scheduler_output.finished_req_ids or ())
+        meta.dropped |= set(scheduler_output.preempted_req_ids or ())
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            req = self._requests.get(req_id)
+            pol = self._policies.get(req_id)
+            if req is None or pol is None or pol[0] == "full":
+                continue
+            n_prompt = req.num_prompt_tokens
+            before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)
+            if before >= n_prompt:
+                continue  # decoding
+            num_new = min(n_sched, n_prompt - before)
+            completes = before + n_sched >= n_prompt
+            block_ids = None
+            if completes:
+                block_ids = [
+                    [b.block_id for b in m.req_to_blocks[req_id]]
+                    for _, m in sorted(managers(self._block_pool).items())
+                ]
+            meta.jobs[req_id] = PrefillJob(
+                req_id=req_id,
+                num_prompt_tokens=n_prompt,
+                q_start=before,
+                num_new=num_new,
+                policy=pol[0],
+                budget=pol[1],
+                config=pol[2],
+                vision=_vision_runs(req),
+                completes=completes,
+                block_ids=block_ids,
+            )
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, KVMMWorkerMeta):
+            return
+        mgrs = managers(self._block_pool)
+        for req_id, groups in meta.compressed.items():
+            if req_id not in self._requests:
+                continue  # finished in the meantime: its blocks are already free
+            for g in groups:
+                self.stats["blocks_freed"] += mgrs[g.group].release(req_id, g.keep, g.tail)
+                self.stats["kept_token_layers"] += g.kept_tokens
+            self.stats["compressed_requests"] += 1
+            self.stats["prompt_tokens"] += meta.prompt_tokens.get(req_id, 0)
+        self.stats["seconds"] += meta.seconds
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        self._forget(request.request_id)
+        return False, None
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict | None]:
+        self._forget(request.request_id)
+        return False, None
+
+    def _forget(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+        self._policies.pop(req_id, None)
+
+    # ---- worker side ---------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        worker_state().kv_caches = dict(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if isinstance(kv_connector_metadata, KVMMStepMeta):
+            worker_state().drop(kv_connector_metadata.dropped)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, KVMMStepMeta)
+        worker_state().begin_step(connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        worker_state().compress_finished_prefills()
+
+    def build_connector_worker_meta(self) -> KVMMWorkerMeta | None:
+        return worker_state().take_output()
+
+
+def _vision_runs(request: Any) -> list[tuple[int, int]]:
+    """``(offset, length)`` runs of embedded multimodal tokens, from the request's placeholder ranges."""
+    runs: list[tuple[int, int]] = []
+    for f in getattr(request, "mm_features", None) or ():
+        pos = f.mm_position
+        if pos.is_embed is None:
+            runs.append((pos.offset, pos.length))
+            continue
+        mask = pos.is_embed.tolist()
+        start = None
+        for i, m in enumerate([*mask, False]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                runs.append((pos.offset + start, i - start))
+                start = None
+    return runs

@@ -1,0 +1,75 @@
+"""Split the attention layers into KV-cache groups with :class:`CompressSpec` (one per layer by default).
+
+Installed in place of ``vllm.v1.core.kv_cache_utils.get_kv_cache_groups`` (see ``patches.py``): with no
+KV policy configured it defers to vLLM's own function, so vanilla behaviour is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheSpec
+
+from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
+from vllm_kvmm.vllm_ext.spec import CompressSpec
+
+__all__ = ["UnsupportedModelError", "layer_index", "make_groups", "split_layers"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model has attention layers a KV policy cannot manage (sliding window, MLA, ...)."""
+
+
+def layer_index(layer_name: str) -> int:
+    """Decoder layer index of an attention layer name (``...layers.12.self_attn.attn`` → 12)."""
+    m = re.search(r"layers\.(\d+)\.", layer_name)
+    if m is None:
+        raise UnsupportedModelError(f"cannot find a layer index in attention layer name {layer_name!r}")
+    return int(m.group(1))
+
+
+def split_layers(names: list[str], groups: int | None) -> list[list[str]]:
+    """Consecutive layers into ``groups`` equal groups (``None`` = one per layer)."""
+    ordered = sorted(names, key=layer_index)
+    n = len(ordered)
+    g = n if groups is None else groups
+    if not 1 <= g <= n or n % g:
+        raise ValueError(
+            f"kv groups must divide the {n} attention layers evenly (unequal groups waste pages), got {g}"
+        )
+    size = n // g
+    return [ordered[i * size : (i + 1) * size] for i in range(g)]
+
+
+def make_groups(
+    vllm_config: Any,
+    kv_cache_spec: dict[str, KVCacheSpec],
+    original: Callable[[Any, dict[str, KVCacheSpec]], list[KVCacheGroupSpec]],
+) -> list[KVCacheGroupSpec]:
+    settings = settings_from_vllm_config(vllm_config)
+    if settings is None:
+        return original(vllm_config, kv_cache_spec)
+    bad = {
+        name: type(spec).__name__
+        + (f"(sliding_window={spec.sliding_window})" if getattr(spec, "sliding_window", None) else "")
+        for name, spec in kv_cache_spec.items()
+        if type(spec) is not FullAttentionSpec
+        or spec.sliding_window is not None
+        or spec.attention_chunk_size is not None
+        or spec.non_causal
+    }
+    if bad:
+        sample = ", ".join(f"{k}: {v}" for k, v in list(bad.items())[:3])
+        raise UnsupportedModelError(
+            f"vllm-kvmm: --kv-policy needs causal full-attention layers; this model has unsupported "
+            f"attention layers ({len(bad)} of {len(kv_cache_spec)}; e.g. {sample})"
+        )
+    out = []
+    for i, names in enumerate(split_layers(list(kv_cache_spec), settings.groups)):
+        spec = kv_cache_spec[names[0]]
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        out.append(KVCacheGroupSpec(layer_names=names, kv_cache_spec=CompressSpec(**fields, group_index=i)))
+    return out

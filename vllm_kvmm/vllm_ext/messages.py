@@ -1,0 +1,74 @@
+"""What the scheduler-side and worker-side connector halves tell each other every step.
+
+Plain, picklable dataclasses: with multiprocessing they cross process boundaries (msgspec/pickle), so
+they hold ints, strings and lists only — never tensors or vLLM objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+__all__ = ["CompressedGroup", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
+
+
+@dataclass
+class PrefillJob:
+    """A compressing request with prompt tokens scheduled this step.
+
+    ``q_start``/``num_new``: positions ``[q_start, q_start + num_new)`` are computed this step.
+    ``vision``: ``(offset, length)`` runs of vision tokens in the prompt (from the placeholder ranges).
+    ``block_ids``: per KV-cache group, the request's block ids (only when ``completes``).
+    """
+
+    req_id: str
+    num_prompt_tokens: int
+    q_start: int
+    num_new: int
+    policy: str
+    budget: float | None
+    config: dict[str, Any]
+    vision: list[tuple[int, int]]
+    completes: bool
+    block_ids: list[list[int]] | None = None
+
+
+@dataclass
+class KVMMStepMeta(KVConnectorMetadata):
+    """Scheduler → worker, one per step."""
+
+    jobs: dict[str, PrefillJob] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)  # finished, aborted or preempted: forget them
+
+
+@dataclass(frozen=True)
+class CompressedGroup:
+    """Logical blocks ``[keep, tail)`` of one group no longer read: the scheduler frees them."""
+
+    group: int
+    keep: int
+    tail: int
+    kept_tokens: int
+
+
+@dataclass
+class KVMMWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker → scheduler, one per step: what each compressed request gave back, and its cost."""
+
+    compressed: dict[str, list[CompressedGroup]] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        # Tensor-parallel ranks decide identically (budgets are all-reduced), so one copy is enough.
+        assert isinstance(other, KVMMWorkerMeta)
+        for req, groups in other.compressed.items():
+            self.compressed.setdefault(req, groups)
+        self.prompt_tokens.update(other.prompt_tokens)
+        self.seconds = max(self.seconds, other.seconds)
+        return self

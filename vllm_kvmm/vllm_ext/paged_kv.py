@@ -1,0 +1,80 @@
+"""Read and write whole token slots of a layer's paged KV cache, whatever the backend's memory layout.
+
+Writes always go through the backend's own cache-write kernel (the one vLLM uses for new tokens), so a
+compacted token is stored exactly as if it had been computed there. Reads need the layout: the CPU
+attention stores keys in an ISA-specific packed order inside each (block, head) page, which we learn
+once by *probing* — writing known values through the kernel and seeing where they land — instead of
+hard-coding it, so a different ISA or a vLLM change cannot silently corrupt a read.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+__all__ = ["CpuPagedKV"]
+
+
+@cache
+def _cpu_key_order(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> torch.Tensor:
+    """``[bs·d]`` storage offset of logical ``(token, dim)`` inside one (block, head) key page."""
+    from vllm import _custom_ops as ops
+
+    def probe(values: torch.Tensor) -> torch.Tensor:
+        kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        k_cache, v_cache = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        key = values.view(block_size, 1, head_size).to(dtype)
+        ops.cpu_attn_reshape_and_cache(key, key, k_cache, v_cache, torch.arange(block_size), isa)
+        return k_cache[0, 0].reshape(-1).float().round().long()
+
+    # Two probes with small integers (exact in bf16/fp16): which token, and which dim, sits where.
+    tok = probe(torch.arange(block_size).repeat_interleave(head_size).float())
+    dim = probe(torch.arange(head_size).repeat(block_size).float())
+    logical = tok * head_size + dim
+    if not torch.equal(logical.sort().values, torch.arange(block_size * head_size)):
+        raise RuntimeError(f"could not probe the CPU key-cache layout for isa={isa!r}, dtype={dtype}")
+    order = torch.empty_like(logical)
+    order[logical] = torch.arange(logical.numel())
+    return order
+
+
+class CpuPagedKV:
+    """Token-slot access to one CPU-attention layer cache ``[num_blocks, H_kv, bs, 2·d]``."""
+
+    def __init__(self, dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> None:
+        self.block_size = block_size
+        self.head_size = head_size
+        self.isa = isa
+        self.key_order = _cpu_key_order(dtype, block_size, head_size, isa)
+
+    def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nb, h, bs, _ = kv_cache.shape
+        return kv_cache.view(nb, h, 2 * bs, self.head_size).chunk(2, dim=2)
+
+    def read(
+        self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, H_kv, d]`` of the first ``n`` tokens stored in ``block_ids`` (in order)."""
+        k_cache, v_cache = self._split(kv_cache)
+        bs, d = self.block_size, self.head_size
+        k_pages = k_cache[block_ids].reshape(len(block_ids), k_cache.shape[1], bs * d)
+        k = k_pages[:, :, self.key_order].view(len(block_ids), -1, bs, d)  # [nb, H, bs, d]
+        v = v_cache[block_ids]  # [nb, H, bs, d]
+        k = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], d)[:n]
+        v = v.permute(0, 2, 1, 3).reshape(-1, v.shape[1], d)[:n]
+        return k, v
+
+    def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``[n, H_kv, d]`` into flat slots ``block_id·bs + offset`` (``[n]``)."""
+        from vllm import _custom_ops as ops
+
+        k_cache, v_cache = self._split(kv_cache)
+        ops.cpu_attn_reshape_and_cache(
+            k.to(kv_cache.dtype).contiguous(),
+            v.to(kv_cache.dtype).contiguous(),
+            k_cache,
+            v_cache,
+            slots.to(torch.long),
+            self.isa,
+        )

@@ -1,0 +1,237 @@
+"""Every change to vLLM 0.26.0 that no extension point allows, in one place (mirrored in ``patches/``).
+
+Each patch wraps one function and defers to the original whenever no ``--kv-policy`` is configured, so
+vanilla vLLM is untouched. ``check_vllm_internals()`` verifies that every target still exists with the
+shape we rely on; ``tests/vllm/test_patches.py`` runs it, so a vLLM upgrade fails loudly, not silently.
+
+1. ``kv_cache_utils.get_kv_cache_groups``: one KV-cache group per layer (or class of layers).
+2. ``GPUModelRunner._build_attention_metadata``: publish the step's row → request id order, which
+   ``CommonAttentionMetadata`` does not carry, for the compact view of compressed requests.
+3. ``Platform.register_custom_kv_cache_specs`` (a hook meant to be overridden by platform plugins; a
+   general plugin can only wrap it): register :class:`CompressSpec` after vLLM's built-in specs.
+4. ``EngineArgs.add_cli_args`` / ``from_cli_args`` / ``create_engine_config``: the ``--kv-policy``
+   flags (a general plugin cannot add CLI flags otherwise) and the engine settings they imply.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
+
+__all__ = ["apply_patches", "check_vllm_internals", "engine_overrides"]
+
+_APPLIED = "__kvmm_patched__"
+CONNECTOR_NAME = "KVMMConnector"
+CONNECTOR_MODULE = "vllm_kvmm.vllm_ext.connector"
+
+
+def _wrapped(fn: Any) -> bool:
+    return getattr(fn, _APPLIED, False)
+
+
+def _mark(fn: Any) -> Any:
+    setattr(fn, _APPLIED, True)
+    return fn
+
+
+def check_vllm_internals() -> None:
+    """Raise if any internal we patch or call moved (names and signatures of vLLM 0.26.0)."""
+    import inspect
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    problems = []
+    if list(inspect.signature(kv_cache_utils.get_kv_cache_groups).parameters) != [
+        "vllm_config",
+        "kv_cache_spec",
+    ]:
+        problems.append("kv_cache_utils.get_kv_cache_groups(vllm_config, kv_cache_spec) changed")
+    params = inspect.signature(GPUModelRunner._build_attention_metadata).parameters
+    if list(params)[:3] != ["self", "num_tokens", "num_reqs"]:
+        problems.append("GPUModelRunner._build_attention_metadata(self, num_tokens, num_reqs, ...) changed")
+    for name in ("add_cli_args", "from_cli_args", "create_engine_config"):
+        if not hasattr(EngineArgs, name):
+            problems.append(f"EngineArgs.{name} is gone")
+    from vllm.platforms.interface import Platform
+
+    if not hasattr(Platform, "register_custom_kv_cache_specs"):
+        problems.append("Platform.register_custom_kv_cache_specs is gone")
+    if problems:
+        raise RuntimeError("vllm-kvmm: vLLM internals moved: " + "; ".join(problems))
+
+
+# ---- 1. grouping ---------------------------------------------------------------------------------
+def _patch_grouping() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    from vllm_kvmm.vllm_ext.grouping import make_groups
+
+    original = kv_cache_utils.get_kv_cache_groups
+    if _wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_groups(vllm_config: Any, kv_cache_spec: Any) -> Any:
+        return make_groups(vllm_config, kv_cache_spec, original)
+
+    kv_cache_utils.get_kv_cache_groups = _mark(get_kv_cache_groups)
+
+
+# ---- 2. row -> request id ------------------------------------------------------------------------
+def _patch_row_order() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    original = GPUModelRunner._build_attention_metadata
+    if _wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def _build_attention_metadata(
+        self: Any, num_tokens: int, num_reqs: int, *args: Any, **kwargs: Any
+    ) -> Any:
+        worker_state().row_req_ids = list(self.input_batch.req_ids[:num_reqs])
+        return original(self, num_tokens, num_reqs, *args, **kwargs)
+
+    GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata)
+
+
+# ---- 3. spec registration ------------------------------------------------------------------------
+def _patch_platform_hook() -> None:
+    from vllm.platforms import current_platform
+
+    from vllm_kvmm.vllm_ext.spec import register_specs
+
+    cls = type(current_platform)
+    original = cls.register_custom_kv_cache_specs
+    if _wrapped(original):
+        return
+    original_fn = original.__func__
+
+    @functools.wraps(original_fn)
+    def register_custom_kv_cache_specs(klass: Any, vllm_config: Any) -> None:
+        original_fn(klass, vllm_config)
+        register_specs()  # idempotent; harmless when no policy is configured
+
+    cls.register_custom_kv_cache_specs = classmethod(_mark(register_custom_kv_cache_specs))
+
+
+# ---- 4. CLI and engine configuration -------------------------------------------------------------
+def _add_flags(parser: Any) -> None:
+    if any("--kv-policy" in a.option_strings for a in parser._actions):
+        return
+    from vllm_kvmm.policies import policy_names
+
+    group = parser.add_argument_group("vllm-kvmm", "KV-cache compression (vllm-kvmm)")
+    group.add_argument(
+        "--kv-policy",
+        default=None,
+        help=f"KV-cache compression policy: {', '.join(policy_names())}. Turns prefix caching off.",
+    )
+    group.add_argument("--kv-budget", type=float, default=None, help="fraction of prompt KV kept, in (0, 1]")
+    group.add_argument(
+        "--kv-policy-config", default=None, help="policy fields as JSON, e.g. '{\"window\": 16}'"
+    )
+    group.add_argument("--kv-groups", type=int, default=None, help="KV-cache groups (default: one per layer)")
+
+
+def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]:
+    """The engine settings a policy implies; raises ``ValueError`` on a conflicting user choice."""
+    from vllm.config import KVTransferConfig
+
+    out: dict[str, Any] = {}
+    if engine_args.enable_prefix_caching and settings.compresses:
+        raise ValueError(
+            f"vllm-kvmm: prefix caching cannot be on with the compressing KV policy {settings.policy!r}: "
+            "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
+        )
+    out["enable_prefix_caching"] = False
+    ktc = engine_args.kv_transfer_config
+    if ktc is not None and getattr(ktc, "kv_connector", None) not in (None, CONNECTOR_NAME):
+        raise ValueError(
+            f"vllm-kvmm: --kv-policy cannot be combined with the KV connector {ktc.kv_connector!r}"
+        )
+    if engine_args.speculative_config:
+        raise ValueError("vllm-kvmm: --kv-policy does not support speculative decoding yet")
+    out["kv_transfer_config"] = KVTransferConfig(
+        kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_producer"
+    )
+    return out
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    add = EngineArgs.add_cli_args
+    if not _wrapped(add):
+
+        @functools.wraps(add)
+        def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+            parser = add(parser, *args, **kwargs)
+            _add_flags(parser)
+            return parser
+
+        EngineArgs.add_cli_args = staticmethod(_mark(add_cli_args))
+
+    from_cli = EngineArgs.from_cli_args.__func__
+    if not _wrapped(from_cli):
+
+        @functools.wraps(from_cli)
+        def from_cli_args(cls: Any, args: Any) -> Any:
+            engine_args = from_cli(cls, args)
+            policy = getattr(args, "kv_policy", None)
+            if policy is not None:
+                config = getattr(args, "kv_policy_config", None)
+                settings = KVMMSettings(
+                    policy=policy,
+                    budget=getattr(args, "kv_budget", None),
+                    config=json.loads(config) if config else {},
+                    groups=getattr(args, "kv_groups", None),
+                )
+                settings.build_policy()  # fail at start-up with the policy's own message
+                extra = dict(engine_args.additional_config or {})
+                extra.update(settings.to_additional_config())
+                engine_args.additional_config = extra
+            return engine_args
+
+        EngineArgs.from_cli_args = classmethod(_mark(from_cli_args))
+
+    create = EngineArgs.create_engine_config
+    if not _wrapped(create):
+
+        @functools.wraps(create)
+        def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+            settings = settings_from_vllm_config(self)
+            if settings is not None:
+                for key, value in engine_overrides(settings, self).items():
+                    setattr(self, key, value)
+            return create(self, *args, **kwargs)
+
+        EngineArgs.create_engine_config = _mark(create_engine_config)
+
+
+def _register_backends() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_kvmm.vllm_ext.backend_cpu.KVMMCpuBackend")
+
+
+def apply_patches() -> None:
+    """Install everything (idempotent: the plugin loads several times per process)."""
+    check_vllm_internals()
+    _patch_engine_args()
+    _patch_platform_hook()
+    _patch_grouping()
+    _patch_row_order()
+    _register_backends()
+
+
+__all__ += ["ADDITIONAL_CONFIG_KEY", "CONNECTOR_MODULE", "CONNECTOR_NAME"]

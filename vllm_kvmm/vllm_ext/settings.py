@@ -1,0 +1,58 @@
+"""The engine-wide policy settings, carried in ``vllm_config.additional_config["kv_policy"]``.
+
+``additional_config`` is the one channel that reaches the engine core and every worker unchanged, in
+process and across processes, so the CLI flags, ``vllm_kvmm.engine_args(...)`` and a hand-written
+``--additional-config`` all end up here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vllm_kvmm.config import KVPolicyArgs
+from vllm_kvmm.policies import KVPolicy
+
+__all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config"]
+
+ADDITIONAL_CONFIG_KEY = "kv_policy"
+
+
+class KVMMSettings(BaseModel):
+    """Engine-wide defaults; a request may override policy and budget through ``vllm_xargs``.
+
+    ``groups``: KV-cache groups the attention layers are split into (``None`` = one per layer, which
+    gives true per-layer budgets; fewer groups share one budget per group of consecutive layers).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: str
+    budget: float | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    groups: int | None = Field(None, ge=1)
+
+    def build_policy(self) -> KVPolicy:
+        return KVPolicyArgs.parse(self.policy, self.budget, self.config)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the default policy (or any per-request override) may evict; ``full`` never does."""
+        return self.policy != "full"
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {ADDITIONAL_CONFIG_KEY: self.model_dump(exclude_none=True)}
+
+
+def settings_from_vllm_config(vllm_config: Any) -> KVMMSettings | None:
+    """The active settings, or ``None`` when no ``--kv-policy`` was given (vLLM runs untouched)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    raw = extra.get(ADDITIONAL_CONFIG_KEY) if isinstance(extra, dict) else None
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"policy": raw}
+    settings = KVMMSettings.model_validate(raw)
+    settings.build_policy()  # validate once, with the policy's own message
+    return settings

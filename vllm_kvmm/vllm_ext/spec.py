@@ -1,0 +1,85 @@
+"""Per-group KV-cache spec and manager: a full-attention group whose running requests can free blocks.
+
+Every attention layer (or class of layers) gets its own KV-cache group with a :class:`CompressSpec`;
+all groups draw from vLLM's one shared block pool. After a request's prompt is compressed, the worker
+reports per group the logical blocks ``[keep, tail)`` it no longer reads; :meth:`CompressManager.release`
+puts them back into the pool at once, and leaves null placeholders so logical block ``i`` still
+covers tokens ``[i·bs, (i+1)·bs)`` for everything else the scheduler computes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+__all__ = ["CompressManager", "CompressSpec", "managers", "register_specs"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressSpec(FullAttentionSpec):
+    """A full-attention group under a KV policy. Same page layout as :class:`FullAttentionSpec`.
+
+    ``group_index`` makes the specs of different groups unequal, so vLLM never merges two groups and
+    metadata built for one group is never reused for another (see docs/design.md).
+    """
+
+    group_index: int = 0
+
+    @classmethod
+    def merge(cls, specs: list[Any]) -> CompressSpec:
+        base = FullAttentionSpec.merge(specs)
+        indices = {s.group_index for s in specs}
+        if len(indices) != 1:
+            raise ValueError(f"cannot merge KV-cache groups {sorted(indices)} of a compressing policy")
+        return cls(**{f: getattr(base, f) for f in base.__dataclass_fields__}, group_index=indices.pop())
+
+
+# Managers created in this process. vLLM 0.26 hands connectors the block pool but not the managers, so
+# the scheduler-side connector finds its own here: those drawing from its pool (one engine, one pool).
+_MANAGERS: weakref.WeakSet[CompressManager] = weakref.WeakSet()
+
+
+def managers(block_pool: Any) -> dict[int, CompressManager]:
+    """This engine's managers by KV-cache group id."""
+    return {m.kv_cache_group_id: m for m in list(_MANAGERS) if m.block_pool is block_pool}
+
+
+class CompressManager(FullAttentionManager):
+    """:class:`FullAttentionManager` that can return a running request's middle blocks to the pool."""
+
+    def __init__(self, kv_cache_spec: CompressSpec, **kwargs: Any) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        _MANAGERS.add(self)
+
+    def release(self, request_id: str, first: int, last: int) -> int:
+        """Free logical blocks ``[first, last)`` of ``request_id``; returns how many were freed.
+
+        Blocks already null (an earlier release) are skipped, so overlapping calls are safe — unlike
+        ``_remove_blocks_in_range``, which stops at the first null block.
+        """
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks or first >= last:
+            return 0
+        freed = []
+        for i in range(min(last, len(blocks)) - 1, first - 1, -1):
+            if blocks[i] is not self._null_block:
+                freed.append(blocks[i])
+                blocks[i] = self._null_block
+        if freed:
+            self.block_pool.free_blocks(freed)
+        return len(freed)
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Real (non-null) blocks the request holds in this group."""
+        return sum(b is not self._null_block for b in self.req_to_blocks.get(request_id, ()))
+
+
+def register_specs() -> None:
+    """Register :class:`CompressSpec` → :class:`CompressManager` (call after vLLM's built-ins)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry.register(CompressSpec, CompressManager, uniform_type_base_spec=FullAttentionSpec)

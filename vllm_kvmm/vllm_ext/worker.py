@@ -1,0 +1,208 @@
+"""Worker-side state: statistics during prefill, compaction after it, and the compact read view.
+
+One :class:`WorkerState` per worker process (``worker_state()``). The attention backend feeds it the
+queries of compressing requests (:meth:`WorkerState.observe`), the connector runs the compression after
+the forward pass (:meth:`WorkerState.compress_finished_prefills`), and the metadata builder asks it for
+each group's compact block table (:meth:`WorkerState.compact_view`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_kvmm.config import KVPolicyArgs
+from vllm_kvmm.ops import StatsAccumulator
+from vllm_kvmm.policies import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
+from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+
+__all__ = ["LayerRef", "RequestState", "WorkerState", "worker_state"]
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    index: int  # decoder layer index (the policy's layer)
+    group: int  # KV-cache group id
+
+
+@dataclass
+class RequestState:
+    """What the worker keeps about one compressing request until it finishes."""
+
+    policy: KVPolicy
+    info: PromptInfo
+    accs: dict[int, StatsAccumulator] = field(default_factory=dict)
+    compact: dict[int, tuple[int, int]] = field(default_factory=dict)  # group -> (keep, tail) blocks
+    plans: list[LayerPlan] | None = None  # kept for inspection (tests, metrics)
+
+
+class WorkerState:
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerRef] = {}
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.block_size = 0
+        self.num_kv_heads = 0
+        self.paged: Any = None
+        self.requests: dict[str, RequestState] = {}
+        self.jobs: dict[str, PrefillJob] = {}
+        self.row_req_ids: list[str] = []
+        self.out = KVMMWorkerMeta()
+        self.keep_plans = False  # tests set it to inspect kept sets
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def configure(self, layers: dict[str, LayerRef], block_size: int, num_kv_heads: int) -> None:
+        self.layers = layers
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # ---- per step ----------------------------------------------------------------------------
+    def begin_step(self, meta: KVMMStepMeta) -> None:
+        """Forget dropped requests and register this step's prefill jobs (before the forward)."""
+        self.drop(meta.dropped)
+        self.jobs = meta.jobs
+        for req_id, job in meta.jobs.items():
+            if req_id not in self.requests or job.q_start == 0:
+                self.requests[req_id] = self._new_request(job)
+
+    def drop(self, req_ids: set[str] | list[str]) -> None:
+        for r in req_ids:
+            self.requests.pop(r, None)
+            self.jobs.pop(r, None)
+
+    def _new_request(self, job: PrefillJob) -> RequestState:
+        policy = KVPolicyArgs.parse(job.policy, job.budget, job.config)
+        vision = torch.zeros(job.num_prompt_tokens, dtype=torch.bool)
+        for off, length in job.vision:
+            vision[off : off + length] = True
+        info = PromptInfo(job.num_prompt_tokens, vision, self.num_layers, self.num_kv_heads)
+        return RequestState(policy=policy, info=info)
+
+    # ---- statistics (called by the attention backend, per layer) ------------------------------
+    def observe(
+        self, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, md: Any, heads: int, scale: float
+    ) -> None:
+        """Feed this layer's queries of every compressing request in prefill to its accumulators.
+
+        ``query``: ``[num_tokens, H, d]`` post-RoPE. Keys are read back from the paged cache, where the
+        backend has just written this step's tokens.
+        """
+        if not self.jobs or layer_name not in self.layers:
+            return
+        ref = self.layers[layer_name]
+        qsl = md.query_start_loc.tolist()
+        seq_lens = md.seq_lens.tolist()
+        for row, req_id in enumerate(self.row_req_ids):
+            job = self.jobs.get(req_id)
+            st = self.requests.get(req_id)
+            if job is None or st is None:
+                continue
+            request = st.policy.stats_request(st.info)
+            if not request.wants_layer(ref.index):
+                continue
+            n_q = qsl[row + 1] - qsl[row]
+            seq_len = seq_lens[row]
+            q_start = seq_len - n_q
+            if q_start != job.q_start or n_q != job.num_new:
+                raise RuntimeError(
+                    f"kvmm: request {req_id} row {row} computes [{q_start}, {seq_len}) but the scheduler "
+                    f"scheduled [{job.q_start}, {job.q_start + job.num_new})"
+                )
+            acc = st.accs.get(ref.index)
+            if acc is None:
+                acc = StatsAccumulator(
+                    request, st.info.num_tokens, heads, self.num_kv_heads, st.info.vision_mask, scale
+                )
+                st.accs[ref.index] = acc
+            n_blocks = -(-seq_len // self.block_size)
+            k, _ = self.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
+            acc.update(query[qsl[row] : qsl[row + 1]], k, q_start)
+
+    # ---- compression (after the forward) -----------------------------------------------------
+    def compress_finished_prefills(self) -> None:
+        t0 = time.perf_counter()
+        done = [j for j in self.jobs.values() if j.completes and j.req_id in self.requests]
+        for job in done:
+            self._compress(job, self.requests[job.req_id])
+        if done:
+            self.out.seconds += time.perf_counter() - t0
+        self.jobs = {}
+
+    def _compress(self, job: PrefillJob, st: RequestState) -> None:
+        info, policy = st.info, st.policy
+        n, bs = info.num_tokens, self.block_size
+        stats = [st.accs[i].result() if i in st.accs else None for i in range(self.num_layers)]
+        plans = plan_compression(policy, stats, info, granularity=bs)
+        st.accs.clear()
+        if self.keep_plans:
+            st.plans = plans
+        merge = policy.merge_spec(info)
+        assert job.block_ids is not None
+        report: dict[int, CompressedGroup] = {}
+        for name, ref in self.layers.items():
+            plan = plans[ref.index]
+            keep, tail = plan.prefix_keep // bs, plan.tail_start // bs
+            prev = report.get(ref.group)
+            if prev is not None and (prev.keep, prev.tail) != (keep, tail):
+                raise RuntimeError(f"kvmm: layers of group {ref.group} planned different layouts")
+            report[ref.group] = CompressedGroup(ref.group, keep, tail, plan.num_kept)
+            if plan.is_identity or keep == tail:
+                continue
+            ids = torch.tensor(job.block_ids[ref.group][: -(-n // bs)], dtype=torch.long)
+            cache = self.kv_caches[name]
+            k, v = self.paged.read(cache, ids, n)  # [N, H_kv, d]
+            k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
+            # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
+            pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
+            slots = ids[pos // bs] * bs + pos % bs
+            self.paged.write(cache, slots, k2.transpose(0, 1), v2.transpose(0, 1))
+            st.compact[ref.group] = (keep, tail)
+        groups = [g for g in report.values() if g.keep < g.tail]
+        if groups:
+            self.out.compressed[job.req_id] = groups
+            self.out.prompt_tokens[job.req_id] = n
+
+    def take_output(self) -> KVMMWorkerMeta | None:
+        out, self.out = self.out, KVMMWorkerMeta()
+        return out if out.compressed else None
+
+    # ---- read view (called by the metadata builder, per group) --------------------------------
+    def compact_view(
+        self, group: int, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row ``row[0:keep] ++ row[tail:]`` and ``seq_len − (tail − keep)·bs`` for compacted rows.
+
+        Returns ``None`` when no row of this step is compacted in ``group`` (the stock metadata is used).
+        """
+        rows = [
+            (i, self.requests[r].compact[group])
+            for i, r in enumerate(self.row_req_ids)
+            if r in self.requests and group in self.requests[r].compact
+        ]
+        if not rows:
+            return None
+        table = block_table.clone()
+        lens = seq_lens.clone()
+        width = table.shape[1]
+        for i, (keep, tail) in rows:
+            gap = tail - keep
+            table[i, keep : width - gap] = block_table[i, tail:]
+            table[i, width - gap :] = 0
+            lens[i] -= gap * self.block_size
+        return table, lens
+
+
+_STATE: WorkerState | None = None
+
+
+def worker_state() -> WorkerState:
+    global _STATE
+    if _STATE is None:
+        _STATE = WorkerState()
+    return _STATE
