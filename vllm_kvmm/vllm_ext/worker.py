@@ -36,7 +36,6 @@ class RequestState:
     info: PromptInfo
     accs: dict[int, StatsAccumulator] = field(default_factory=dict)
     compact: dict[int, tuple[int, int]] = field(default_factory=dict)  # group -> (keep, tail) blocks
-    plans: list[LayerPlan] | None = None  # kept for inspection (tests, metrics)
 
 
 class WorkerState:
@@ -51,9 +50,12 @@ class WorkerState:
         self.row_req_ids: list[str] = []
         self.out = KVMMWorkerMeta()
         self.keep_plans = False  # tests set it to inspect kept sets
+        self.plan_history: dict[str, list[LayerPlan]] = {}
 
     # ---- set-up ------------------------------------------------------------------------------
     def configure(self, layers: dict[str, LayerRef], block_size: int, num_kv_heads: int) -> None:
+        """Start afresh for a new engine (one compressing engine per process at a time)."""
+        self.__init__()  # type: ignore[misc]
         self.layers = layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
@@ -141,7 +143,7 @@ class WorkerState:
         plans = plan_compression(policy, stats, info, granularity=bs)
         st.accs.clear()
         if self.keep_plans:
-            st.plans = plans
+            self.plan_history[job.req_id] = plans
         merge = policy.merge_spec(info)
         assert job.block_ids is not None
         report: dict[int, CompressedGroup] = {}
