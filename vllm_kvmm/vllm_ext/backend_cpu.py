@@ -24,7 +24,7 @@ __all__ = ["KVMMCpuBackend"]
 
 
 class KVMMCpuBuilder(CPUAttentionMetadataBuilder):
-    """Hands the stock kernel, per compressed request, ``row[0:keep] ++ row[tail:]`` and the shorter length."""
+    """Gives the stock kernel, per compressed request, ``row[0:keep] ++ row[tail:]`` and its length."""
 
     supports_update_block_table = False  # each group's view differs; never reuse another group's
 
