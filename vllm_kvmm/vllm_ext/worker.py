@@ -109,13 +109,15 @@ class WorkerState:
             if not request.wants_layer(ref.index):
                 continue
             n_q = qsl[row + 1] - qsl[row]
-            seq_len = seq_lens[row]
-            q_start = seq_len - n_q
-            if q_start != job.q_start or n_q != job.num_new:
+            q_start = seq_lens[row] - n_q
+            # A recomputed (preempted) request may prefill past its prompt in one step: the statistics
+            # cover prompt queries only, the later rows are its earlier output tokens.
+            if q_start != job.q_start or n_q < job.num_new:
                 raise RuntimeError(
-                    f"kvmm: request {req_id} row {row} computes [{q_start}, {seq_len}) but the scheduler "
-                    f"scheduled [{job.q_start}, {job.q_start + job.num_new})"
+                    f"kvmm: request {req_id} row {row} computes [{q_start}, {q_start + n_q}) but the "
+                    f"scheduler planned prompt tokens [{job.q_start}, {job.q_start + job.num_new})"
                 )
+            seq_len = q_start + job.num_new
             acc = st.accs.get(ref.index)
             if acc is None:
                 acc = StatsAccumulator(
@@ -124,7 +126,7 @@ class WorkerState:
                 st.accs[ref.index] = acc
             n_blocks = -(-seq_len // self.block_size)
             k, _ = self.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
-            acc.update(query[qsl[row] : qsl[row + 1]], k, q_start)
+            acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
 
     # ---- compression (after the forward) -----------------------------------------------------
     def compress_finished_prefills(self) -> None:
