@@ -26,6 +26,7 @@ from vllm.logger import init_logger
 from vllm_kvmm.config import KVPolicyArgs, PolicyError
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
 from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import managers
 from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
@@ -67,13 +68,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests: dict[str, Any] = {}
         self._block_pool: Any = None
         self._policies: dict[str, tuple[str, float | None, dict]] = {}
-        self.stats = {
-            "compressed_requests": 0,
-            "prompt_tokens": 0,
-            "kept_token_layers": 0,
-            "blocks_freed": 0,
-            "seconds": 0.0,
-        }
+        self._stats = KVMMStats()
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
             layers = {
                 name: LayerRef(layer_index(name), gid)
@@ -144,15 +139,34 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if not isinstance(meta, KVMMWorkerMeta):
             return
         mgrs = managers(self._block_pool)
+        st = self._stats
         for req_id, groups in meta.compressed.items():
             if req_id not in self._requests:
                 continue  # finished in the meantime: its blocks are already free
+            n = meta.prompt_tokens.get(req_id, 0)
             for g in groups:
-                self.stats["blocks_freed"] += mgrs[g.group].release(req_id, g.keep, g.tail)
-                self.stats["kept_token_layers"] += g.kept_tokens
-            self.stats["compressed_requests"] += 1
-            self.stats["prompt_tokens"] += meta.prompt_tokens.get(req_id, 0)
-        self.stats["seconds"] += meta.seconds
+                st.add("blocks_freed", mgrs[g.group].release(req_id, g.keep, g.tail))
+            st.add("compressed_requests", 1)
+            st.add("prompt_tokens", n)
+            st.add("kv_tokens_full", n * meta.num_layers)
+            st.add("kv_tokens_kept", meta.kept_token_layers.get(req_id, 0))
+        st.add("compression_seconds", meta.seconds)
+
+    def get_kv_connector_stats(self) -> KVMMStats | None:
+        if self.role != KVConnectorRole.SCHEDULER or self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, KVMMStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVMMStats:
+        return KVMMStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine_labelvalues: Any
+    ) -> KVMMPromMetrics:
+        return KVMMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
         self._forget(request.request_id)

@@ -62,6 +62,8 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
 
     compressed: dict[str, list[CompressedGroup]] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
+    kept_token_layers: dict[str, int] = field(default_factory=dict)  # Σ over layers of kept tokens
+    num_layers: int = 0
     seconds: float = 0.0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
@@ -70,5 +72,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         for req, groups in other.compressed.items():
             self.compressed.setdefault(req, groups)
         self.prompt_tokens.update(other.prompt_tokens)
+        self.kept_token_layers.update(other.kept_token_layers)
+        self.num_layers = max(self.num_layers, other.num_layers)
         self.seconds = max(self.seconds, other.seconds)
         return self

@@ -159,6 +159,8 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
         )
     if engine_args.speculative_config:
         raise ValueError("vllm-kvmm: --kv-policy does not support speculative decoding yet")
+    validator = "vllm_kvmm.vllm_ext.validation:KVPolicyParams"
+    out["logits_processors"] = [*(engine_args.logits_processors or []), validator]
     out["kv_transfer_config"] = KVTransferConfig(
         kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_producer"
     )

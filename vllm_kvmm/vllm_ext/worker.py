@@ -171,6 +171,8 @@ class WorkerState:
         if groups:
             self.out.compressed[job.req_id] = groups
             self.out.prompt_tokens[job.req_id] = n
+            self.out.kept_token_layers[job.req_id] = sum(p.num_kept for p in plans)
+            self.out.num_layers = self.num_layers
 
     def take_output(self) -> KVMMWorkerMeta | None:
         out, self.out = self.out, KVMMWorkerMeta()
