@@ -26,6 +26,7 @@ __all__ = ["apply_patches", "check_vllm_internals", "engine_overrides"]
 _APPLIED = "__kvmm_patched__"
 CONNECTOR_NAME = "KVMMConnector"
 CONNECTOR_MODULE = "vllm_kvmm.vllm_ext.connector"
+MIDDLEWARE = "vllm_kvmm.vllm_ext.http.KVPolicyRequestCheck"
 
 
 def _wrapped(fn: Any) -> bool:
@@ -200,6 +201,8 @@ def _patch_engine_args() -> None:
                 extra = dict(engine_args.additional_config or {})
                 extra.update(settings.to_additional_config())
                 engine_args.additional_config = extra
+                if hasattr(args, "middleware"):  # `vllm serve`: check vllm_xargs before rendering
+                    args.middleware = [*(args.middleware or []), MIDDLEWARE]
             return engine_args
 
         EngineArgs.from_cli_args = classmethod(_mark(from_cli_args))
