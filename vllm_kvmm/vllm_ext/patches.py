@@ -15,6 +15,7 @@ shape we rely on; ``tests/vllm/test_patches.py`` runs it, so a vLLM upgrade fail
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from typing import Any
@@ -133,13 +134,47 @@ def _add_flags(parser: Any) -> None:
     group.add_argument(
         "--kv-policy",
         default=None,
-        help=f"KV-cache compression policy: {', '.join(policy_names())}. Turns prefix caching off.",
+        choices=policy_names(),
+        help="KV-cache compression policy (see `vllm-kvmm policies`). Turns prefix caching off.",
     )
-    group.add_argument("--kv-budget", type=float, default=None, help="fraction of prompt KV kept, in (0, 1]")
     group.add_argument(
-        "--kv-policy-config", default=None, help="policy fields as JSON, e.g. '{\"window\": 16}'"
+        "--kv-budget", type=_budget, default=None, help="fraction of prompt KV kept, in (0, 1]"
     )
-    group.add_argument("--kv-groups", type=int, default=None, help="KV-cache groups (default: one per layer)")
+    group.add_argument(
+        "--kv-policy-config",
+        type=_json_object,
+        default=None,
+        help="policy fields as JSON, e.g. '{\"window\": 16}'",
+    )
+    group.add_argument(
+        "--kv-groups", type=_positive_int, default=None, help="KV-cache groups (default: one per layer)"
+    )
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]:
@@ -190,11 +225,10 @@ def _patch_engine_args() -> None:
             engine_args = from_cli(cls, args)
             policy = getattr(args, "kv_policy", None)
             if policy is not None:
-                config = getattr(args, "kv_policy_config", None)
                 settings = KVMMSettings(
                     policy=policy,
                     budget=getattr(args, "kv_budget", None),
-                    config=json.loads(config) if config else {},
+                    config=getattr(args, "kv_policy_config", None) or {},
                     groups=getattr(args, "kv_groups", None),
                 )
                 settings.build_policy()  # fail at start-up with the policy's own message

@@ -1,0 +1,142 @@
+"""Bad input gets a clear error, at start-up or per request; without --kv-policy nothing changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import vllm_kvmm
+from vllm_kvmm.policies import PolicyError
+
+VLLM = str(Path(sys.executable).parent / "vllm")
+
+
+def test_engine_args_validate_before_the_engine() -> None:
+    assert vllm_kvmm.engine_args("meda", 0.2) == {
+        "additional_config": {"kv_policy": {"policy": "meda", "budget": 0.2, "config": {}}}
+    }
+    with pytest.raises(PolicyError, match="unknown KV policy 'medaa'"):
+        vllm_kvmm.engine_args("medaa")
+    with pytest.raises(PolicyError, match=r"budget: Input should be less than or equal to 1 \(got 1.2\)"):
+        vllm_kvmm.engine_args("snapkv", 1.2)
+    with pytest.raises(PolicyError, match="window: Input should be greater than or equal to 1"):
+        vllm_kvmm.engine_args("snapkv", 0.5, window=0)
+
+
+def test_prefix_caching_with_a_compressing_policy_is_refused(tiny_llama_dir: Path) -> None:
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="prefix caching cannot be on with the compressing KV policy 'meda'"):
+        LLM(model=str(tiny_llama_dir), enable_prefix_caching=True, **vllm_kvmm.engine_args("meda", 0.5))
+
+
+def test_unsupported_attention_is_refused() -> None:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from vllm_kvmm.vllm_ext.grouping import UnsupportedModelError, make_groups
+
+    cfg = SimpleNamespace(additional_config=vllm_kvmm.engine_args("snapkv", 0.5)["additional_config"])
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    swa = SlidingWindowSpec(
+        block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32, sliding_window=64
+    )
+    specs = {"model.layers.0.self_attn.attn": full, "model.layers.1.self_attn.attn": swa}
+    with pytest.raises(UnsupportedModelError, match=r"causal full-attention layers.*SlidingWindowSpec"):
+        make_groups(cfg, specs, original=lambda *a: pytest.fail("must not fall back"))
+
+
+def test_groups_split_layers_and_vanilla_falls_through() -> None:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_kvmm.vllm_ext.grouping import make_groups
+    from vllm_kvmm.vllm_ext.spec import CompressSpec
+
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    specs = {f"model.layers.{i}.self_attn.attn": full for i in (3, 0, 2, 1)}
+    extra = vllm_kvmm.engine_args("snapkv", 0.5, groups=2)["additional_config"]
+    groups = make_groups(SimpleNamespace(additional_config=extra), specs, original=None)  # type: ignore[arg-type]
+    assert [g.layer_names for g in groups] == [
+        ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"],
+        ["model.layers.2.self_attn.attn", "model.layers.3.self_attn.attn"],
+    ]
+    assert [g.kv_cache_spec.group_index for g in groups] == [0, 1]
+    assert all(isinstance(g.kv_cache_spec, CompressSpec) for g in groups)
+    bad = vllm_kvmm.engine_args("snapkv", 0.5, groups=3)["additional_config"]
+    with pytest.raises(ValueError, match="must divide the 4 attention layers evenly"):
+        make_groups(SimpleNamespace(additional_config=bad), specs, original=None)  # type: ignore[arg-type]
+    sentinel: list[Any] = []
+    assert make_groups(SimpleNamespace(additional_config={}), specs, lambda c, s: sentinel) is sentinel
+
+
+def test_request_args_checks() -> None:
+    from vllm_kvmm.vllm_ext.validation import check_request_args
+
+    check_request_args({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_policy_config": '{"window": 8}'})
+    check_request_args({"kv_budget": 0.5})
+    check_request_args({"unrelated": 1})
+    for bad, msg in [
+        ({"kv_policy": "x"}, "unknown KV policy 'x'"),
+        ({"kv_budget": 0}, r"kv_budget must be a number in \(0, 1\], got 0"),
+        ({"kv_budget": "half"}, "got 'half'"),
+        ({"kv_policy": "lookm", "kv_policy_config": "{nope"}, "kv-policy-config is not valid JSON"),
+        ({"kv_budgett": 0.5}, r"unknown KV-policy request argument\(s\) \['kv_budgett'\]"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            check_request_args(bad)
+
+
+def _asgi(middleware_cls: Any, body: bytes) -> tuple[int, bytes, bytes | None]:
+    """Run one POST through the middleware; returns (status, response body, body the app saw)."""
+    seen: dict[str, bytes] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["body"] = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[dict] = []
+    parts = [body[: len(body) // 2], body[len(body) // 2 :]]
+
+    async def receive() -> dict:
+        chunk = parts.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    asyncio.run(middleware_cls(app)(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"], seen.get("body")
+
+
+def test_http_middleware_rejects_before_the_app() -> None:
+    from vllm_kvmm.vllm_ext.http import KVPolicyRequestCheck
+
+    bad = json.dumps({"model": "m", "vllm_xargs": {"kv_policy": "nope"}}).encode()
+    status, body, seen = _asgi(KVPolicyRequestCheck, bad)
+    assert status == 400 and seen is None
+    assert "unknown KV policy 'nope'" in json.loads(body)["error"]["message"]
+    good = json.dumps({"model": "m", "vllm_xargs": {"kv_policy": "meda", "kv_budget": 0.2}}).encode()
+    status, body, seen = _asgi(KVPolicyRequestCheck, good)
+    assert (status, body, seen) == (200, b"ok", good)  # the app got the whole body, untouched
+
+
+def test_cli_flags_listed_and_validated() -> None:
+    helped = subprocess.run([VLLM, "serve", "--help=vllm-kvmm"], capture_output=True, text=True, timeout=300)
+    assert "--kv-policy" in helped.stdout and "--kv-budget" in helped.stdout
+    bad = subprocess.run(
+        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--kv-budget", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "argument --kv-budget: must be a number in (0, 1], got '1.5'" in bad.stderr
