@@ -203,6 +203,25 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
     return out
 
 
+def apply_cli_args(engine_args: Any, args: Any) -> None:
+    """Carry ``--kv-*`` flags into ``additional_config`` (and the HTTP check into ``vllm serve``)."""
+    policy = getattr(args, "kv_policy", None)
+    if policy is None:
+        return
+    settings = KVMMSettings(
+        policy=policy,
+        budget=getattr(args, "kv_budget", None),
+        config=getattr(args, "kv_policy_config", None) or {},
+        groups=getattr(args, "kv_groups", None),
+    )
+    settings.build_policy()  # fail at start-up with the policy's own message
+    extra = dict(engine_args.additional_config or {})
+    extra.update(settings.to_additional_config())
+    engine_args.additional_config = extra
+    if hasattr(args, "middleware"):  # `vllm serve`: check vllm_xargs before vLLM renders anything
+        args.middleware = [*(args.middleware or []), MIDDLEWARE]
+
+
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -223,20 +242,7 @@ def _patch_engine_args() -> None:
         @functools.wraps(from_cli)
         def from_cli_args(cls: Any, args: Any) -> Any:
             engine_args = from_cli(cls, args)
-            policy = getattr(args, "kv_policy", None)
-            if policy is not None:
-                settings = KVMMSettings(
-                    policy=policy,
-                    budget=getattr(args, "kv_budget", None),
-                    config=getattr(args, "kv_policy_config", None) or {},
-                    groups=getattr(args, "kv_groups", None),
-                )
-                settings.build_policy()  # fail at start-up with the policy's own message
-                extra = dict(engine_args.additional_config or {})
-                extra.update(settings.to_additional_config())
-                engine_args.additional_config = extra
-                if hasattr(args, "middleware"):  # `vllm serve`: check vllm_xargs before rendering
-                    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+            apply_cli_args(engine_args, args)
             return engine_args
 
         EngineArgs.from_cli_args = classmethod(_mark(from_cli_args))
