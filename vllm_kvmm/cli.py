@@ -27,12 +27,22 @@ def _cmd_prepare_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vllm_kvmm.demo import run_reference_demo
+    if args.reference:
+        from vllm_kvmm.demo import run_reference_demo
 
-    return run_reference_demo(
-        policies=args.policies.split(","),
+        return run_reference_demo(
+            policies=args.policies.split(","),
+            budget=args.budget,
+            max_new_tokens=args.max_new_tokens,
+            doc_words=args.doc_words,
+        )
+    from vllm_kvmm.serve_demo import run_serve_demo
+
+    return run_serve_demo(
+        policy=args.policy,
         budget=args.budget,
-        max_new_tokens=args.max_new_tokens,
+        compare=[p for p in args.compare.split(",") if p],
+        max_tokens=args.max_new_tokens,
         doc_words=args.doc_words,
     )
 
@@ -66,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "demo",
-        help="run the dense reference on the embedded SmolLM2 with a long prompt under several policies",
+        help="serve the embedded SmolLM2 with `vllm serve --kv-policy meda` and ask it about a long document "
+        "(--reference: run the dense reference under several policies instead)",
     )
+    sp.add_argument("--policy", default="meda", help="the server's policy")
+    sp.add_argument("--compare", default="full,snapkv", help="per-request policies to compare against")
+    sp.add_argument("--reference", action="store_true", help="dense Hugging Face reference, no vLLM")
     sp.add_argument("--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
-    sp.add_argument("--budget", type=float, default=0.3, help="fraction of prompt KV kept, in (0, 1]")
+    sp.add_argument("--budget", type=float, default=0.5, help="fraction of prompt KV kept, in (0, 1]")
     sp.add_argument("--max-new-tokens", type=int, default=24)
     sp.add_argument("--doc-words", type=int, default=900, help="length of the document in the prompt")
     sp.set_defaults(func=_cmd_demo)

@@ -28,6 +28,7 @@ _APPLIED = "__kvmm_patched__"
 CONNECTOR_NAME = "KVMMConnector"
 CONNECTOR_MODULE = "vllm_kvmm.vllm_ext.connector"
 MIDDLEWARE = "vllm_kvmm.vllm_ext.http.KVPolicyRequestCheck"
+DEFAULT_BLOCK_SIZE = 16
 
 
 def _wrapped(fn: Any) -> bool:
@@ -188,6 +189,10 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
             "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
         )
     out["enable_prefix_caching"] = False
+    if engine_args.block_size is None:
+        # Each layer keeps a whole number of blocks of its compressed prefix, so coarse blocks (the CPU
+        # default is 128 tokens) round small per-layer budgets away; 16 is the GPU default anyway.
+        out["block_size"] = DEFAULT_BLOCK_SIZE
     ktc = engine_args.kv_transfer_config
     if ktc is not None and getattr(ktc, "kv_connector", None) not in (None, CONNECTOR_NAME):
         raise ValueError(
