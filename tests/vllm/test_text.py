@@ -7,12 +7,16 @@ requests of different lengths batched together.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.vllm.conftest import BLOCK, greedy, token_ids
+from tests.vllm.conftest import BASE, BLOCK, greedy, token_ids
 from tests.vllm.helpers import assert_same_kept_sets, plans_by_output_id
 from vllm_kvmm.policies import make_policy, policy_names
 from vllm_kvmm.reference import DenseReference, PromptInput
@@ -47,6 +51,37 @@ def kvmm(engine_factory: Any, tiny_llama_dir: Path, vanilla: list[list[int]]) ->
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir: Path) -> DenseReference:
     return DenseReference(tiny_llama_dir)
+
+
+def test_plugin_without_policy_equals_no_plugin(tiny_llama_dir: Path, vanilla: list[list[int]]) -> None:
+    """`vanilla` runs with the plugin loaded but no --kv-policy; here vLLM runs with no plugin at all."""
+    script = (
+        "import json, sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "llm = LLM(model=sys.argv[1], **json.loads(sys.argv[2]))\n"
+        "sp = SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0, ignore_eos=True)\n"
+        "outs = llm.generate(json.loads(sys.argv[3]), sp)\n"
+        "print('TOKENS=' + json.dumps([list(o.outputs[0].token_ids) for o in outs]))\n"
+    )
+    env = {**os.environ, "VLLM_PLUGINS": "none-at-all", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tiny_llama_dir),
+            json.dumps(BASE),
+            json.dumps(_prompts()),
+            str(NEW),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    line = next((x for x in res.stdout.splitlines() if x.startswith("TOKENS=")), None)
+    assert line is not None, res.stdout[-2000:] + res.stderr[-3000:]
+    assert json.loads(line.removeprefix("TOKENS=")) == vanilla
 
 
 def test_full_policy_equals_vanilla(kvmm: Any, vanilla: list[list[int]]) -> None:
