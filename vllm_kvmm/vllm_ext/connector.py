@@ -78,6 +78,12 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
             worker_state().configure(layers, spec.block_size, spec.num_kv_heads)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Compressed requests read per-group tables built each step; full CUDA graphs would replay the
+        # tables captured at warm-up. Piecewise graphs keep attention outside the graphs.
+        return True
+
     # ---- scheduler side ------------------------------------------------------------------------
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
         self._block_pool = gpu_block_pool

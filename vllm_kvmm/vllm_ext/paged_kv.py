@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-__all__ = ["CpuPagedKV"]
+__all__ = ["CpuPagedKV", "FlashPagedKV"]
 
 
 @cache
@@ -78,3 +78,35 @@ class CpuPagedKV:
             slots.to(torch.long),
             self.isa,
         )
+
+
+class FlashPagedKV:
+    """Token-slot access to one FlashAttention layer cache, logical ``[num_blocks, H_kv, bs, 2·d]``.
+
+    The memory order is plain (keys then values in the last dimension), exactly what FlashAttention's
+    forward reads through ``kv_cache.transpose(1, 2).split(d, -1)``, so reads and writes index it directly.
+    """
+
+    def __init__(self, block_size: int, head_size: int) -> None:
+        self.block_size = block_size
+        self.head_size = head_size
+
+    def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [nb, bs, H, d] each
+        return k, v
+
+    def read(
+        self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self._split(kv_cache)
+        ids = block_ids.to(kv_cache.device)
+        k = k_cache[ids].reshape(-1, k_cache.shape[2], self.head_size)[:n]
+        v = v_cache[ids].reshape(-1, v_cache.shape[2], self.head_size)[:n]
+        return k, v
+
+    def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_cache, v_cache = self._split(kv_cache)
+        slots = slots.to(kv_cache.device)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        k_cache[blocks, offsets] = k.to(kv_cache.dtype)
+        v_cache[blocks, offsets] = v.to(kv_cache.dtype)

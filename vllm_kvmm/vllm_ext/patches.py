@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from typing import Any
 
 from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
@@ -189,6 +190,9 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
             "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
         )
     out["enable_prefix_caching"] = False
+    # The V2 GPU model runner (0.26's default on CUDA) builds attention metadata through other hooks, in
+    # another order; until it is supported, a policy runs on the V1 runner (the one the CPU build uses).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if engine_args.block_size is None:
         # Each layer keeps a whole number of blocks of its compressed prefix, so coarse blocks (the CPU
         # default is 128 tokens) round small per-layer budgets away; 16 is the GPU default anyway.
@@ -272,6 +276,8 @@ def _register_backends() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_kvmm.vllm_ext.backend_cpu.KVMMCpuBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.FLASH_ATTN, "vllm_kvmm.vllm_ext.backend_cuda.KVMMFlashBackend")
 
 
 def apply_patches() -> None:

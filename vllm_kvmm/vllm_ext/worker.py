@@ -135,6 +135,8 @@ class WorkerState:
         for job in done:
             self._compress(job, self.requests[job.req_id])
         if done:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # count the kernels, not just their launches
             self.out.seconds += time.perf_counter() - t0
         self.jobs = {}
 
