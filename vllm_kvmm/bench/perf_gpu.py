@@ -31,8 +31,8 @@ def _child(cfg: dict) -> None:
     from vllm import LLM, SamplingParams
 
     kw = dict(
-        model=cfg["model"], load_format="dummy", skip_tokenizer_init=True, max_model_len=cfg["ctx"] + cfg["out"] + 64,
-        gpu_memory_utilization=0.9, enable_prefix_caching=False, max_num_seqs=256, seed=0,
+        model=cfg["model"], load_format="dummy", skip_tokenizer_init=True, gpu_memory_utilization=0.9,
+        max_model_len=cfg["ctx"] + cfg["out"] + 64, enable_prefix_caching=False, max_num_seqs=256, seed=0,
     )  # fmt: skip
     if cfg["policy"]:
         import vllm_kvmm
