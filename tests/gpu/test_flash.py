@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its worker state is inspectable
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NEW = 16
@@ -70,7 +71,6 @@ def runs(model_dir: Path) -> dict[str, Any]:
     import vllm_kvmm
     from vllm_kvmm.vllm_ext.worker import worker_state
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     vanilla = _llm(model_dir)
     van = [list(o.outputs[0].token_ids) for o in vanilla.generate(_prompts(), _greedy())]
     backend = type(
