@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its worker state is inspectable
+# In-process engine, so the test can inspect its worker state.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NEW = 16
