@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_kvmm.vllm_ext.paged_kv import CpuPagedKV
 from vllm_kvmm.vllm_ext.spec import CompressSpec
-from vllm_kvmm.vllm_ext.worker import worker_state
+from vllm_kvmm.vllm_ext.worker import compact_metadata, worker_state
 
 __all__ = ["KVMMCpuBackend"]
 
@@ -42,14 +42,7 @@ class KVMMCpuBuilder(CPUAttentionMetadataBuilder):
         if self.group is not None:
             view = worker_state().compact_view(self.group, cm.block_table_tensor, cm.seq_lens)
             if view is not None:
-                table, lens = view
-                cm = cm.replace(
-                    block_table_tensor=table,
-                    seq_lens=lens,
-                    max_seq_len=int(lens.max()),
-                    _seq_lens_cpu=None,
-                    seq_lens_cpu_upper_bound=None,
-                )
+                cm = compact_metadata(cm, view)
         return super().build(common_prefix_len, cm, fast_build)
 
 

@@ -19,7 +19,7 @@ from vllm_kvmm.ops import StatsAccumulator
 from vllm_kvmm.policies import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 
-__all__ = ["LayerRef", "RequestState", "WorkerState", "worker_state"]
+__all__ = ["CompactView", "LayerRef", "RequestState", "WorkerState", "worker_state"]
 
 
 @dataclass(frozen=True)
@@ -183,27 +183,57 @@ class WorkerState:
     # ---- read view (called by the metadata builder, per group) --------------------------------
     def compact_view(
         self, group: int, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> CompactView | None:
         """Per-row ``row[0:keep] ++ row[tail:]`` and ``seq_len − (tail − keep)·bs`` for compacted rows.
 
-        Returns ``None`` when no row of this step is compacted in ``group`` (the stock metadata is used).
+        Built as one gather on the table's device from an index made on the CPU, so a step costs one
+        host-to-device copy per group and no device sync. Returns ``None`` when no row of this step is
+        compacted in ``group`` (the stock metadata is used unchanged).
         """
-        rows = [
-            (i, self.requests[r].compact[group])
-            for i, r in enumerate(self.row_req_ids)
-            if r in self.requests and group in self.requests[r].compact
-        ]
+        rows, gaps = [], []
+        for i, r in enumerate(self.row_req_ids):
+            st = self.requests.get(r)
+            if st is not None and group in st.compact:
+                keep, tail = st.compact[group]
+                rows.append((i, keep, tail))
+                gaps.append(tail - keep)
         if not rows:
             return None
-        table = block_table.clone()
-        lens = seq_lens.clone()
-        width = table.shape[1]
-        for i, (keep, tail) in rows:
-            gap = tail - keep
-            table[i, keep : width - gap] = block_table[i, tail:]
-            table[i, width - gap :] = 0
-            lens[i] -= gap * self.block_size
-        return table, lens
+        n_rows, width = block_table.shape
+        index = torch.arange(width).repeat(n_rows, 1)
+        shift = torch.zeros(n_rows, dtype=torch.long)
+        for (i, keep, tail), gap in zip(rows, gaps, strict=True):
+            # Columns past the end of the shortened row repeat its last block; the kernel never reads them.
+            index[i, keep:] = torch.arange(tail, tail + width - keep).clamp_max(width - 1)
+            shift[i] = gap * self.block_size
+        dev = block_table.device
+        table = torch.gather(block_table, 1, index.to(dev, non_blocking=True))
+        lens = seq_lens - shift[: seq_lens.shape[0]].to(dev, dtype=seq_lens.dtype, non_blocking=True)
+        return CompactView(table=table, seq_lens=lens, shift=shift)
+
+
+@dataclass(frozen=True)
+class CompactView:
+    """A group's compact block table and lengths; ``shift`` (CPU) is what each row's length lost."""
+
+    table: torch.Tensor
+    seq_lens: torch.Tensor
+    shift: torch.Tensor
+
+
+def compact_metadata(cm: Any, view: CompactView) -> Any:
+    """``CommonAttentionMetadata`` with a group's compact view, keeping every CPU-side copy consistent.
+
+    ``max_seq_len`` stays the uncompacted maximum: an upper bound is all kernels need, and computing the
+    exact one would read the device.
+    """
+    changes: dict[str, Any] = dict(block_table_tensor=view.table, seq_lens=view.seq_lens)
+    cpu = getattr(cm, "_seq_lens_cpu", None)
+    if cpu is not None:
+        changes["_seq_lens_cpu"] = cpu - view.shift[: cpu.shape[0]].to(cpu.dtype)
+    if getattr(cm, "_num_computed_tokens_cpu", None) is not None:
+        changes["_num_computed_tokens_cpu"] = None  # derived from seq_lens on demand
+    return cm.replace(**changes)
 
 
 _STATE: WorkerState | None = None
