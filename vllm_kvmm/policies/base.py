@@ -186,24 +186,36 @@ def plan_compression(
     stats: Sequence[LayerStats | None],
     info: PromptInfo,
     granularity: int = 1,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> list[LayerPlan]:
     """Decide the kept tokens of every layer and KV head for one prompt.
 
     Args:
         stats: one entry per layer (``None`` where the policy collected nothing).
         granularity: see :func:`layout`.
+        groups: layers that share one block table (vLLM's ``--kv-groups``): they keep the same number of
+            tokens and the same tail — the mean of their budgets — while each still selects its own
+            tokens. ``None``: every layer on its own (the policy's budgets exactly).
     """
     n, h = info.num_tokens, info.num_kv_heads
     if len(stats) != info.num_layers:
         raise ValueError(f"got statistics for {len(stats)} layers, expected {info.num_layers}")
     budgets = policy.layer_budgets(stats, info) if policy.compresses else [n] * info.num_layers
-    plans = []
-    for layer, b in enumerate(budgets):
+    groups = [[layer] for layer in range(info.num_layers)] if groups is None else groups
+    if sorted(x for g in groups for x in g) != list(range(info.num_layers)):
+        raise ValueError(f"groups must partition the {info.num_layers} layers, got {groups}")
+    prot = [policy.protected(info, layer) for layer in range(info.num_layers)]
+    shape: dict[int, tuple[int, int]] = {}
+    for members in groups:
+        b = min(n, math.floor(sum(budgets[m] for m in members) / len(members) + 0.5))
         recent = policy.recent_window(info, b)
-        prot = policy.protected(info, layer)
         tail_start, _ = layout(n, recent, b, granularity)
-        n_prot = int(prot[:tail_start].sum()) if prot is not None else 0
-        tail_start, k = layout(n, recent, b, granularity, n_prot)
+        n_prot = max(int(prot[m][:tail_start].sum()) if prot[m] is not None else 0 for m in members)
+        for m in members:
+            shape[m] = layout(n, recent, b, granularity, n_prot)
+    plans = []
+    for layer in range(info.num_layers):
+        tail_start, k = shape[layer]
         tail = torch.arange(tail_start, n).expand(h, n - tail_start)
         if k == tail_start:
             keep = torch.arange(n).expand(h, n).clone()
@@ -211,7 +223,7 @@ def plan_compression(
             sc = policy.scores(stats, info, layer)
             if sc.shape != (h, n):
                 raise ValueError(f"{policy.name}.scores returned {tuple(sc.shape)}, expected ({h}, {n})")
-            p = prot[:tail_start] if prot is not None else None
+            p = prot[layer][:tail_start] if prot[layer] is not None else None
             head = select_topk(sc[:, :tail_start].cpu(), k, p)
             keep = torch.cat([head, tail], dim=1)
         plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n))

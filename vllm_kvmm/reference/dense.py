@@ -109,12 +109,15 @@ class DenseReference:
         max_new_tokens: int,
         granularity: int = 1,
         *,
+        layer_groups: Sequence[Sequence[int]] | None = None,
         stop_at_eos: bool = False,
         return_logits: bool = False,
         return_stats: bool = False,
     ) -> list[ReferenceOutput]:
         """Greedy generation of ``max_new_tokens`` per prompt with the cache compressed by ``policy``.
 
+        ``granularity`` / ``layer_groups``: the paged layout of the vLLM path being checked (block size,
+        and layers sharing a KV-cache group; see :func:`~vllm_kvmm.policies.plan_compression`).
         With ``stop_at_eos`` a sample's tokens end at its first EOS (included).
         """
         if max_new_tokens < 1:
@@ -126,7 +129,7 @@ class DenseReference:
         pos = RopePositions(self.model, prompts)
         with activate(run, self._text_configs):
             logits = self._prefill(prompts, pos, run)  # [B, V]
-            plans, stats = self._compress(run, policy, infos, granularity)
+            plans, stats = self._compress(run, policy, infos, granularity, layer_groups)
             steps = [logits] if return_logits else []
             tok = logits.argmax(-1)
             tokens = [tok]
@@ -238,7 +241,12 @@ class DenseReference:
         return logits[torch.arange(len(prompts)), where.to(logits.device)]
 
     def _compress(
-        self, run: DenseKVRun, policy: KVPolicy, infos: list[PromptInfo], granularity: int
+        self,
+        run: DenseKVRun,
+        policy: KVPolicy,
+        infos: list[PromptInfo],
+        granularity: int,
+        layer_groups: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[list[LayerPlan]], list[list[LayerStats | None]]]:
         """Plan, gather/merge and pad every layer; installs the compacted cache in ``run``."""
         bsz, n_layers = len(infos), self.num_layers
@@ -249,7 +257,7 @@ class DenseReference:
             if any(not a.done for a in accs.values()):
                 raise RuntimeError("prefill ended with incomplete statistics")
             st = [accs[layer].result() if layer in accs else None for layer in range(n_layers)]
-            p = plan_compression(policy, st, info, granularity)
+            p = plan_compression(policy, st, info, granularity, layer_groups)
             merge = policy.merge_spec(info)
             n = info.num_tokens
             for layer in range(n_layers):

@@ -64,6 +64,13 @@ class WorkerState:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def layer_groups(self) -> list[list[int]]:
+        """Decoder layers per KV-cache group (they share a block table, hence a layout)."""
+        out: dict[int, list[int]] = {}
+        for ref in self.layers.values():
+            out.setdefault(ref.group, []).append(ref.index)
+        return [sorted(v) for _, v in sorted(out.items())]
+
     # ---- per step ----------------------------------------------------------------------------
     def begin_step(self, meta: KVMMStepMeta) -> None:
         """Forget dropped requests and register this step's prefill jobs (before the forward)."""
@@ -144,7 +151,7 @@ class WorkerState:
         info, policy = st.info, st.policy
         n, bs = info.num_tokens, self.block_size
         stats = [st.accs[i].result() if i in st.accs else None for i in range(self.num_layers)]
-        plans = plan_compression(policy, stats, info, granularity=bs)
+        plans = plan_compression(policy, stats, info, granularity=bs, groups=self.layer_groups())
         st.accs.clear()
         if self.keep_plans:
             self.plan_history[job.req_id] = plans

@@ -1,0 +1,41 @@
+"""Layers sharing a KV-cache group share one layout (mean of their budgets) but select their own tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvmm.ops import LayerStats
+from vllm_kvmm.policies import PromptInfo, make_policy, plan_compression
+
+
+def _stats(n: int, layers: int, h: int) -> list[LayerStats]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        LayerStats(window=torch.rand(h, n, generator=g), colsum=torch.rand(h, n, generator=g))
+        for _ in range(layers)
+    ]
+
+
+def test_group_layout_is_the_mean_budget_and_selection_stays_per_layer() -> None:
+    n, layers, h = 200, 4, 2
+    info = PromptInfo.text_only(n, layers, h)
+    policy = make_policy("pyramidkv", 0.5, {"window": 8})
+    solo = plan_compression(policy, _stats(n, layers, h), info)
+    grouped = plan_compression(policy, _stats(n, layers, h), info, groups=[[0, 1], [2, 3]])
+    budgets = policy.layer_budgets(_stats(n, layers, h), info)
+    assert budgets[0] > budgets[1] > budgets[2] > budgets[3]  # PyramidKV: really per layer
+    for members in ([0, 1], [2, 3]):
+        mean = round(sum(budgets[m] for m in members) / 2)
+        for m in members:
+            assert grouped[m].num_kept == mean
+            assert grouped[m].tail_start == n - 8
+        assert not torch.equal(grouped[members[0]].keep, grouped[members[1]].keep)  # own tokens per layer
+    assert [p.num_kept for p in solo] == budgets
+    assert sum(p.num_kept for p in grouped) == sum(budgets)
+
+
+def test_groups_must_partition_the_layers() -> None:
+    info = PromptInfo.text_only(50, 4, 2)
+    with pytest.raises(ValueError, match="groups must partition the 4 layers"):
+        plan_compression(make_policy("snapkv", 0.5), _stats(50, 4, 2), info, groups=[[0, 1], [1, 2, 3]])
