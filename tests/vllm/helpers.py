@@ -29,3 +29,23 @@ def scheduler(llm: Any) -> Any:
 
 def block_pool(llm: Any) -> Any:
     return scheduler(llm).kv_cache_manager.block_pool
+
+
+class PreemptionCounter:
+    """Counts the scheduler's preemptions while active (``with PreemptionCounter(llm) as c: ...; c.count``)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.sched = scheduler(llm)
+        self.count = 0
+        self._original = self.sched._preempt_request
+
+    def __enter__(self) -> PreemptionCounter:
+        def counting(request: Any, timestamp: float) -> None:
+            self.count += 1
+            self._original(request, timestamp)
+
+        self.sched._preempt_request = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sched._preempt_request = self._original

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown
-from tests.vllm.helpers import assert_same_kept_sets, block_pool, plans_by_output_id, scheduler
+from tests.vllm.helpers import (
+    PreemptionCounter,
+    assert_same_kept_sets,
+    block_pool,
+    plans_by_output_id,
+    scheduler,
+)
 from vllm_kvmm.policies import make_policy
 from vllm_kvmm.reference import DenseReference, PromptInput
 
@@ -103,22 +109,12 @@ def test_abort_mid_decode(llm: Any) -> None:
 
 
 def test_preemption_and_recompute(llm: Any) -> None:
-    engine, sched = llm.llm_engine, scheduler(llm)
-    preempted = 0
-    original = sched._preempt_request
-
-    def counting(request: Any, timestamp: float) -> None:
-        nonlocal preempted
-        preempted += 1
-        original(request, timestamp)
-
-    sched._preempt_request = counting
-    try:
+    engine = llm.llm_engine
+    with PreemptionCounter(llm) as counter:
         for i in range(3):
             engine.add_request(f"p{i}", {"prompt_token_ids": _ids(10 + i, 150)}, greedy(200))
         out = _drain(llm)
-    finally:
-        sched._preempt_request = original
+    preempted = counter.count
     assert preempted > 0  # the path under test really ran
     assert sorted(out) == ["p0", "p1", "p2"] and all(len(v) == 200 for v in out.values())
     _assert_clean(llm)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown
-from tests.vllm.helpers import block_pool, scheduler
+from tests.vllm.helpers import PreemptionCounter, block_pool, scheduler
 from vllm_kvmm.policies import make_policy
 from vllm_kvmm.reference import DenseReference, PromptInput
 
@@ -28,16 +28,7 @@ def _prompt(i: int, n: int) -> dict[str, list[int]]:
 def _run(llm: Any, prompts: list[dict], params: Any) -> dict[str, Any]:
     """Drive the engine step by step; record concurrency, preemptions and the pool."""
     engine, sched = llm.llm_engine, scheduler(llm)
-    preemptions = 0
-    original = sched._preempt_request
-
-    def counting(request: Any, timestamp: float) -> None:
-        nonlocal preemptions
-        preemptions += 1
-        original(request, timestamp)
-
-    sched._preempt_request = counting
-    try:
+    with PreemptionCounter(llm) as preempted:
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
         max_running, outputs = 0, {}
@@ -46,12 +37,10 @@ def _run(llm: Any, prompts: list[dict], params: Any) -> dict[str, Any]:
                 if out.finished:
                     outputs[out.request_id] = list(out.outputs[0].token_ids)
             max_running = max(max_running, len(sched.running))
-    finally:
-        sched._preempt_request = original
     pool = block_pool(llm)
     return dict(
         max_running=max_running,
-        preemptions=preemptions,
+        preemptions=preempted.count,
         free=pool.get_num_free_blocks(),
         total=pool.num_gpu_blocks - 1,  # block 0 is the null block
         outputs=[outputs[str(i)] for i in range(len(prompts))],

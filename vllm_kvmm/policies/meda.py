@@ -25,12 +25,12 @@ import torch
 from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
-from vllm_kvmm.policies.base import KVPolicy, MergeSpec, PromptInfo, budget_tokens
+from vllm_kvmm.policies.base import PromptInfo, budget_tokens
 from vllm_kvmm.policies.budgets import clamped_softmax_ratios, round_preserving_sum
-from vllm_kvmm.policies.textprior import TextPrior, text_prior_scores
+from vllm_kvmm.policies.textprior import TextPriorPolicy
 
 
-class MEDA(KVPolicy):
+class MEDA(TextPriorPolicy):
     name: ClassVar[str] = "meda"
     summary: ClassVar[str] = "cross-modal-entropy layer budgets + text prior + average merging (MEDA)"
 
@@ -38,19 +38,12 @@ class MEDA(KVPolicy):
     min_ratio: float = Field(0.01, gt=0.0, le=1.0, description="lowest keep ratio of any layer")
     renormalize: bool = Field(True, description="re-scale clamped budgets to sum to L·ρ (paper)")
     recent_fraction: float = Field(0.75, ge=0.0, le=1.0, description="share of a layer's budget for recent")
-    text_prior: TextPrior = "bonus"
     merge: Literal["average", "pivot", "weighted", "none"] = "average"
-    merge_keys: bool = Field(True, description="merge keys too (False is safer with M-RoPE models)")
-    similarity_filter: bool = False
-    misaligned_source: bool = Field(False, description="reproduce the released code's merge index bug")
 
     def model_post_init(self, context: object) -> None:
         if self.min_ratio > self.budget and self.renormalize:
             raise ValueError(f"meda: min_ratio={self.min_ratio} exceeds the budget {self.budget}")
-        if self.misaligned_source and not self.similarity_filter:
-            raise ValueError(
-                "meda: misaligned_source reproduces a bug of the filtered merge; set similarity_filter"
-            )
+        super().model_post_init(context)
 
     @classmethod
     def released_code(cls, budget: float = 0.2, **overrides: object) -> MEDA:
@@ -97,24 +90,3 @@ class MEDA(KVPolicy):
         if total is None:
             return [min(n, max(0, math.floor(t + 0.5))) for t in tokens]
         return [min(n, t) for t in round_preserving_sum(tokens, total, cap=n)]
-
-    def recent_window(self, info: PromptInfo, budget: int) -> int:
-        return budget_tokens(self.recent_fraction, budget)
-
-    def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
-        return info.text_mask if self.text_prior == "keep_all" else None
-
-    def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
-        st = stats[layer]
-        assert st is not None and st.colsum is not None
-        return text_prior_scores(st.colsum, info.text_mask, self.text_prior)
-
-    def merge_spec(self, info: PromptInfo) -> MergeSpec | None:
-        if self.merge == "none":
-            return None
-        return MergeSpec(
-            self.merge,
-            merge_keys=self.merge_keys,
-            similarity_filter=self.similarity_filter,
-            misaligned_source=self.misaligned_source,
-        )

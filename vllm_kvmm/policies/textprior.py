@@ -1,10 +1,15 @@
-"""Text-prior scoring shared by LOOK-M and MEDA."""
+"""The text-prior family shared by LOOK-M and MEDA: scoring, recent split, protection and merging."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from pydantic import Field
+
+from vllm_kvmm.ops import LayerStats, StatsRequest
+from vllm_kvmm.policies.base import KVPolicy, MergeSpec, PromptInfo, budget_tokens
 
 TextPrior = Literal["bonus", "keep_all", "none"]
 
@@ -21,3 +26,46 @@ def text_prior_scores(colsum: torch.Tensor, text_mask: torch.Tensor, prior: Text
     bonus = colsum.amax(dim=1, keepdim=True)
     # Fix: move the (CPU) prompt mask to the statistics' device; stats collected on the GPU crashed here.
     return colsum + bonus * text_mask.to(device=colsum.device, dtype=colsum.dtype).unsqueeze(0)
+
+
+class TextPriorPolicy(KVPolicy):
+    """Accumulated attention with a text prior, a recent window, and nearest-key merging of the evicted.
+
+    Subclasses set the defaults of their paper (LOOK-M: pivot merge, 1:1 split; MEDA: average, 3:1).
+    """
+
+    recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of a layer's budget for recent")
+    text_prior: TextPrior = "bonus"
+    merge: Literal["pivot", "average", "weighted", "none"] = "pivot"
+    merge_keys: bool = Field(True, description="merge keys too (False is safer with M-RoPE models)")
+    similarity_filter: bool = Field(False, description="released code's merge filter (mean best sim)")
+    misaligned_source: bool = Field(False, description="reproduce the released MEDA code's merge index bug")
+
+    def model_post_init(self, context: object) -> None:
+        if self.misaligned_source and not self.similarity_filter:
+            msg = "misaligned_source reproduces a bug of the filtered merge; set similarity_filter"
+            raise ValueError(f"{self.name}: {msg}")
+
+    def stats_request(self, info: PromptInfo) -> StatsRequest:
+        return StatsRequest(colsum=True)
+
+    def recent_window(self, info: PromptInfo, budget: int) -> int:
+        return budget_tokens(self.recent_fraction, budget)
+
+    def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
+        return info.text_mask if self.text_prior == "keep_all" else None
+
+    def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
+        st = stats[layer]
+        assert st is not None and st.colsum is not None
+        return text_prior_scores(st.colsum, info.text_mask, self.text_prior)
+
+    def merge_spec(self, info: PromptInfo) -> MergeSpec | None:
+        if self.merge == "none":
+            return None
+        return MergeSpec(
+            self.merge,
+            merge_keys=self.merge_keys,
+            similarity_filter=self.similarity_filter,
+            misaligned_source=self.misaligned_source,
+        )
