@@ -32,7 +32,7 @@ def block_pool(llm: Any) -> Any:
 
 
 class PreemptionCounter:
-    """Counts the scheduler's preemptions while active (``with PreemptionCounter(llm) as c: ...; c.count``)."""
+    """Counts scheduler preemptions while active (``with PreemptionCounter(llm) as c:``; then ``c.count``)."""
 
     def __init__(self, llm: Any) -> None:
         self.sched = scheduler(llm)

@@ -140,3 +140,33 @@ def test_cli_flags_listed_and_validated() -> None:
     )
     assert bad.returncode == 2
     assert "argument --kv-budget: must be a number in (0, 1], got '1.5'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("tensor_parallel_size", 2, "does not support tensor parallelism"),
+        ("pipeline_parallel_size", 2, "does not support pipeline parallelism"),
+        ("data_parallel_size", 2, "does not support data parallelism"),
+        ("enable_dbo", True, "dual-batch overlap"),
+        ("kv_cache_dtype", "fp8", "needs an unquantised KV cache; got --kv-cache-dtype fp8"),
+        ("speculative_config", {"method": "ngram"}, "does not support speculative decoding"),
+    ],
+)
+def test_unsupported_engine_settings_are_refused(field: str, value: Any, msg: str) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvmm.vllm_ext.patches import engine_overrides
+    from vllm_kvmm.vllm_ext.settings import KVMMSettings
+
+    args = EngineArgs(model="unused")
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=msg):
+        engine_overrides(KVMMSettings(policy="snapkv", budget=0.5), args)
+
+
+def test_policy_config_needs_a_policy() -> None:
+    from vllm_kvmm.vllm_ext.validation import check_request_args
+
+    with pytest.raises(ValueError, match="kv_policy_config needs kv_policy"):
+        check_request_args({"kv_policy_config": '{"window": 8}'})

@@ -22,13 +22,15 @@ class CompactViewBuilder:
     Subclasses set up ``worker_state().paged`` (their cache layout) in ``make_paged_kv``.
     """
 
-    supports_update_block_table = False  # each group's view differs: never reuse another group's metadata
-
     def __init__(
         self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]
         self.group = kv_cache_spec.group_index if isinstance(kv_cache_spec, CompressSpec) else None
+        if self.group is not None:
+            # Each compressing group's view differs: never reuse another group's metadata (vanilla groups
+            # keep the stock behaviour).
+            self.supports_update_block_table = False
         state = worker_state()
         if self.group is not None and state.paged is None:
             state.paged = self.make_paged_kv(kv_cache_spec)

@@ -97,6 +97,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def on_new_request(self, request: Any) -> None:
         self._requests[request.request_id] = request
         extra = getattr(request.sampling_params, "extra_args", None) if request.sampling_params else None
+        if getattr(request, "resumable", False):
+            # Streaming-input sessions grow their prompt under the same id after a first prefill; a
+            # compressed prefix cannot take more prompt tokens behind it. Served uncompressed.
+            self._policies[request.request_id] = ("full", 1.0, {})
+            return
         try:
             self._policies[request.request_id] = request_policy_args(extra, self.settings)
         except PolicyError as e:
@@ -137,6 +142,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 vision=_vision_runs(req),
                 completes=completes,
                 block_ids=block_ids,
+                epoch=req.num_preemptions,
             )
         return meta
 
@@ -147,8 +153,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         mgrs = managers(self._block_pool)
         st = self._stats
         for req_id, groups in meta.compressed.items():
-            if req_id not in self._requests:
+            req = self._requests.get(req_id)
+            if req is None:
                 continue  # finished in the meantime: its blocks are already free
+            if req.num_preemptions != meta.epochs.get(req_id, req.num_preemptions):
+                continue  # preempted since (async scheduling): these ranges belong to freed blocks
             n = meta.prompt_tokens.get(req_id, 0)
             for g in groups:
                 st.add("blocks_freed", mgrs[g.group].release(req_id, g.keep, g.tail))

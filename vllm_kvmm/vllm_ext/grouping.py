@@ -25,10 +25,10 @@ class UnsupportedModelError(ValueError):
 
 def layer_index(layer_name: str) -> int:
     """Decoder layer index of an attention layer name (``...layers.12.self_attn.attn`` → 12)."""
-    m = re.search(r"layers\.(\d+)\.", layer_name)
-    if m is None:
-        raise UnsupportedModelError(f"cannot find a layer index in attention layer name {layer_name!r}")
-    return int(m.group(1))
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", layer_name)  # layers.12 / h.12 / blocks.12
+    if len(numbers) != 1:
+        raise UnsupportedModelError(f"cannot find one layer index in attention layer name {layer_name!r}")
+    return int(numbers[0])
 
 
 def split_layers(names: list[str], groups: int | None) -> list[list[str]]:

@@ -36,6 +36,7 @@ class PrefillJob:
     vision: list[tuple[int, int]]
     completes: bool
     block_ids: list[list[int]] | None = None
+    epoch: int = 0  # the request's preemption count when scheduled: a report for an older epoch is stale
 
 
 @dataclass
@@ -63,6 +64,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     compressed: dict[str, list[CompressedGroup]] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     kept_token_layers: dict[str, int] = field(default_factory=dict)  # Σ over layers of kept tokens
+    epochs: dict[str, int] = field(default_factory=dict)
     num_layers: int = 0
     seconds: float = 0.0
 
@@ -73,6 +75,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
             self.compressed.setdefault(req, groups)
         self.prompt_tokens.update(other.prompt_tokens)
         self.kept_token_layers.update(other.kept_token_layers)
+        self.epochs.update(other.epochs)
         self.num_layers = max(self.num_layers, other.num_layers)
         self.seconds = max(self.seconds, other.seconds)
         return self

@@ -17,26 +17,43 @@ __all__ = ["CpuPagedKV", "FlashPagedKV"]
 
 
 @cache
-def _cpu_key_order(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> torch.Tensor:
-    """``[bs·d]`` storage offset of logical ``(token, dim)`` inside one (block, head) key page."""
+def _cpu_page_orders(
+    dtype: torch.dtype, block_size: int, head_size: int, isa: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[bs·d]`` storage offsets of logical ``(token, dim)`` inside one (block, head) page, for K and V.
+
+    Keys are packed for the vector ISAs, and values too for AMX; both orders are learned the same way.
+    """
     from vllm import _custom_ops as ops
 
-    def probe(values: torch.Tensor) -> torch.Tensor:
+    if block_size > 256:
+        raise ValueError(f"block size {block_size} > 256 cannot be probed exactly in {dtype}")
+
+    def probe(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
         k_cache, v_cache = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
-        key = values.view(block_size, 1, head_size).to(dtype)
-        ops.cpu_attn_reshape_and_cache(key, key, k_cache, v_cache, torch.arange(block_size), isa)
-        return k_cache[0, 0].reshape(-1).float().round().long()
+        x = values.view(block_size, 1, head_size).to(dtype)
+        ops.cpu_attn_reshape_and_cache(x, x, k_cache, v_cache, torch.arange(block_size), isa)
+        return k_cache[0, 0].reshape(-1).float().round().long(), v_cache[0, 0].reshape(
+            -1
+        ).float().round().long()
 
-    # Two probes with small integers (exact in bf16/fp16): which token, and which dim, sits where.
-    tok = probe(torch.arange(block_size).repeat_interleave(head_size).float())
-    dim = probe(torch.arange(head_size).repeat(block_size).float())
-    logical = tok * head_size + dim
-    if not torch.equal(logical.sort().values, torch.arange(block_size * head_size)):
-        raise RuntimeError(f"could not probe the CPU key-cache layout for isa={isa!r}, dtype={dtype}")
-    order = torch.empty_like(logical)
-    order[logical] = torch.arange(logical.numel())
-    return order
+    # Small integers only (< 256: exact in bf16/fp16): which token, and which dim (as dim // 128 and
+    # dim % 128, so head sizes up to 512 stay exact), sits at each storage offset.
+    tok = torch.arange(block_size).repeat_interleave(head_size).float()
+    dim = torch.arange(head_size).repeat(block_size)
+    tk, tv = probe(tok)
+    lk, lv = probe((dim % 128).float())
+    hk, hv = probe((dim // 128).float())
+    orders = []
+    for t, lo, hi, name in ((tk, lk, hk, "key"), (tv, lv, hv, "value")):
+        logical = t * head_size + hi * 128 + lo
+        if not torch.equal(logical.sort().values, torch.arange(block_size * head_size)):
+            raise RuntimeError(f"could not probe the CPU {name}-cache layout for isa={isa!r}, dtype={dtype}")
+        order = torch.empty_like(logical)
+        order[logical] = torch.arange(logical.numel())
+        orders.append(order)
+    return orders[0], orders[1]
 
 
 class CpuPagedKV:
@@ -46,7 +63,7 @@ class CpuPagedKV:
         self.block_size = block_size
         self.head_size = head_size
         self.isa = isa
-        self.key_order = _cpu_key_order(dtype, block_size, head_size, isa)
+        self.key_order, self.value_order = _cpu_page_orders(dtype, block_size, head_size, isa)
 
     def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nb, h, bs, _ = kv_cache.shape
@@ -58,9 +75,9 @@ class CpuPagedKV:
         """Keys and values ``[n, H_kv, d]`` of the first ``n`` tokens stored in ``block_ids`` (in order)."""
         k_cache, v_cache = self._split(kv_cache)
         bs, d = self.block_size, self.head_size
-        k_pages = k_cache[block_ids].reshape(len(block_ids), k_cache.shape[1], bs * d)
-        k = k_pages[:, :, self.key_order].view(len(block_ids), -1, bs, d)  # [nb, H, bs, d]
-        v = v_cache[block_ids]  # [nb, H, bs, d]
+        nb, h = len(block_ids), k_cache.shape[1]
+        k = k_cache[block_ids].reshape(nb, h, bs * d)[:, :, self.key_order].view(nb, h, bs, d)
+        v = v_cache[block_ids].reshape(nb, h, bs * d)[:, :, self.value_order].view(nb, h, bs, d)
         k = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], d)[:n]
         v = v.permute(0, 2, 1, 3).reshape(-1, v.shape[1], d)[:n]
         return k, v

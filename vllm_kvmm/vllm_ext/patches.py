@@ -190,9 +190,36 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
             "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
         )
     out["enable_prefix_caching"] = False
+    unsupported = {
+        "tensor_parallel_size": "tensor parallelism (ranks would need to agree on budgets)",
+        "pipeline_parallel_size": "pipeline parallelism",
+        "decode_context_parallel_size": "decode context parallelism",
+        "data_parallel_size": "data parallelism",
+    }
+    for field, what in unsupported.items():
+        if (getattr(engine_args, field, 1) or 1) > 1:
+            raise ValueError(
+                f"vllm-kvmm: --kv-policy does not support {what} yet ({field}={getattr(engine_args, field)})"
+            )
+    if getattr(engine_args, "enable_dbo", False):
+        raise ValueError("vllm-kvmm: --kv-policy does not support dual-batch overlap (--enable-dbo) yet")
+    if str(getattr(engine_args, "kv_cache_dtype", "auto")) != "auto":
+        dtype = engine_args.kv_cache_dtype
+        raise ValueError(
+            f"vllm-kvmm: --kv-policy needs an unquantised KV cache; got --kv-cache-dtype {dtype}"
+        )
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        backend = getattr(engine_args, "attention_backend", None)
+        if backend is not None and getattr(backend, "name", str(backend)) != "FLASH_ATTN":
+            raise ValueError(f"vllm-kvmm: --kv-policy runs on the FLASH_ATTN backend on GPU, not {backend}")
+        out["attention_backend"] = "FLASH_ATTN"
     # The V2 GPU model runner (0.26's default on CUDA) builds attention metadata through other hooks, in
     # another order; until it is supported, a policy runs on the V1 runner (the one the CPU build uses).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise ValueError("vllm-kvmm: --kv-policy runs on the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if engine_args.block_size is None:
         # Each layer keeps a whole number of blocks of its compressed prefix, so coarse blocks (the CPU
         # default is 128 tokens) round small per-layer budgets away; 16 is the GPU default anyway.
@@ -216,6 +243,11 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
     """Carry ``--kv-*`` flags into ``additional_config`` (and the HTTP check into ``vllm serve``)."""
     policy = getattr(args, "kv_policy", None)
     if policy is None:
+        if settings_from_vllm_config(engine_args) is not None and hasattr(args, "middleware"):
+            args.middleware = [
+                *(args.middleware or []),
+                MIDDLEWARE,
+            ]  # --additional-config '{"kv_policy": ...}'
         return
     settings = KVMMSettings(
         policy=policy,
@@ -263,6 +295,8 @@ def _patch_engine_args() -> None:
         def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
             settings = settings_from_vllm_config(self)
             if settings is not None:
+                if _INTERNALS_ERROR is not None:
+                    raise RuntimeError(_INTERNALS_ERROR)
                 for key, value in engine_overrides(settings, self).items():
                     setattr(self, key, value)
             return create(self, *args, **kwargs)
@@ -280,9 +314,25 @@ def _register_backends() -> None:
         register_backend(AttentionBackendEnum.FLASH_ATTN, "vllm_kvmm.vllm_ext.backend_cuda.KVMMFlashBackend")
 
 
+_INTERNALS_ERROR: str | None = None
+
+
 def apply_patches() -> None:
-    """Install everything (idempotent: the plugin loads several times per process)."""
-    check_vllm_internals()
+    """Install everything (idempotent: the plugin loads several times per process).
+
+    If vLLM's internals moved, nothing is installed and plain vLLM keeps working; the error is raised
+    only when a ``--kv-policy`` asks for us (``create_engine_config``), so it cannot be missed either.
+    """
+    global _INTERNALS_ERROR
+    try:
+        check_vllm_internals()
+    except RuntimeError as e:
+        _INTERNALS_ERROR = str(e)
+        from vllm.logger import init_logger
+
+        init_logger(__name__).warning("%s; vllm-kvmm is disabled", e)
+        _patch_engine_args()  # still needed to refuse --kv-policy with the reason
+        return
     _patch_engine_args()
     _patch_platform_hook()
     _patch_grouping()

@@ -29,6 +29,8 @@ def check_request_args(extra: dict[str, Any] | None) -> None:
         raise ValueError(f"unknown KV-policy request argument(s) {unknown}; use {sorted(KNOWN)}")
     if not any(k in extra for k in KNOWN):
         return
+    if "kv_policy_config" in extra and "kv_policy" not in extra:
+        raise ValueError("kv_policy_config needs kv_policy: name the policy its fields belong to")
     try:
         if "kv_policy" in extra:
             KVPolicyArgs.parse(extra["kv_policy"], extra.get("kv_budget"), extra.get("kv_policy_config"))

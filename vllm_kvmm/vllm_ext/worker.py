@@ -148,6 +148,8 @@ class WorkerState:
         self.jobs = {}
 
     def _compress(self, job: PrefillJob, st: RequestState) -> None:
+        if self.paged is None:
+            raise RuntimeError("kvmm: no KV-cache accessor: the attention backend is not vllm-kvmm's")
         info, policy = st.info, st.policy
         n, bs = info.num_tokens, self.block_size
         stats = [st.accs[i].result() if i in st.accs else None for i in range(self.num_layers)]
@@ -181,11 +183,12 @@ class WorkerState:
             self.out.compressed[job.req_id] = groups
             self.out.prompt_tokens[job.req_id] = n
             self.out.kept_token_layers[job.req_id] = sum(p.num_kept for p in plans)
+            self.out.epochs[job.req_id] = job.epoch
             self.out.num_layers = self.num_layers
 
     def take_output(self) -> KVMMWorkerMeta | None:
         out, self.out = self.out, KVMMWorkerMeta()
-        return out if out.compressed else None
+        return out if out.compressed or out.seconds else None
 
     # ---- read view (called by the metadata builder, per group) --------------------------------
     def compact_view(
