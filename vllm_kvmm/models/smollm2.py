@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vllm_kvmm.models.folders import is_complete, write_folder_atomically
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -32,7 +32,6 @@ __all__ = [
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-_MARKER = ".vllm_kvmm_complete"
 _CONTEXT = 8192
 # The GGUF metadata names <|im_start|> as both BOS and EOS; the instruct model ends turns with <|im_end|>
 # (id 2, which the GGUF config already uses as eos_token_id), and the original tokenizer pads with it.
@@ -63,13 +62,9 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / _MARKER).is_file()
-
-
 def smollm2_available() -> bool:
     """True when SmolLM2 is already converted or can be converted here (GGUF + ``gguf`` package)."""
-    if _is_complete(default_smollm2_dir()):
+    if is_complete(default_smollm2_dir()):
         return True
     return smollm2_gguf_path() is not None and importlib.util.find_spec("gguf") is not None
 
@@ -103,24 +98,13 @@ def load_smollm2_tokenizer(path: Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
     folder = Path(path) if path is not None else default_smollm2_dir()
-    if _is_complete(folder):
+    if is_complete(folder):
         return AutoTokenizer.from_pretrained(folder)
     cache = default_home() / "tokenizers" / SMOLLM2_NAME
-    if not _is_complete(cache):
+    if not is_complete(cache):
         gguf = _require_gguf()
         tok = _fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        try:
-            tok.save_pretrained(tmp)
-            (tmp / _MARKER).write_text(f"tokenizer of {gguf.name}\n")
-            tmp.chmod(0o755)
-            if cache.exists():
-                shutil.rmtree(cache)
-            tmp.rename(cache)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_folder_atomically(cache, tok.save_pretrained, f"tokenizer of {gguf.name}")
     return AutoTokenizer.from_pretrained(cache)
 
 
@@ -131,14 +115,12 @@ def ensure_smollm2(dest: Path | None = None, *, verify: bool = True) -> Path:
     temporary sibling and renamed, so an interrupted conversion never leaves a half-written model.
     """
     dest = Path(dest) if dest is not None else default_smollm2_dir()
-    if _is_complete(dest):
+    if is_complete(dest):
         return dest
     gguf = _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    def write(tmp: Path) -> None:
         tok = _fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         if model.config.max_position_embeddings != _CONTEXT:
@@ -154,15 +136,8 @@ def ensure_smollm2(dest: Path | None = None, *, verify: bool = True) -> Path:
         del model
         if verify:
             verify_smollm2(tmp)
-        (tmp / _MARKER).write_text(f"converted from {gguf.name}\n")
-        if dest.exists():  # an incomplete leftover of an earlier run
-            shutil.rmtree(dest)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    return write_folder_atomically(dest, write, f"converted from {gguf.name}")
 
 
 def verify_smollm2(path: Path) -> str:

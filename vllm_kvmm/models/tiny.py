@@ -16,19 +16,16 @@ tokens then agree between implementations whose float32 rounding differs (HF vs 
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vllm_kvmm.models.folders import write_folder_atomically
 from vllm_kvmm.models.smollm2 import load_smollm2_tokenizer
 
 __all__ = ["build_tiny_llama", "build_tiny_llava", "build_tiny_qwen2vl"]
 
-_MARKER = ".vllm_kvmm_complete"
 _INIT_RANGE = 0.1
 HIDDEN = 128
 HEADS = 4
@@ -81,26 +78,6 @@ def _llama_kwargs(num_layers: int, vocab_size: int, tok: Any) -> dict[str, Any]:
     }
 
 
-def _write_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling, then rename it to ``dest`` (idempotent)."""
-    dest = Path(dest)
-    if (dest / _MARKER).is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        write(tmp)
-        (tmp / _MARKER).write_text("built by vllm_kvmm.models.tiny\n")
-        tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
 def _save_model(model: torch.nn.Module, tok: Any, tmp: Path) -> None:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -125,7 +102,7 @@ def build_tiny_llama(dest: Path, *, num_layers: int = 4, seed: int = 0, tokenize
         _save_model(model, tok, tmp)
         tok.save_pretrained(tmp)
 
-    return _write_atomically(dest, write)
+    return write_folder_atomically(dest, write, "built by vllm_kvmm.models.tiny")
 
 
 def build_tiny_llava(
@@ -194,7 +171,7 @@ def build_tiny_llava(
         )
         processor.save_pretrained(tmp)
 
-    return _write_atomically(dest, write)
+    return write_folder_atomically(dest, write, "built by vllm_kvmm.models.tiny")
 
 
 def _legacy_clip_keys(folder: Path) -> None:
@@ -293,4 +270,4 @@ def build_tiny_qwen2vl(
         )
         processor.save_pretrained(tmp)
 
-    return _write_atomically(dest, write)
+    return write_folder_atomically(dest, write, "built by vllm_kvmm.models.tiny")
