@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--policies", default="snapkv,meda")
     ap.add_argument("--model-dir", default="/tmp/models/llama2-7b-mha")
+    ap.add_argument("--no-ideal", action="store_true", help="skip the shortened-prompt ideal")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.child:
@@ -86,7 +87,8 @@ def main() -> None:
         json.dump(LLAMA2_7B_MHA, f)
     base = dict(model=a.model_dir, ctx=a.ctx, out=a.out, n=a.requests, budget=a.budget)
     configs = [dict(base, name="vanilla", policy=None, plen=a.ctx)]
-    configs.append(dict(base, name=f"ideal@{a.budget:g}", policy=None, plen=int(a.ctx * a.budget)))
+    if not a.no_ideal:
+        configs.append(dict(base, name=f"ideal@{a.budget:g}", policy=None, plen=int(a.ctx * a.budget)))
     configs += [
         dict(base, name=f"{p}@{a.budget:g}", policy=p, plen=a.ctx) for p in a.policies.split(",") if p
     ]
