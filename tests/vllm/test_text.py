@@ -114,3 +114,23 @@ def test_paged_equals_dense(
             assert_same_kept_sets(plans_by_output_id(worker_state().plan_history, out.request_id), ref.plans)
     assert compressed >= 2  # the long prompts really were compressed
     assert token_ids(outs) != vanilla  # ... and it changed what the model says
+
+
+def test_groups_with_the_same_view_share_one_metadata_build(
+    kvmm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 per-layer groups, one uniform policy: each step builds attention metadata once, not 4 times."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+    calls = 0
+    original = CPUAttentionMetadataBuilder.build
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CPUAttentionMetadataBuilder, "build", counting)
+    out = kvmm.generate(_prompts()[:1], greedy(6, kv_policy="snapkv", kv_budget=0.5))
+    assert len(out[0].outputs[0].token_ids) == 6
+    assert calls == 6  # one prefill step + five decode steps, one build each

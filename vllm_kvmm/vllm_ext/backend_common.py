@@ -6,6 +6,7 @@ the stock class does all the work and these two hooks only swap inputs or watch 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -40,11 +41,25 @@ class CompactViewBuilder:
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
         cm = common_attn_metadata
-        if self.group is not None:
-            view = worker_state().compact_view(self.group, cm.block_table_tensor, cm.seq_lens)
-            if view is not None:
-                cm = compact_metadata(cm, view)
-        return super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
+        if self.group is None:
+            return super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
+        state = worker_state()
+        signature = state.view_signature(self.group)
+        # Groups whose rows are compacted alike need the same metadata but their own block ids: build it
+        # once per step and swap the table in (vLLM does the same across groups of one spec).
+        key = (type(self), common_prefix_len, signature)
+        shared = state.shared_metadata(key)
+        if shared is not None:
+            metadata, index = shared
+            table = cm.block_table_tensor if index is None else torch.gather(cm.block_table_tensor, 1, index)
+            return dataclasses.replace(metadata, block_table=table, slot_mapping=cm.slot_mapping)
+        index = None
+        if signature:
+            view = state.compact_view(signature, cm.block_table_tensor, cm.seq_lens)
+            cm, index = compact_metadata(cm, view), view.index
+        metadata = super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
+        state.share_metadata(key, (metadata, index))
+        return metadata
 
 
 class StatsObservingImpl:

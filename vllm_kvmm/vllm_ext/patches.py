@@ -100,7 +100,7 @@ def _patch_row_order() -> None:
     def _build_attention_metadata(
         self: Any, num_tokens: int, num_reqs: int, *args: Any, **kwargs: Any
     ) -> Any:
-        worker_state().row_req_ids = list(self.input_batch.req_ids[:num_reqs])
+        worker_state().new_step(list(self.input_batch.req_ids[:num_reqs]))
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata)

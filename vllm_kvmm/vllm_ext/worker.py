@@ -48,6 +48,7 @@ class WorkerState:
         self.requests: dict[str, RequestState] = {}
         self.jobs: dict[str, PrefillJob] = {}
         self.row_req_ids: list[str] = []
+        self._metadata: dict[tuple, Any] = {}
         self.out = KVMMWorkerMeta()
         self.keep_plans = False  # tests set it to inspect kept sets
         self.plan_history: dict[str, list[LayerPlan]] = {}
@@ -191,44 +192,57 @@ class WorkerState:
         return out if out.compressed or out.seconds else None
 
     # ---- read view (called by the metadata builder, per group) --------------------------------
-    def compact_view(
-        self, group: int, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> CompactView | None:
-        """Per-row ``row[0:keep] ++ row[tail:]`` and ``seq_len − (tail − keep)·bs`` for compacted rows.
-
-        Built as one gather on the table's device from an index made on the CPU, so a step costs one
-        host-to-device copy per group and no device sync. Returns ``None`` when no row of this step is
-        compacted in ``group`` (the stock metadata is used unchanged).
-        """
-        rows, gaps = [], []
+    def view_signature(self, group: int) -> tuple[tuple[int, int, int], ...]:
+        """``(row, keep, tail)`` of every row of this step compacted in ``group`` (empty: none)."""
+        out = []
         for i, r in enumerate(self.row_req_ids):
             st = self.requests.get(r)
             if st is not None and group in st.compact:
-                keep, tail = st.compact[group]
-                rows.append((i, keep, tail))
-                gaps.append(tail - keep)
-        if not rows:
-            return None
+                out.append((i, *st.compact[group]))
+        return tuple(out)
+
+    def compact_view(
+        self, signature: tuple[tuple[int, int, int], ...], block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> CompactView:
+        """Per-row ``row[0:keep] ++ row[tail:]`` and ``seq_len − (tail − keep)·bs`` for compacted rows.
+
+        Built as one gather on the table's device from an index made on the CPU, so a step costs one
+        host-to-device copy per group and no device sync.
+        """
         n_rows, width = block_table.shape
         index = torch.arange(width).repeat(n_rows, 1)
         shift = torch.zeros(n_rows, dtype=torch.long)
-        for (i, keep, tail), gap in zip(rows, gaps, strict=True):
+        for i, keep, tail in signature:
             # Columns past the end of the shortened row repeat its last block; the kernel never reads them.
             index[i, keep:] = torch.arange(tail, tail + width - keep).clamp_max(width - 1)
-            shift[i] = gap * self.block_size
+            shift[i] = (tail - keep) * self.block_size
         dev = block_table.device
-        table = torch.gather(block_table, 1, index.to(dev, non_blocking=True))
+        index = index.to(dev, non_blocking=True)
         lens = seq_lens - shift[: seq_lens.shape[0]].to(dev, dtype=seq_lens.dtype, non_blocking=True)
-        return CompactView(table=table, seq_lens=lens, shift=shift)
+        return CompactView(table=torch.gather(block_table, 1, index), seq_lens=lens, shift=shift, index=index)
+
+    # ---- metadata shared by groups with the same view, within one step -----------------------------
+    def new_step(self, req_ids: list[str]) -> None:
+        """Called once per step before any metadata is built: the row order, and a fresh share cache."""
+        self.row_req_ids = req_ids
+        self._metadata = {}
+
+    def shared_metadata(self, key: tuple) -> Any:
+        return self._metadata.get(key)
+
+    def share_metadata(self, key: tuple, metadata: Any) -> None:
+        self._metadata[key] = metadata
 
 
 @dataclass(frozen=True)
 class CompactView:
-    """A group's compact block table and lengths; ``shift`` (CPU) is what each row's length lost."""
+    """A group's compact block table and lengths; ``shift`` (CPU) is what each row's length lost, and
+    ``index`` (on the table's device) the gather that turns any group's table with this view compact."""
 
     table: torch.Tensor
     seq_lens: torch.Tensor
     shift: torch.Tensor
+    index: torch.Tensor
 
 
 def compact_metadata(cm: Any, view: CompactView) -> Any:
