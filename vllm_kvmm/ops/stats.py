@@ -21,6 +21,7 @@ Statistics (all float32, all reduced to KV heads by the mean over each GQA group
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,8 @@ class StatsAccumulator:
         vision_mask: torch.Tensor,
         scale: float,
         chunk: int = 256,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        world: int = 1,
     ) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -135,6 +138,12 @@ class StatsAccumulator:
         self.t2v_from = int(vis_pos[-1].item()) + 1 if vis_pos.numel() else num_tokens
         self.window_from = num_tokens - request.window if request.window else num_tokens
         self._acc = _Acc()
+        # Tensor parallelism: this process holds ``num_heads`` of ``world × num_heads`` query heads.
+        # Head-averaged statistics (entropies, HAE's text→vision attention) are summed over every rank's
+        # heads through ``all_reduce`` so all ranks see the single-device numbers and agree on budgets;
+        # per-KV-head statistics (colsum, window) stay local, as each rank selects for its own heads.
+        self.all_reduce = all_reduce
+        self.world = world
 
     @property
     def done(self) -> bool:
@@ -193,6 +202,12 @@ class StatsAccumulator:
         def to_kv(x: torch.Tensor) -> torch.Tensor:  # [H, n] -> [H_kv, n], mean over each group
             return x.view(self.h_kv, g, -1).mean(1)
 
+        def head_mean(x: torch.Tensor) -> torch.Tensor:  # [H, ...] -> [...], mean over all ranks' heads
+            total = x.sum(0)
+            if self.all_reduce is not None:
+                total = self.all_reduce(total)
+            return total / (self.h * self.world)
+
         if req.colsum:
             if acc.colsum is None:
                 acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
@@ -205,8 +220,8 @@ class StatsAccumulator:
         if req.entropy:
             pz = torch.where(causal, p * z, torch.zeros((), device=dev))
             ent = lse.squeeze(-1) - pz.sum(-1)  # [H, n_q]
-            acc.ent_sum += float(ent.sum())
-            acc.ent_rows += n_q * self.h
+            acc.ent_sum += float(head_mean(ent).sum()) * self.h * self.world
+            acc.ent_rows += n_q * self.h * self.world
         vis_k = self.vision[:n_vis].to(dev)
         vis_q = self.vision[start : start + n_q].to(dev)
         if req.cross_entropy:
@@ -216,7 +231,7 @@ class StatsAccumulator:
                 m = causal[rows][:, cols]  # [r, c]
                 zz = zc[:, rows][:, :, cols]  # [H, r, c]
                 lse_m = torch.logsumexp(zz, dim=-1, keepdim=True)
-                pm = torch.exp(zz - lse_m).nan_to_num(0.0).mean(0)  # head-averaged map, [r, c]
+                pm = head_mean(torch.exp(zz - lse_m).nan_to_num(0.0))  # head-averaged map, [r, c]
                 valid = m.any(-1)
                 if not bool(valid.any()):
                     continue
@@ -234,7 +249,7 @@ class StatsAccumulator:
                 acc.t2v_max = torch.zeros(self.n, device=dev)
             rows = (qpos >= self.t2v_from) & ~vis_q
             if bool(rows.any()):
-                pm = p[:, rows].mean(0)  # [r, n_vis] head-averaged attention
+                pm = head_mean(p[:, rows])  # [r, n_vis] head-averaged attention
                 pm = pm * vis_k.unsqueeze(0)
                 acc.t2v_sum[:n_vis] += pm.sum(0)
                 acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], pm.max(0).values)

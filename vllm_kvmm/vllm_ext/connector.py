@@ -76,7 +76,19 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 for name in group.layer_names
             }
             spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-            worker_state().configure(layers, spec.block_size, spec.num_kv_heads)
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            all_reduce = None
+            if tp > 1:
+                total_kv = vllm_config.model_config.get_total_num_kv_heads()
+                if total_kv % tp:
+                    raise ValueError(
+                        f"vllm-kvmm: tensor parallelism needs the {total_kv} KV heads to split evenly over "
+                        f"{tp} ranks (replicated KV heads would be compressed differently on each rank)"
+                    )
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                all_reduce = tensor_model_parallel_all_reduce
+            worker_state().configure(layers, spec.block_size, spec.num_kv_heads, tp, all_reduce)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

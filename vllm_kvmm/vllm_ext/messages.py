@@ -69,7 +69,8 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     seconds: float = 0.0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        # Tensor-parallel ranks decide identically (budgets are all-reduced), so one copy is enough.
+        # Tensor-parallel ranks decide identical layouts (head-averaged statistics are all-reduced before
+        # any budget is computed), so one copy of each report is enough.
         assert isinstance(other, KVMMWorkerMeta)
         for req, groups in other.compressed.items():
             self.compressed.setdefault(req, groups)

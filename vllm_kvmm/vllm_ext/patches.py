@@ -191,7 +191,6 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
         )
     out["enable_prefix_caching"] = False
     unsupported = {
-        "tensor_parallel_size": "tensor parallelism (ranks would need to agree on budgets)",
         "pipeline_parallel_size": "pipeline parallelism",
         "decode_context_parallel_size": "decode context parallelism",
         "data_parallel_size": "data parallelism",

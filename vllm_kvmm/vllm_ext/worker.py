@@ -51,12 +51,26 @@ class WorkerState:
         self._metadata: dict[tuple, Any] = {}
         self.out = KVMMWorkerMeta()
         self.keep_plans = False  # tests set it to inspect kept sets
+        self.tp_world = 1
+        self.all_reduce: Any = None
         self.plan_history: dict[str, list[LayerPlan]] = {}
 
     # ---- set-up ------------------------------------------------------------------------------
-    def configure(self, layers: dict[str, LayerRef], block_size: int, num_kv_heads: int) -> None:
-        """Start afresh for a new engine (one compressing engine per process at a time)."""
+    def configure(
+        self,
+        layers: dict[str, LayerRef],
+        block_size: int,
+        num_kv_heads: int,
+        tp_world: int = 1,
+        all_reduce: Any = None,
+    ) -> None:
+        """Start afresh for a new engine (one compressing engine per process at a time).
+
+        ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
+        """
         self.__init__()  # type: ignore[misc]
+        self.tp_world = tp_world
+        self.all_reduce = all_reduce
         self.layers = layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
@@ -129,7 +143,14 @@ class WorkerState:
             acc = st.accs.get(ref.index)
             if acc is None:
                 acc = StatsAccumulator(
-                    request, st.info.num_tokens, heads, self.num_kv_heads, st.info.vision_mask, scale
+                    request,
+                    st.info.num_tokens,
+                    heads,
+                    self.num_kv_heads,
+                    st.info.vision_mask,
+                    scale,
+                    all_reduce=self.all_reduce,
+                    world=self.tp_world,
                 )
                 st.accs[ref.index] = acc
             n_blocks = -(-seq_len // self.block_size)
