@@ -57,3 +57,79 @@ def test_tp2_equals_single_device_reference(llm: Any, tiny_llama_dir: Path, name
             if o.finished:
                 out[o.request_id] = list(o.outputs[0].token_ids)
     assert [out[f"tp{name}{i}"] for i in range(len(ids))] == [r.token_ids for r in refs]
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir: Path, llm: Any) -> Any:
+    shutdown(llm)  # one tensor-parallel engine at a time on this 2-core machine
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        engine = make_llm(
+            str(tiny_llava_dir),
+            "full",
+            tensor_parallel_size=2,
+            distributed_executor_backend="mp",
+            max_model_len=2048,
+            limit_mm_per_prompt={"image": 2},
+        )
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    yield engine
+    shutdown(engine)
+
+
+@pytest.mark.parametrize(
+    "name,budget,config",
+    [("hae", None, {"threshold": 0.02}), ("meda", 0.3, {})],
+    ids=["hae-threshold", "meda-cross-modal"],
+)
+def test_tp2_head_averaged_statistics(
+    llava: Any, tiny_llava_dir: Path, images: list, name: str, budget: float | None, config: dict
+) -> None:
+    """HAE's threshold and MEDA's cross-modal entropy read head-averaged attention: only the sum over both
+    ranks' heads reproduces the single-device kept counts."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from vllm_kvmm.reference import prompt_from_messages
+    from vllm_kvmm.vllm_ext.spec import managers
+
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": "Compare the images."},
+            ],
+        }
+    ]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    xargs = {"kv_policy": name, "kv_policy_config": json.dumps(config)}
+    if budget is not None:
+        xargs["kv_budget"] = budget
+    engine = llava.llm_engine
+    engine.add_request(
+        f"mm{name}", {"prompt": text, "multi_modal_data": {"image": images[:2]}}, greedy(8, **xargs)
+    )
+    engine.step()
+    ref = DenseReference(tiny_llava_dir).generate(
+        [prompt_from_messages(proc, msgs, images[:2])],
+        make_policy(name, budget, config),
+        8,
+        granularity=BLOCK,
+    )[0]
+    mgrs = managers(block_pool(llava))
+    req = next(r for r in mgrs[0].req_to_blocks if r.startswith(f"mm{name}"))
+    n = ref.num_prompt_tokens
+    held = [mgrs[g].num_held_blocks(req) for g in sorted(mgrs)]
+    assert any(not p.is_identity for p in ref.plans)
+    assert held == [-(-n // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for p in ref.plans]
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out = list(o.outputs[0].token_ids)
+    assert out == ref.token_ids
