@@ -145,7 +145,6 @@ def test_cli_flags_listed_and_validated() -> None:
 @pytest.mark.parametrize(
     "field,value,msg",
     [
-        ("tensor_parallel_size", 2, "does not support tensor parallelism"),
         ("pipeline_parallel_size", 2, "does not support pipeline parallelism"),
         ("data_parallel_size", 2, "does not support data parallelism"),
         ("enable_dbo", True, "dual-batch overlap"),
