@@ -10,6 +10,7 @@ from vllm_kvmm.policies.base import (
     layout,
     plan_compression,
 )
+from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, plan_flush
 from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
@@ -26,6 +27,8 @@ __all__ = [
     "MEDA",
     "POLICIES",
     "BinEvent",
+    "DecodeSpec",
+    "FlushPlan",
     "Full",
     "KVPolicy",
     "LayerPlan",
@@ -42,5 +45,6 @@ __all__ = [
     "layout",
     "make_policy",
     "plan_compression",
+    "plan_flush",
     "policy_names",
 ]

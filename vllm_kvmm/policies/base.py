@@ -23,12 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vllm_kvmm.ops import LayerStats, MergeKind, StatsRequest, complement, merge_kv, select_topk
+
+if TYPE_CHECKING:
+    from vllm_kvmm.policies.decode import DecodeSpec
 
 __all__ = [
     "KVPolicy",
@@ -154,6 +157,10 @@ class KVPolicy(BaseModel):
 
     def merge_spec(self, info: PromptInfo) -> MergeSpec | None:
         """Merge rule for evicted tokens, or ``None`` to drop them."""
+        return None
+
+    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
+        """Decode-time eviction (``None``: the cache only grows after prefill)."""
         return None
 
 

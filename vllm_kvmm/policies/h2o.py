@@ -16,6 +16,7 @@ from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
+from vllm_kvmm.policies.decode import DecodeSpec
 
 
 class H2O(KVPolicy):
@@ -23,12 +24,21 @@ class H2O(KVPolicy):
     summary: ClassVar[str] = "heavy hitters by accumulated attention + recent window (H2O)"
 
     recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens")
+    decode_interval: int | None = Field(
+        None, ge=1, description="evict while decoding, every this many tokens (None: prefill only)"
+    )
 
     def stats_request(self, info: PromptInfo) -> StatsRequest:
         return StatsRequest(colsum=True)
 
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)
+
+    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
+        if self.decode_interval is None or not self.compresses:
+            return None
+        recent = self.recent_window(info, budget_tokens(self.budget, info.num_tokens))
+        return DecodeSpec("score", self.decode_interval, recent)
 
     def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
         st = stats[layer]

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo
+from vllm_kvmm.policies.decode import DecodeSpec
 
 
 class StreamingLLM(KVPolicy):
@@ -22,6 +23,14 @@ class StreamingLLM(KVPolicy):
     summary: ClassVar[str] = "attention sinks + most recent tokens, no scoring (StreamingLLM)"
 
     sinks: int = Field(4, ge=0, description="leading tokens always kept")
+    decode_interval: int | None = Field(
+        None, ge=1, description="slide the window while decoding, every this many tokens (None: prefill only)"
+    )
+
+    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
+        if self.decode_interval is None or not self.compresses:
+            return None
+        return DecodeSpec("window", self.decode_interval, recent=0, sinks=self.sinks)
 
     def protected(self, info: PromptInfo, layer: int) -> torch.Tensor:
         mask = torch.zeros(info.num_tokens, dtype=torch.bool)

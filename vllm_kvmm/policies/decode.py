@@ -1,0 +1,99 @@
+"""Decode-time eviction at flush points (pure torch), shared by the dense reference and the vLLM path.
+
+See docs/decode-eviction.md. Between flushes a layer's cache only grows; at a flush the policy re-selects
+the stored tokens. The stored tokens of one layer differ per KV head (prefill selected per head), so the
+state is per head: ``positions[h, s]`` is the true position of stored slot ``s`` of head ``h``.
+
+Layout (as after prefill): the tokens from ``tail_start = g·⌊(L − recent)/g⌋`` to ``L − 1`` are all kept in
+place; exactly ``K = g·k`` older tokens are kept per head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vllm_kvmm.ops import select_topk
+
+__all__ = ["DecodeSpec", "FlushPlan", "plan_flush"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSpec:
+    """How a policy evicts while decoding.
+
+    ``kind``: ``"score"`` keeps the best accumulated attention (H2O), ``"window"`` the first ``sinks`` and
+    the most recent tokens (StreamingLLM). ``interval``: generated tokens between flushes. ``recent``:
+    newest tokens always kept. ``capacity``: tokens a layer may hold right after a flush (``None``: what
+    prefill kept for that layer).
+    """
+
+    kind: Literal["score", "window"]
+    interval: int
+    recent: int
+    sinks: int = 0
+    capacity: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPlan:
+    """``keep``: ``[H_kv, K_total]`` stored slots kept per head, in position order (prefix, then tail)."""
+
+    keep: torch.Tensor
+    tail_start: int
+    prefix_keep: int
+
+    @property
+    def num_kept(self) -> int:
+        return self.keep.shape[1]
+
+
+def plan_flush(
+    spec: DecodeSpec,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    length: int,
+    capacity: int,
+    granularity: int = 1,
+) -> FlushPlan:
+    """Choose the stored slots to keep at a flush.
+
+    Args:
+        positions: ``[H_kv, S]`` true positions of the stored slots, ascending per head; every position
+            from the previous tail start to ``length − 1`` is stored (the tail is never evicted).
+        scores: ``[H_kv, S]`` accumulated attention of the stored slots (``"score"`` policies).
+        length: tokens in the sequence so far (the next token's position).
+        capacity: tokens to keep per head; granularity: the block size (prefix kept in whole blocks).
+    """
+    h, s = positions.shape
+    g = max(1, granularity)
+    recent = min(max(spec.recent, 0), length)
+    tail_start = g * ((length - recent) // g)
+    in_prefix = positions < tail_start  # [H, S]
+    n_prefix = int(in_prefix[0].sum())
+    if not bool((in_prefix.sum(1) == n_prefix).all()):
+        raise ValueError("heads disagree on how many stored tokens precede the tail")
+    n_tail = s - n_prefix
+    if n_tail != length - tail_start:
+        raise ValueError(
+            f"stored tail holds {n_tail} tokens, expected {length - tail_start}: a tail was evicted"
+        )
+    k = g * (max(0, capacity - n_tail) // g)
+    sinks = min(spec.sinks, n_prefix)
+    if sinks > k:
+        k = g * math.ceil(sinks / g)
+    k = min(k, n_prefix)
+    prefix_slots = torch.arange(n_prefix)
+    if k == n_prefix:
+        head = prefix_slots.expand(h, n_prefix)
+    elif spec.kind == "score":
+        head = select_topk(scores[:, :n_prefix].double(), k)
+    else:  # window: sinks first, then the most recent of the prefix
+        rank = positions[:, :n_prefix].double()
+        protected = positions[0, :n_prefix] < spec.sinks
+        head = select_topk(rank, k, protected)
+    keep = torch.cat([head, torch.arange(n_prefix, s).expand(h, n_tail)], dim=1)
+    return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k)
