@@ -125,6 +125,10 @@ class DenseReference:
         prompts = list(prompts)
         bsz = len(prompts)
         infos = [self._info(p) for p in prompts]
+        if any(policy.decode_spec(i) is not None for i in infos):
+            raise NotImplementedError(
+                "decode-time eviction is designed (docs/decode-eviction.md), not built yet"
+            )
         run = self._new_run(prompts, policy, infos)
         pos = RopePositions(self.model, prompts)
         with activate(run, self._text_configs):

@@ -27,7 +27,7 @@ from vllm_kvmm.config import KVPolicyArgs, PolicyError
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
-from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
+from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config, supported_in_vllm
 from vllm_kvmm.vllm_ext.spec import managers
 from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
 
@@ -52,7 +52,7 @@ def request_policy_args(
     else:
         budget = extra.get(XARG_BUDGET, settings.budget)
     config = extra.get(XARG_CONFIG, settings.config if name == settings.policy else {})
-    policy = KVPolicyArgs.parse(name, budget, config)
+    policy = supported_in_vllm(KVPolicyArgs.parse(name, budget, config))
     return policy.name, policy.budget, policy.model_dump(exclude={"budget"})
 
 
