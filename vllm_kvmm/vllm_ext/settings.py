@@ -49,8 +49,8 @@ def supported_in_vllm(policy: KVPolicy) -> KVPolicy:
     """Refuse what the vLLM path cannot do yet, rather than silently doing something else."""
     if getattr(policy, "decode_interval", None) is not None:
         raise PolicyError(
-            f"KV policy {policy.name!r}: decode-time eviction (decode_interval) is not available in vLLM yet; "
-            "vLLM compresses at prefill (docs/decode-eviction.md)"
+            f"KV policy {policy.name!r}: decode-time eviction (decode_interval) is not available in vLLM "
+            "yet; vLLM compresses at prefill (docs/decode-eviction.md)"
         )
     return policy
 
