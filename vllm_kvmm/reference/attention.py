@@ -67,11 +67,38 @@ class DenseKVRun:
         self.cache_len: torch.Tensor | None = None
         self.gen_k: list[torch.Tensor | None] = [None] * self.num_layers
         self.gen_v: list[torch.Tensor | None] = [None] * self.num_layers
+        # Decode-time eviction (docs/decode-eviction.md): true positions and accumulated scores of the
+        # cache slots [B, H_kv, K_l], the decode queries since the last flush, and the layers' scales.
+        self.cache_pos: list[torch.Tensor] = []
+        self.cache_score: list[torch.Tensor] = []
+        self.gen_q: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self.scales: list[float] = [1.0] * self.num_layers
+        self.generated = 0  # generated tokens whose K/V are stored (all samples decode in lockstep)
+        self.flushed_at = 0  # ``generated`` at the last flush
+        self.flush_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, K] positions
 
     # ---- phases ------------------------------------------------------------------------------
-    def set_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], kept: torch.Tensor) -> None:
-        """Install the compacted prompt cache (``kept``: ``[B, L]`` valid slots) and drop the full one."""
+    def set_cache(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        kept: torch.Tensor,
+        positions: list[torch.Tensor] | None = None,
+        scores: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Install the compacted prompt cache (``kept``: ``[B, L]`` valid slots) and drop the full one.
+
+        ``positions`` / ``scores``: per layer ``[B, H_kv, K_l]`` true positions and accumulated attention
+        of the slots (needed only by decode-time eviction).
+        """
         self.cache_k, self.cache_v, self.cache_len = keys, values, kept
+        if positions is not None:
+            self.cache_pos = positions
+            self.cache_score = (
+                scores
+                if scores is not None
+                else [torch.zeros_like(p, dtype=torch.float64) for p in positions]
+            )
         self.prompt_k = [None] * self.num_layers
         self.prompt_v = [None] * self.num_layers
         self.prefilled = True
@@ -132,7 +159,81 @@ class DenseKVRun:
         out = _sdpa(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, scale)
         self.gen_k[layer] = k if gk is None else torch.cat([gk, k], 2)
         self.gen_v[layer] = v if gv is None else torch.cat([gv, v], 2)
+        if n_q == 1 and self.cache_pos:
+            self.gen_q[layer].append(q)
+            self.scales[layer] = scale
         return out
+
+    # ---- decode-time eviction ----------------------------------------------------------------------
+    def flush(self, specs: Sequence[Any], capacity: torch.Tensor, granularity: int) -> None:
+        """Re-select every layer's stored tokens (docs/decode-eviction.md); ``capacity``: ``[B, L]``."""
+        from vllm_kvmm.policies.decode import plan_flush
+
+        new_gen = self.generated - self.flushed_at
+        record: list[list[torch.Tensor]] = []
+        for layer in range(self.num_layers):
+            gk, gv = self.gen_k[layer], self.gen_v[layer]
+            assert gk is not None and gv is not None and gk.shape[2] == new_gen
+            queries = torch.cat(self.gen_q[layer], 2)  # [B, H, W, d]
+            per_b = []
+            for b, spec in enumerate(specs):
+                valid = int(self.cache_len[b, layer])  # type: ignore[index]
+                k = torch.cat([self.cache_k[layer][b, :, :valid], gk[b]], 1)  # [H_kv, S, d]
+                v = torch.cat([self.cache_v[layer][b, :, :valid], gv[b]], 1)
+                first = int(self.lengths[b]) + self.flushed_at
+                new_pos = torch.arange(first, first + new_gen).expand(k.shape[0], -1)
+                pos = torch.cat([self.cache_pos[layer][b, :, :valid], new_pos], 1)
+                score = torch.cat(
+                    [
+                        self.cache_score[layer][b, :, :valid],
+                        torch.zeros(k.shape[0], new_gen, dtype=torch.float64),
+                    ],
+                    1,
+                )
+                score += _decode_attention(queries[b], k, pos, new_pos[0], self.scales[layer])
+                plan = plan_flush(spec, pos, score, first + new_gen, int(capacity[b, layer]), granularity)
+                idx = plan.keep
+                per_b.append(
+                    (
+                        torch.gather(k, 1, idx[..., None].expand(-1, -1, k.shape[2])),
+                        torch.gather(v, 1, idx[..., None].expand(-1, -1, v.shape[2])),
+                        torch.gather(pos, 1, idx),
+                        torch.gather(score, 1, idx),
+                    )
+                )
+            width = max(x[0].shape[1] for x in per_b)
+            ck = per_b[0][0].new_zeros(len(specs), per_b[0][0].shape[0], width, per_b[0][0].shape[2])
+            cv = torch.zeros_like(ck)
+            cp = torch.zeros(len(specs), ck.shape[1], width, dtype=torch.long)
+            cs = torch.zeros(len(specs), ck.shape[1], width, dtype=torch.float64)
+            for b, (k, v, pos, score) in enumerate(per_b):
+                n = k.shape[1]
+                ck[b, :, :n], cv[b, :, :n], cp[b, :, :n], cs[b, :, :n] = k, v, pos, score
+                self.cache_len[b, layer] = n  # type: ignore[index]
+            self.cache_k[layer], self.cache_v[layer] = ck, cv
+            self.cache_pos[layer], self.cache_score[layer] = cp, cs
+            self.gen_k[layer] = self.gen_v[layer] = None
+            self.gen_q[layer] = []
+            record.append([x[2] for x in per_b])
+        self.flush_history.append(record)
+        self.flushed_at = self.generated
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, qpos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention the decode queries gave the stored slots, summed over queries, per KV head.
+
+    ``q``: ``[H, W, d]`` at positions ``qpos`` ``[W]``; ``k``: ``[H_kv, S, d]`` at ``pos`` ``[H_kv, S]``.
+    Each query saw exactly the stored slots at or before its position. Returns ``[H_kv, S]`` float64.
+    """
+    h, h_kv = q.shape[0], k.shape[0]
+    g = h // h_kv
+    kk = k.double().repeat_interleave(g, 0)
+    z = torch.einsum("hwd,hsd->hws", q.double(), kk) * scale
+    visible = pos.repeat_interleave(g, 0)[:, None, :] <= qpos[None, :, None]  # [H, W, S]
+    p = torch.softmax(z.masked_fill(~visible, float("-inf")), -1)
+    return p.sum(1).view(h_kv, g, -1).mean(1)
 
 
 def _sdpa(

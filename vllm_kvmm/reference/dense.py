@@ -13,7 +13,7 @@ Flow of :meth:`DenseReference.generate` for a batch (the same order vLLM uses):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class ReferenceOutput:
     ``plans``: one :class:`LayerPlan` per layer (kept positions per KV head). ``kept_tokens``: kept count per
     layer. ``kv_bytes_*``: prompt K+V bytes over all layers and KV heads in the cache dtype.
     ``logits``: ``[T, V]`` float32 logits that chose each generated token (if asked).
+    ``flush_positions``: decode-time eviction only — per flush, per layer, ``[H_kv, K]`` true positions kept.
     """
 
     token_ids: list[int]
@@ -45,6 +46,7 @@ class ReferenceOutput:
     kv_bytes_full: int
     stats: list[LayerStats | None] | None = None
     logits: torch.Tensor | None = None
+    flush_positions: list[list[torch.Tensor]] = field(default_factory=list)
 
     @property
     def kv_fraction(self) -> float:
@@ -125,10 +127,8 @@ class DenseReference:
         prompts = list(prompts)
         bsz = len(prompts)
         infos = [self._info(p) for p in prompts]
-        if any(policy.decode_spec(i) is not None for i in infos):
-            raise NotImplementedError(
-                "decode-time eviction is designed (docs/decode-eviction.md), not built yet"
-            )
+        specs = [policy.decode_spec(i) for i in infos]
+        interval = specs[0].interval if specs[0] is not None else None
         run = self._new_run(prompts, policy, infos)
         pos = RopePositions(self.model, prompts)
         with activate(run, self._text_configs):
@@ -144,6 +144,10 @@ class DenseReference:
                     break
                 # Token t-1 (just chosen) sits at text position N_b + t - 1, never at the cache length.
                 logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
+                run.generated += 1
+                if interval is not None and run.generated % interval == 0:
+                    capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
+                    run.flush(specs, capacity, granularity)
                 tok = logits.argmax(-1)
                 if return_logits:
                     steps.append(logits)
@@ -165,6 +169,7 @@ class DenseReference:
                     all_logits[b, : len(ids)].float() if all_logits is not None else None,
                 )
             )
+            outs[-1].flush_positions = [[layers[b] for layers in flush] for flush in run.flush_history]
         return outs
 
     @torch.inference_mode()
@@ -283,7 +288,22 @@ class DenseReference:
                 kept[b, layer] = k.shape[1]
             keys.append(ck)
             values.append(cv)
-        run.set_cache(keys, values, kept)
+        positions = scores = None
+        if any(policy.decode_spec(i) is not None for i in infos):
+            # Decode-time eviction starts from the kept tokens' positions and prefill attention (H2O).
+            positions, scores = [], []
+            for layer in range(n_layers):
+                cp = torch.zeros(bsz, self.num_kv_heads, int(kept[:, layer].max()), dtype=torch.long)
+                cs = torch.zeros(cp.shape, dtype=torch.float64)
+                for b in range(bsz):
+                    keep = plans[b][layer].keep
+                    cp[b, :, : keep.shape[1]] = keep
+                    col = stats[b][layer].colsum if stats[b][layer] is not None else None
+                    if col is not None:
+                        cs[b, :, : keep.shape[1]] = torch.gather(col.double().cpu(), 1, keep)
+                positions.append(cp)
+                scores.append(cs)
+        run.set_cache(keys, values, kept, positions, scores)
         return plans, stats
 
     # ---- helpers -------------------------------------------------------------------------------
