@@ -172,7 +172,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 continue  # preempted since (async scheduling): these ranges belong to freed blocks
             n = meta.prompt_tokens.get(req_id, 0)
             for g in groups:
-                st.add("blocks_freed", mgrs[g.group].release(req_id, g.keep, g.tail))
+                st.add("blocks_freed", mgrs[g.group].release_blocks(req_id, g.freed))
             st.add("compressed_requests", 1)
             st.add("prompt_tokens", n)
             st.add("kv_tokens_full", n * meta.num_layers)

@@ -49,12 +49,17 @@ class KVMMStepMeta(KVConnectorMetadata):
 
 @dataclass(frozen=True)
 class CompressedGroup:
-    """Logical blocks ``[keep, tail)`` of one group no longer read: the scheduler frees them."""
+    """Logical blocks of one group no longer read (``freed``): the scheduler frees them.
+
+    After prefill compression they are ``[keep, tail)``; after a decode-time flush, whatever blocks the
+    new layout left out.
+    """
 
     group: int
     keep: int
     tail: int
     kept_tokens: int
+    freed: tuple[int, ...] = ()
 
 
 @dataclass

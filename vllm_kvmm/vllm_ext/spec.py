@@ -2,7 +2,7 @@
 
 Every attention layer (or class of layers) gets its own KV-cache group with a :class:`CompressSpec`;
 all groups draw from vLLM's one shared block pool. After a request's prompt is compressed, the worker
-reports per group the logical blocks ``[keep, tail)`` it no longer reads; :meth:`CompressManager.release`
+reports per group the logical blocks it no longer reads; :meth:`CompressManager.release_blocks`
 puts them back into the pool at once, and leaves null placeholders so logical block ``i`` still
 covers tokens ``[i·bs, (i+1)·bs)`` for everything else the scheduler computes.
 """
@@ -55,18 +55,18 @@ class CompressManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         _MANAGERS.add(self)
 
-    def release(self, request_id: str, first: int, last: int) -> int:
-        """Free logical blocks ``[first, last)`` of ``request_id``; returns how many were freed.
+    def release_blocks(self, request_id: str, logical: tuple[int, ...] | list[int]) -> int:
+        """Free the given logical blocks of ``request_id``; returns how many were freed.
 
-        Blocks already null (an earlier release) are skipped, so overlapping calls are safe — unlike
-        ``_remove_blocks_in_range``, which stops at the first null block.
+        Blocks already null (an earlier release) are skipped, so repeated or overlapping calls are safe —
+        unlike ``_remove_blocks_in_range``, which stops at the first null block.
         """
         blocks = self.req_to_blocks.get(request_id)
-        if not blocks or first >= last:
+        if not blocks:
             return 0
         freed = []
-        for i in range(min(last, len(blocks)) - 1, first - 1, -1):
-            if blocks[i] is not self._null_block:
+        for i in sorted(set(logical), reverse=True):
+            if i < len(blocks) and blocks[i] is not self._null_block:
                 freed.append(blocks[i])
                 blocks[i] = self._null_block
         if freed:

@@ -35,7 +35,8 @@ class RequestState:
     policy: KVPolicy
     info: PromptInfo
     accs: dict[int, StatsAccumulator] = field(default_factory=dict)
-    compact: dict[int, tuple[int, int]] = field(default_factory=dict)  # group -> (keep, tail) blocks
+    # group -> (live logical blocks holding the compacted prefix, first logical block of the in-place tail)
+    compact: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)
 
 
 class WorkerState:
@@ -188,7 +189,9 @@ class WorkerState:
             prev = report.get(ref.group)
             if prev is not None and (prev.keep, prev.tail) != (keep, tail):
                 raise RuntimeError(f"kvmm: layers of group {ref.group} planned different layouts")
-            report[ref.group] = CompressedGroup(ref.group, keep, tail, plan.num_kept)
+            report[ref.group] = CompressedGroup(
+                ref.group, keep, tail, plan.num_kept, tuple(range(keep, tail))
+            )
             if plan.is_identity or keep == tail:
                 continue
             ids = torch.tensor(job.block_ids[ref.group][: -(-n // bs)], dtype=torch.long)
@@ -199,7 +202,7 @@ class WorkerState:
             pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
             slots = ids[pos // bs] * bs + pos % bs
             self.paged.write(cache, slots, k2.transpose(0, 1), v2.transpose(0, 1))
-            st.compact[ref.group] = (keep, tail)
+            st.compact[ref.group] = (tuple(range(keep)), tail)
         groups = [g for g in report.values() if g.keep < g.tail]
         if groups:
             self.out.compressed[job.req_id] = groups
@@ -213,8 +216,8 @@ class WorkerState:
         return out if out.compressed or out.seconds else None
 
     # ---- read view (called by the metadata builder, per group) --------------------------------
-    def view_signature(self, group: int) -> tuple[tuple[int, int, int], ...]:
-        """``(row, keep, tail)`` of every row of this step compacted in ``group`` (empty: none)."""
+    def view_signature(self, group: int) -> tuple[tuple[int, tuple[int, ...], int], ...]:
+        """``(row, live blocks, tail)`` of every row of this step compacted in ``group`` (empty: none)."""
         out = []
         for i, r in enumerate(self.row_req_ids):
             st = self.requests.get(r)
@@ -223,9 +226,12 @@ class WorkerState:
         return tuple(out)
 
     def compact_view(
-        self, signature: tuple[tuple[int, int, int], ...], block_table: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        signature: tuple[tuple[int, tuple[int, ...], int], ...],
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
     ) -> CompactView:
-        """Per-row ``row[0:keep] ++ row[tail:]`` and ``seq_len − (tail − keep)·bs`` for compacted rows.
+        """Per-row ``row[live] ++ row[tail:]`` and ``seq_len − (tail − len(live))·bs`` for compacted rows.
 
         Built as one gather on the table's device from an index made on the CPU, so a step costs one
         host-to-device copy per group and no device sync.
@@ -233,7 +239,9 @@ class WorkerState:
         n_rows, width = block_table.shape
         index = torch.arange(width).repeat(n_rows, 1)
         shift = torch.zeros(n_rows, dtype=torch.long)
-        for i, keep, tail in signature:
+        for i, live, tail in signature:
+            keep = len(live)
+            index[i, :keep] = torch.tensor(live, dtype=torch.long)
             # Columns past the end of the shortened row repeat its last block; the kernel never reads them.
             index[i, keep:] = torch.arange(tail, tail + width - keep).clamp_max(width - 1)
             shift[i] = (tail - keep) * self.block_size
