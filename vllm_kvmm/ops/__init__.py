@@ -2,7 +2,14 @@
 
 from vllm_kvmm.ops.merge import MergeKind, merge_kv, nearest_kept
 from vllm_kvmm.ops.select import complement, pool1d, reduce_heads, select_topk
-from vllm_kvmm.ops.stats import LayerStats, StatsAccumulator, StatsRequest, attention_stats, row_entropy
+from vllm_kvmm.ops.stats import (
+    LayerStats,
+    StatsAccumulator,
+    StatsRequest,
+    attention_stats,
+    decode_scores,
+    row_entropy,
+)
 
 __all__ = [
     "LayerStats",
@@ -11,6 +18,7 @@ __all__ = [
     "StatsRequest",
     "attention_stats",
     "complement",
+    "decode_scores",
     "merge_kv",
     "nearest_kept",
     "pool1d",

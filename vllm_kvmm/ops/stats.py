@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerStats", "StatsAccumulator", "StatsRequest", "attention_stats", "row_entropy"]
+__all__ = [
+    "LayerStats",
+    "StatsAccumulator",
+    "StatsRequest",
+    "attention_stats",
+    "decode_scores",
+    "row_entropy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,3 +293,24 @@ def attention_stats(
     acc = StatsAccumulator(request, q.shape[0], q.shape[1], k.shape[1], vision_mask, scale, chunk)
     acc.update(q, k, 0)
     return acc.result()
+
+
+def decode_scores(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention that buffered decode queries gave the stored slots, summed over queries, per KV head.
+
+    Args:
+        q: ``[H, W, d]`` decode queries at true positions ``q_positions`` ``[W]``.
+        k: ``[H_kv, S, d]`` stored keys at true positions ``positions`` ``[H_kv, S]`` (differ per head).
+    Each query saw exactly the stored slots at or before its own position (later ones were not written
+    yet). Returns ``[H_kv, S]`` float64, mean over each GQA group (as every other score here).
+    """
+    h, h_kv = q.shape[0], k.shape[0]
+    g = h // h_kv
+    kk = k.double().repeat_interleave(g, 0)
+    z = torch.einsum("hwd,hsd->hws", q.double(), kk) * scale
+    pos = positions.to(q.device)
+    visible = pos.repeat_interleave(g, 0)[:, None, :] <= q_positions.to(q.device)[None, :, None]  # [H, W, S]
+    p = torch.softmax(z.masked_fill(~visible, float("-inf")), -1)
+    return p.sum(1).view(h_kv, g, -1).mean(1)

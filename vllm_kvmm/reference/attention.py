@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vllm_kvmm.ops import StatsAccumulator, StatsRequest
+from vllm_kvmm.ops import StatsAccumulator, StatsRequest, decode_scores
 
 __all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "activate", "kvmm_attention"]
 
@@ -190,7 +190,7 @@ class DenseKVRun:
                     ],
                     1,
                 )
-                score += _decode_attention(queries[b], k, pos, new_pos[0], self.scales[layer])
+                score += decode_scores(queries[b], k, pos, new_pos[0], self.scales[layer]).cpu()
                 plan = plan_flush(spec, pos, score, first + new_gen, int(capacity[b, layer]), granularity)
                 idx = plan.keep
                 per_b.append(
@@ -217,23 +217,6 @@ class DenseKVRun:
             record.append([x[2] for x in per_b])
         self.flush_history.append(record)
         self.flushed_at = self.generated
-
-
-def _decode_attention(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, qpos: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention the decode queries gave the stored slots, summed over queries, per KV head.
-
-    ``q``: ``[H, W, d]`` at positions ``qpos`` ``[W]``; ``k``: ``[H_kv, S, d]`` at ``pos`` ``[H_kv, S]``.
-    Each query saw exactly the stored slots at or before its position. Returns ``[H_kv, S]`` float64.
-    """
-    h, h_kv = q.shape[0], k.shape[0]
-    g = h // h_kv
-    kk = k.double().repeat_interleave(g, 0)
-    z = torch.einsum("hwd,hsd->hws", q.double(), kk) * scale
-    visible = pos.repeat_interleave(g, 0)[:, None, :] <= qpos[None, :, None]  # [H, W, S]
-    p = torch.softmax(z.masked_fill(~visible, float("-inf")), -1)
-    return p.sum(1).view(h_kv, g, -1).mean(1)
 
 
 def _sdpa(
