@@ -88,10 +88,6 @@ def test_request_args_checks() -> None:
         ({"kv_budget": "half"}, "got 'half'"),
         ({"kv_policy": "lookm", "kv_policy_config": "{nope"}, "kv-policy-config is not valid JSON"),
         ({"kv_budgett": 0.5}, r"unknown KV-policy request argument\(s\) \['kv_budgett'\]"),
-        (
-            {"kv_policy": "h2o", "kv_policy_config": '{"decode_interval": 16}'},
-            "decode-time eviction .* is not available in vLLM yet",
-        ),
     ]:
         with pytest.raises(ValueError, match=msg):
             check_request_args(bad)

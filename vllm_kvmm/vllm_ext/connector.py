@@ -25,9 +25,9 @@ from vllm.logger import init_logger
 
 from vllm_kvmm.config import KVPolicyArgs, PolicyError
 from vllm_kvmm.vllm_ext.grouping import layer_index
-from vllm_kvmm.vllm_ext.messages import KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
-from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config, supported_in_vllm
+from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import managers
 from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
 
@@ -52,7 +52,7 @@ def request_policy_args(
     else:
         budget = extra.get(XARG_BUDGET, settings.budget)
     config = extra.get(XARG_CONFIG, settings.config if name == settings.policy else {})
-    policy = supported_in_vllm(KVPolicyArgs.parse(name, budget, config))
+    policy = KVPolicyArgs.parse(name, budget, config)
     return policy.name, policy.budget, policy.model_dump(exclude={"budget"})
 
 
@@ -133,16 +133,19 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 continue
             n_prompt = req.num_prompt_tokens
             before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)
-            if before >= n_prompt:
-                continue  # decoding
+            end = before + n_sched
+            interval = pol[2].get("decode_interval")
+            if before >= n_prompt:  # decoding
+                if interval is not None:
+                    meta.decoding[req_id] = end
+                    if (end - n_prompt) % interval == 0:
+                        meta.flushes[req_id] = FlushJob(
+                            req_id, end, self._block_ids(req_id), req.num_preemptions
+                        )
+                continue
             num_new = min(n_sched, n_prompt - before)
-            completes = before + n_sched >= n_prompt
-            block_ids = None
-            if completes:
-                block_ids = [
-                    [b.block_id for b in m.req_to_blocks[req_id]]
-                    for _, m in sorted(managers(self._block_pool).items())
-                ]
+            completes = end >= n_prompt
+            block_ids = self._block_ids(req_id) if completes else None
             meta.jobs[req_id] = PrefillJob(
                 req_id=req_id,
                 num_prompt_tokens=n_prompt,
@@ -155,8 +158,16 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 completes=completes,
                 block_ids=block_ids,
                 epoch=req.num_preemptions,
+                end=end,
             )
         return meta
+
+    def _block_ids(self, req_id: str) -> list[list[int]]:
+        """The request's logical block row in every group (null blocks included, by position)."""
+        return [
+            [b.block_id for b in m.req_to_blocks[req_id]]
+            for _, m in sorted(managers(self._block_pool).items())
+        ]
 
     def update_connector_output(self, connector_output: Any) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -173,6 +184,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             n = meta.prompt_tokens.get(req_id, 0)
             for g in groups:
                 st.add("blocks_freed", mgrs[g.group].release_blocks(req_id, g.freed))
+            if req_id in meta.flushed:
+                st.add("decode_flushes", 1)
+                continue
             st.add("compressed_requests", 1)
             st.add("prompt_tokens", n)
             st.add("kv_tokens_full", n * meta.num_layers)
@@ -232,7 +246,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         return None
 
     def wait_for_save(self) -> None:
-        worker_state().compress_finished_prefills()
+        worker_state().after_forward()
 
     def build_connector_worker_meta(self) -> KVMMWorkerMeta | None:
         return worker_state().take_output()

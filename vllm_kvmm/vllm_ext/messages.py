@@ -14,7 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-__all__ = ["CompressedGroup", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
+__all__ = ["CompressedGroup", "FlushJob", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
 
 
 @dataclass
@@ -37,6 +37,20 @@ class PrefillJob:
     completes: bool
     block_ids: list[list[int]] | None = None
     epoch: int = 0  # the request's preemption count when scheduled: a report for an older epoch is stale
+    end: int = 0  # tokens stored once this step ran (past the prompt when a preempted request recomputes)
+
+
+@dataclass
+class FlushJob:
+    """Decode-time eviction of one request after this step's forward (docs/decode-eviction.md).
+
+    ``length``: tokens stored once this step ran. ``block_ids``: per group, the request's logical row.
+    """
+
+    req_id: str
+    length: int
+    block_ids: list[list[int]]
+    epoch: int = 0
 
 
 @dataclass
@@ -45,6 +59,8 @@ class KVMMStepMeta(KVConnectorMetadata):
 
     jobs: dict[str, PrefillJob] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)  # finished, aborted or preempted: forget them
+    decoding: dict[str, int] = field(default_factory=dict)  # decode-evicting requests -> length after step
+    flushes: dict[str, FlushJob] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     kept_token_layers: dict[str, int] = field(default_factory=dict)  # Σ over layers of kept tokens
     epochs: dict[str, int] = field(default_factory=dict)
+    flushed: set[str] = field(default_factory=set)  # reports from decode-time flushes, not prefills
     num_layers: int = 0
     seconds: float = 0.0
 
@@ -82,6 +99,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         self.prompt_tokens.update(other.prompt_tokens)
         self.kept_token_layers.update(other.kept_token_layers)
         self.epochs.update(other.epochs)
+        self.flushed |= other.flushed
         self.num_layers = max(self.num_layers, other.num_layers)
         self.seconds = max(self.seconds, other.seconds)
         return self

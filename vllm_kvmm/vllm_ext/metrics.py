@@ -25,6 +25,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "kv_tokens_kept": ("vllm_kvmm:kv_token_layers_kept", "Prompt KV entries kept (tokens × layers)."),
     "blocks_freed": ("vllm_kvmm:blocks_freed", "KV blocks returned to the pool by compression."),
     "compression_seconds": ("vllm_kvmm:compression_seconds", "Time spent compressing (worker side)."),
+    "decode_flushes": ("vllm_kvmm:decode_flushes", "Decode-time eviction flushes."),
 }
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_kvmm.config import KVPolicyArgs, PolicyError
+from vllm_kvmm.config import KVPolicyArgs
 from vllm_kvmm.policies import KVPolicy
 
-__all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config", "supported_in_vllm"]
+__all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config"]
 
 ADDITIONAL_CONFIG_KEY = "kv_policy"
 
@@ -34,7 +34,7 @@ class KVMMSettings(BaseModel):
     groups: int | None = Field(None, ge=1)
 
     def build_policy(self) -> KVPolicy:
-        return supported_in_vllm(KVPolicyArgs.parse(self.policy, self.budget, self.config))
+        return KVPolicyArgs.parse(self.policy, self.budget, self.config)
 
     @property
     def compresses(self) -> bool:
@@ -43,16 +43,6 @@ class KVMMSettings(BaseModel):
 
     def to_additional_config(self) -> dict[str, Any]:
         return {ADDITIONAL_CONFIG_KEY: self.model_dump(exclude_none=True)}
-
-
-def supported_in_vllm(policy: KVPolicy) -> KVPolicy:
-    """Refuse what the vLLM path cannot do yet, rather than silently doing something else."""
-    if getattr(policy, "decode_interval", None) is not None:
-        raise PolicyError(
-            f"KV policy {policy.name!r}: decode-time eviction (decode_interval) is not available in vLLM "
-            "yet; vLLM compresses at prefill (docs/decode-eviction.md)"
-        )
-    return policy
 
 
 def settings_from_vllm_config(vllm_config: Any) -> KVMMSettings | None:

@@ -14,7 +14,6 @@ import torch
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor
 
 from vllm_kvmm.config import KVPolicyArgs, PolicyError
-from vllm_kvmm.vllm_ext.settings import supported_in_vllm
 
 __all__ = ["KVPolicyParams", "check_request_args"]
 
@@ -34,9 +33,7 @@ def check_request_args(extra: dict[str, Any] | None) -> None:
         raise ValueError("kv_policy_config needs kv_policy: name the policy its fields belong to")
     try:
         if "kv_policy" in extra:
-            supported_in_vllm(
-                KVPolicyArgs.parse(extra["kv_policy"], extra.get("kv_budget"), extra.get("kv_policy_config"))
-            )
+            KVPolicyArgs.parse(extra["kv_policy"], extra.get("kv_budget"), extra.get("kv_policy_config"))
         else:
             # The policy is the engine's default; check what can be checked without it.
             budget = extra.get("kv_budget")

@@ -15,9 +15,17 @@ from typing import Any
 import torch
 
 from vllm_kvmm.config import KVPolicyArgs
-from vllm_kvmm.ops import StatsAccumulator
-from vllm_kvmm.policies import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
-from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.ops import StatsAccumulator, decode_scores
+from vllm_kvmm.policies import (
+    DecodeSpec,
+    KVPolicy,
+    LayerPlan,
+    PromptInfo,
+    apply_plan,
+    plan_compression,
+    plan_flush,
+)
+from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 
 __all__ = ["CompactView", "LayerRef", "RequestState", "WorkerState", "worker_state"]
 
@@ -37,6 +45,14 @@ class RequestState:
     accs: dict[int, StatsAccumulator] = field(default_factory=dict)
     # group -> (live logical blocks holding the compacted prefix, first logical block of the in-place tail)
     compact: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    # Decode-time eviction (docs/decode-eviction.md), per layer: stored slots' true positions and scores
+    # [H_kv, S] (slot order = the compact view's order), the capacity, and the decode queries since the
+    # last flush as (q [H, d], position).
+    decode: DecodeSpec | None = None
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    capacity: dict[int, int] = field(default_factory=dict)
+    queries: dict[int, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
 
 
 class WorkerState:
@@ -48,6 +64,8 @@ class WorkerState:
         self.paged: Any = None
         self.requests: dict[str, RequestState] = {}
         self.jobs: dict[str, PrefillJob] = {}
+        self.decoding: dict[str, int] = {}
+        self.flushes: dict[str, FlushJob] = {}
         self.row_req_ids: list[str] = []
         self._metadata: dict[tuple, Any] = {}
         self.out = KVMMWorkerMeta()
@@ -55,6 +73,8 @@ class WorkerState:
         self.tp_world = 1
         self.all_reduce: Any = None
         self.plan_history: dict[str, list[LayerPlan]] = {}
+        self.flush_history: dict[str, list[list[torch.Tensor]]] = {}
+        self.scales: dict[str, float] = {}
 
     # ---- set-up ------------------------------------------------------------------------------
     def configure(
@@ -92,6 +112,8 @@ class WorkerState:
         """Forget dropped requests and register this step's prefill jobs (before the forward)."""
         self.drop(meta.dropped)
         self.jobs = meta.jobs
+        self.decoding = meta.decoding
+        self.flushes = meta.flushes
         for req_id, job in meta.jobs.items():
             if req_id not in self.requests or job.q_start == 0:
                 self.requests[req_id] = self._new_request(job)
@@ -100,6 +122,8 @@ class WorkerState:
         for r in req_ids:
             self.requests.pop(r, None)
             self.jobs.pop(r, None)
+            self.decoding.pop(r, None)
+            self.flushes.pop(r, None)
 
     def _new_request(self, job: PrefillJob) -> RequestState:
         policy = KVPolicyArgs.parse(job.policy, job.budget, job.config)
@@ -107,7 +131,7 @@ class WorkerState:
         for off, length in job.vision:
             vision[off : off + length] = True
         info = PromptInfo(job.num_prompt_tokens, vision, self.num_layers, self.num_kv_heads)
-        return RequestState(policy=policy, info=info)
+        return RequestState(policy=policy, info=info, decode=policy.decode_spec(info))
 
     # ---- statistics (called by the attention backend, per layer) ------------------------------
     def observe(
@@ -118,15 +142,23 @@ class WorkerState:
         ``query``: ``[num_tokens, H, d]`` post-RoPE. Keys are read back from the paged cache, where the
         backend has just written this step's tokens.
         """
-        if not self.jobs or layer_name not in self.layers:
+        if not (self.jobs or self.decoding) or layer_name not in self.layers:
             return
         ref = self.layers[layer_name]
+        self.scales[layer_name] = scale
         qsl = md.query_start_loc.tolist()
         seq_lens = md.seq_lens.tolist()
         for row, req_id in enumerate(self.row_req_ids):
-            job = self.jobs.get(req_id)
             st = self.requests.get(req_id)
-            if job is None or st is None:
+            if st is None:
+                continue
+            if req_id in self.decoding:  # buffer this decode query for the next flush's scores
+                if st.positions:
+                    q = query[qsl[row] : qsl[row + 1]][-1].clone()
+                    st.queries.setdefault(ref.index, []).append((q, self.decoding[req_id] - 1))
+                continue
+            job = self.jobs.get(req_id)
+            if job is None:
                 continue
             request = st.policy.stats_request(st.info)
             if not request.wants_layer(ref.index):
@@ -159,16 +191,21 @@ class WorkerState:
             acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
 
     # ---- compression (after the forward) -----------------------------------------------------
-    def compress_finished_prefills(self) -> None:
+    def after_forward(self) -> None:
+        """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""
         t0 = time.perf_counter()
         done = [j for j in self.jobs.values() if j.completes and j.req_id in self.requests]
         for job in done:
             self._compress(job, self.requests[job.req_id])
-        if done:
+        flushes = [f for f in self.flushes.values() if f.req_id in self.requests]
+        for flush in flushes:
+            self._flush(flush, self.requests[flush.req_id])
+        if done or flushes:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # count the kernels, not just their launches
             self.out.seconds += time.perf_counter() - t0
         self.jobs = {}
+        self.flushes = {}
 
     def _compress(self, job: PrefillJob, st: RequestState) -> None:
         if self.paged is None:
@@ -192,6 +229,9 @@ class WorkerState:
             report[ref.group] = CompressedGroup(
                 ref.group, keep, tail, plan.num_kept, tuple(range(keep, tail))
             )
+            if st.decode is not None:
+                self._start_decode_state(st, ref.index, plan, stats[ref.index], job.end)
+                st.compact[ref.group] = (tuple(range(keep)), tail)
             if plan.is_identity or keep == tail:
                 continue
             ids = torch.tensor(job.block_ids[ref.group][: -(-n // bs)], dtype=torch.long)
@@ -210,6 +250,84 @@ class WorkerState:
             self.out.kept_token_layers[job.req_id] = sum(p.num_kept for p in plans)
             self.out.epochs[job.req_id] = job.epoch
             self.out.num_layers = self.num_layers
+
+    def _start_decode_state(
+        self, st: RequestState, layer: int, plan: LayerPlan, stats: Any, end: int
+    ) -> None:
+        """Positions and H2O scores of the slots kept by prefill, in the compact view's slot order."""
+        h, n = self.num_kv_heads, st.info.num_tokens
+        head = plan.keep[:, : plan.prefix_keep]
+        tail = torch.arange(plan.tail_start, max(end, n)).expand(h, -1)  # a recompute may reach past N
+        st.positions[layer] = torch.cat([head, tail], 1)
+        score = torch.zeros(st.positions[layer].shape, dtype=torch.float64)
+        col = stats.colsum if stats is not None else None
+        if col is not None:
+            known = plan.keep.shape[1]  # prompt slots; tokens past the prompt start at zero
+            score[:, :known] = torch.gather(col.double().cpu(), 1, plan.keep)
+        st.scores[layer] = score
+        st.capacity[layer] = plan.num_kept
+
+    def _flush(self, job: FlushJob, st: RequestState) -> None:
+        """Re-select every layer's stored tokens; compact into the live blocks; report the freed ones."""
+        assert st.decode is not None and self.paged is not None
+        bs, length = self.block_size, job.length
+        report: dict[int, CompressedGroup] = {}
+        kept_total = 0
+        for name, ref in self.layers.items():
+            live, tail = st.compact[ref.group]
+            pos, score = st.positions[ref.index], st.scores[ref.index]
+            n_tail = length - tail * bs
+            tail_pos = torch.arange(pos[0, -1].item() + 1, length).expand(pos.shape[0], -1)
+            pos = torch.cat([pos, tail_pos], 1)  # the tokens decoded since the last flush
+            score = torch.cat([score, torch.zeros(tail_pos.shape, dtype=torch.float64)], 1)
+            n_stored = len(live) * bs + n_tail
+            if pos.shape[1] != n_stored:
+                raise RuntimeError(
+                    f"kvmm: {job.req_id} layer {ref.index}: {pos.shape[1]} positions, {n_stored} slots"
+                )
+            row = job.block_ids[ref.group]
+            logical = list(live) + list(range(tail, -(-length // bs)))
+            physical = torch.tensor([row[i] for i in logical], dtype=torch.long)
+            cache = self.kv_caches[name]
+            k, v = self.paged.read(cache, physical, n_stored)  # [S, H_kv, d] in view order
+            buffered = st.queries.pop(ref.index, [])
+            if buffered:
+                q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
+                qpos = torch.tensor([x[1] for x in buffered])
+                score = score + decode_scores(q, k.transpose(0, 1), pos, qpos, self._scale(name)).cpu()
+            plan = plan_flush(st.decode, pos, score, length, st.capacity[ref.index], bs)
+            new_tail = plan.tail_start // bs
+            if new_tail < tail:
+                raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
+            candidates = list(live) + list(range(tail, new_tail))
+            new_live = candidates[: plan.prefix_keep // bs]
+            freed = tuple(candidates[len(new_live) :])
+            head = plan.keep[:, : plan.prefix_keep]  # slots of the kept prefix, per head
+            if plan.prefix_keep:
+                dev = k.device
+                hk = torch.gather(k.transpose(0, 1), 1, head.to(dev)[..., None].expand(-1, -1, k.shape[2]))
+                hv = torch.gather(v.transpose(0, 1), 1, head.to(dev)[..., None].expand(-1, -1, v.shape[2]))
+                j = torch.arange(plan.prefix_keep)
+                slots = torch.tensor([row[i] for i in new_live], dtype=torch.long)[j // bs] * bs + j % bs
+                self.paged.write(cache, slots, hk.transpose(0, 1), hv.transpose(0, 1))
+            keep_slots = plan.keep
+            st.positions[ref.index] = torch.gather(pos, 1, keep_slots)
+            st.scores[ref.index] = torch.gather(score, 1, keep_slots)
+            st.compact[ref.group] = (tuple(new_live), new_tail)
+            report[ref.group] = CompressedGroup(ref.group, len(new_live), new_tail, plan.num_kept, freed)
+            kept_total += plan.num_kept
+        groups = [g for g in report.values() if g.freed]
+        if groups:
+            self.out.compressed[job.req_id] = groups
+            self.out.epochs[job.req_id] = job.epoch
+            self.out.flushed.add(job.req_id)
+        if self.keep_plans:
+            self.flush_history.setdefault(job.req_id, []).append(
+                [st.positions[i].clone() for i in range(self.num_layers)]
+            )
+
+    def _scale(self, layer_name: str) -> float:
+        return self.scales[layer_name]
 
     def take_output(self) -> KVMMWorkerMeta | None:
         out, self.out = self.out, KVMMWorkerMeta()
