@@ -77,3 +77,52 @@ def test_a_missing_tail_token_is_an_error() -> None:
     positions = torch.tensor([[0, 1, 2, 5, 6]])
     with pytest.raises(ValueError, match="stored tail holds"):
         plan_flush(DecodeSpec("score", 4, recent=4), positions, torch.zeros(1, 5), length=7, capacity=4)
+
+
+def test_bin_flush_every_token_is_the_recycle_bin() -> None:
+    """``"bin"`` flushes at interval 1 and granularity 1 reproduce ``RecycleBin`` step by step."""
+    from vllm_kvmm.policies import RecycleBin
+
+    g = torch.Generator().manual_seed(5)
+    h, start, cap, recent, bin_size = 2, 12, 8, 2, 3
+    spec = DecodeSpec("bin", interval=1, recent=recent, capacity=cap, bin_size=bin_size)
+    machine = RecycleBin(h, cap, bin_size, recent)
+    prompt = torch.rand(h, start, generator=g, dtype=torch.float64)
+    machine.start(prompt)
+    slot_pos = torch.arange(start).expand(h, -1).clone()  # the machine's slot -> position
+    # Flush state: stored slots [prefix (active) | bin | tail] with positions and scores per head.
+    # Like RecycleBin.start: the prompt's slots beyond capacity start in the bin (no purge yet).
+    plan = plan_flush(spec, slot_pos.clone(), prompt.clone(), start, cap)
+    rest = torch.stack([torch.tensor(sorted(set(range(start)) - set(r.tolist()))) for r in plan.keep])
+    pos, score = torch.gather(slot_pos, 1, plan.keep), torch.gather(prompt, 1, plan.keep)
+    bin_pos, bin_score = torch.gather(slot_pos, 1, rest), torch.gather(prompt, 1, rest)
+    n_prefix = plan.prefix_keep
+    for step in range(40):
+        length = start + step + 1
+        new_pos = torch.full((h, 1), length - 1)
+        # One attention row over every stored slot (binned ones as if active), shared by both sides.
+        all_pos = torch.cat([slot_pos, new_pos], 1)
+        row = torch.rand(h, all_pos.shape[1], generator=g, dtype=torch.float64)
+        ev = machine.step(row)
+        slot_pos = all_pos if ev.keep is None else torch.gather(all_pos, 1, ev.keep)
+        by_pos = {(hh, int(p)): float(row[hh, i]) for hh in range(h) for i, p in enumerate(all_pos[hh])}
+
+        stored_pos = torch.cat([pos[:, :n_prefix], bin_pos, pos[:, n_prefix:], new_pos], 1)
+        stored_score = torch.cat(
+            [score[:, :n_prefix], bin_score, score[:, n_prefix:], torch.zeros(h, 1, dtype=torch.float64)], 1
+        )
+        stored_score += torch.tensor(
+            [[by_pos[(hh, int(p))] for p in stored_pos[hh]] for hh in range(h)], dtype=torch.float64
+        )
+        plan = plan_flush(spec, stored_pos, stored_score, length, cap)
+        pos, score = torch.gather(stored_pos, 1, plan.keep), torch.gather(stored_score, 1, plan.keep)
+        bin_pos, bin_score = (
+            torch.gather(stored_pos, 1, plan.binned),
+            torch.gather(stored_score, 1, plan.binned),
+        )
+        n_prefix = plan.prefix_keep
+        for hh in range(h):
+            active = sorted(int(p) for p in slot_pos[hh][machine.active[hh]])
+            binned = sorted(int(p) for p in slot_pos[hh][~machine.active[hh]])
+            assert sorted(pos[hh].tolist()) == active, step
+            assert sorted(bin_pos[hh].tolist()) == binned, step

@@ -296,7 +296,12 @@ def attention_stats(
 
 
 def decode_scores(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_positions: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    q_positions: torch.Tensor,
+    scale: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention that buffered decode queries gave the stored slots, summed over queries, per KV head.
 
@@ -304,7 +309,8 @@ def decode_scores(
         q: ``[H, W, d]`` decode queries at true positions ``q_positions`` ``[W]``.
         k: ``[H_kv, S, d]`` stored keys at true positions ``positions`` ``[H_kv, S]`` (differ per head).
     Each query saw exactly the stored slots at or before its own position (later ones were not written
-    yet). Returns ``[H_kv, S]`` float64, mean over each GQA group (as every other score here).
+    yet). ``weights`` ``[W]`` scale each query's row (score decay). Returns ``[H_kv, S]`` float64, mean
+    over each GQA group (as every other score here).
     """
     h, h_kv = q.shape[0], k.shape[0]
     g = h // h_kv
@@ -313,4 +319,6 @@ def decode_scores(
     pos = positions.to(q.device)
     visible = pos.repeat_interleave(g, 0)[:, None, :] <= q_positions.to(q.device)[None, :, None]  # [H, W, S]
     p = torch.softmax(z.masked_fill(~visible, float("-inf")), -1)
+    if weights is not None:
+        p = p * weights.to(p.device, torch.float64)[None, :, None]
     return p.sum(1).view(h_kv, g, -1).mean(1)

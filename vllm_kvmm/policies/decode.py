@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from vllm_kvmm.ops import select_topk
+from vllm_kvmm.ops import complement, select_topk
 
 __all__ = ["DecodeSpec", "FlushPlan", "plan_flush"]
 
@@ -26,25 +26,31 @@ class DecodeSpec:
     """How a policy evicts while decoding.
 
     ``kind``: ``"score"`` keeps the best accumulated attention (H2O), ``"window"`` the first ``sinks`` and
-    the most recent tokens (StreamingLLM). ``interval``: generated tokens between flushes. ``recent``:
-    newest tokens always kept. ``capacity``: tokens a layer may hold right after a flush (``None``: what
-    prefill kept for that layer).
+    the most recent tokens (StreamingLLM), ``"bin"`` is HAE's recycle bin: like ``"score"``, but the
+    tokens that fall out wait in a bin (stored, outside attention) where a recovered score can bring them
+    back, until ``bin_size`` of them wait and the bin is purged. ``interval``: generated tokens between
+    flushes. ``recent``: newest tokens always kept. ``capacity``: tokens a layer may hold right after a
+    flush (``None``: what prefill kept for that layer).
     """
 
-    kind: Literal["score", "window"]
+    kind: Literal["score", "window", "bin"]
     interval: int
     recent: int
     sinks: int = 0
     capacity: int | None = None
+    bin_size: int = 0
+    decay: float = 1.0  # scores evolve as s ← decay·s + a per generated token
 
 
 @dataclass(frozen=True, slots=True)
 class FlushPlan:
-    """``keep``: ``[H_kv, K_total]`` stored slots kept per head, in position order (prefix, then tail)."""
+    """``keep``: ``[H_kv, K_total]`` stored slots kept per head (prefix in slot order, then the tail);
+    ``binned``: ``[H_kv, B]`` slots that wait in the recycle bin (``"bin"`` only; empty after a purge)."""
 
     keep: torch.Tensor
     tail_start: int
     prefix_keep: int
+    binned: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
@@ -62,8 +68,9 @@ def plan_flush(
     """Choose the stored slots to keep at a flush.
 
     Args:
-        positions: ``[H_kv, S]`` true positions of the stored slots, ascending per head; every position
-            from the previous tail start to ``length − 1`` is stored (the tail is never evicted).
+        positions: ``[H_kv, S]`` true positions of the stored slots: first every slot older than the
+            new tail (any order: kept prefix, then the bin for ``"bin"``), then the tail, ascending; every
+            position from the previous tail start to ``length − 1`` is stored (the tail is never evicted).
         scores: ``[H_kv, S]`` accumulated attention of the stored slots (``"score"`` policies).
         length: tokens in the sequence so far (the next token's position).
         capacity: tokens to keep per head; granularity: the block size (prefix kept in whole blocks).
@@ -89,11 +96,15 @@ def plan_flush(
     prefix_slots = torch.arange(n_prefix)
     if k == n_prefix:
         head = prefix_slots.expand(h, n_prefix)
-    elif spec.kind == "score":
+    elif spec.kind in ("score", "bin"):
         head = select_topk(scores[:, :n_prefix].double(), k)
     else:  # window: sinks first, then the most recent of the prefix
         rank = positions[:, :n_prefix].double()
         protected = positions[0, :n_prefix] < spec.sinks
         head = select_topk(rank, k, protected)
     keep = torch.cat([head, torch.arange(n_prefix, s).expand(h, n_tail)], dim=1)
-    return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k)
+    binned = None
+    if spec.kind == "bin":
+        rest = complement(head, n_prefix) if k < n_prefix else head[:, :0]
+        binned = rest if rest.shape[1] < max(1, spec.bin_size) else rest[:, :0]  # full bin: purge it
+    return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k, binned=binned)

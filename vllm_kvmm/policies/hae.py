@@ -32,6 +32,7 @@ from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
+from vllm_kvmm.policies.decode import DecodeSpec
 
 __all__ = ["HAE", "BinEvent", "RecycleBin"]
 
@@ -53,6 +54,9 @@ class HAE(KVPolicy):
     )
     protect_recent: int = Field(16, ge=0, description="decode: most recent tokens never binned")
     decay: float = Field(1.0, gt=0.0, le=1.0, description="decode: score decay per step")
+    decode_interval: int | None = Field(
+        None, ge=1, description="run the recycle bin while decoding, every this many tokens (None: off)"
+    )
 
     def model_post_init(self, context: object) -> None:
         if self.threshold is not None and self.budget != 1.0:
@@ -104,6 +108,14 @@ class HAE(KVPolicy):
             # Kept-by-threshold tokens outrank the rest, so top-k with k = their count selects them.
             s = s + self._dap_keep(st, info).float() * (1.0 + float(s.max()))
         return s.expand(info.num_kv_heads, -1)
+
+    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
+        if self.decode_interval is None:
+            return None
+        capacity = None if self.decode_budget is None else self.decode_capacity(0, info.num_tokens)
+        return DecodeSpec(
+            "bin", self.decode_interval, self.protect_recent, capacity=capacity, bin_size=self.bin_size
+        )
 
     def decode_capacity(self, num_prompt_kept: int, num_prompt: int) -> int:
         """Active tokens a request may hold while decoding (default: what prefill kept)."""
