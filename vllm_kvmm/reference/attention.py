@@ -76,6 +76,8 @@ class DenseKVRun:
         self.generated = 0  # generated tokens whose K/V are stored (all samples decode in lockstep)
         self.flushed_at = 0  # ``generated`` at the last flush
         self.flush_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, K] positions
+        # Recycle bin per (layer, sample): keys, values, positions, scores of binned slots [H_kv, n, ...].
+        self.bins: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ---- phases ------------------------------------------------------------------------------
     def set_cache(
@@ -178,29 +180,41 @@ class DenseKVRun:
             per_b = []
             for b, spec in enumerate(specs):
                 valid = int(self.cache_len[b, layer])  # type: ignore[index]
+                first = int(self.lengths[b]) + self.flushed_at
+                length = first + new_gen
                 k = torch.cat([self.cache_k[layer][b, :, :valid], gk[b]], 1)  # [H_kv, S, d]
                 v = torch.cat([self.cache_v[layer][b, :, :valid], gv[b]], 1)
-                first = int(self.lengths[b]) + self.flushed_at
-                new_pos = torch.arange(first, first + new_gen).expand(k.shape[0], -1)
+                new_pos = torch.arange(first, length).expand(k.shape[0], -1)
                 pos = torch.cat([self.cache_pos[layer][b, :, :valid], new_pos], 1)
-                score = torch.cat(
-                    [
-                        self.cache_score[layer][b, :, :valid],
-                        torch.zeros(k.shape[0], new_gen, dtype=torch.float64),
-                    ],
-                    1,
-                )
-                score += decode_scores(queries[b], k, pos, new_pos[0], self.scales[layer]).cpu()
-                plan = plan_flush(spec, pos, score, first + new_gen, int(capacity[b, layer]), granularity)
-                idx = plan.keep
-                per_b.append(
-                    (
-                        torch.gather(k, 1, idx[..., None].expand(-1, -1, k.shape[2])),
-                        torch.gather(v, 1, idx[..., None].expand(-1, -1, v.shape[2])),
-                        torch.gather(pos, 1, idx),
-                        torch.gather(score, 1, idx),
+                fresh = torch.zeros(k.shape[0], new_gen, dtype=torch.float64)
+                score = torch.cat([self.cache_score[layer][b, :, :valid], fresh], 1)
+                # The recycle bin's tokens are stored outside attention; they go between the slots older
+                # than the new tail and the tail, the order plan_flush expects.
+                bk, bv, bp, bs_ = self.bins.get((layer, b), (k[:, :0], v[:, :0], pos[:, :0], score[:, :0]))
+                tail_start = granularity * ((length - min(spec.recent, length)) // granularity)
+                m = int((pos[0] < tail_start).sum())
+                k = torch.cat([k[:, :m], bk, k[:, m:]], 1)
+                v = torch.cat([v[:, :m], bv, v[:, m:]], 1)
+                pos = torch.cat([pos[:, :m], bp, pos[:, m:]], 1)
+                score = torch.cat([score[:, :m], bs_, score[:, m:]], 1)
+                # Binned slots are scored as if active (they are stored, so q·k is at hand).
+                w = queries.shape[2]
+                weights = spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
+                score = score * spec.decay**w
+                score += decode_scores(queries[b], k, pos, new_pos[0], self.scales[layer], weights).cpu()
+                cap = spec.capacity if spec.capacity is not None else int(capacity[b, layer])
+                plan = plan_flush(spec, pos, score, length, cap, granularity)
+
+                def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                    return torch.gather(
+                        x, 1, idx[..., None].expand(-1, -1, x.shape[2]) if x.dim() == 3 else idx
                     )
-                )
+
+                if plan.binned is not None:
+                    idx = plan.binned
+                    self.bins[(layer, b)] = (take(k, idx), take(v, idx), take(pos, idx), take(score, idx))
+                idx = plan.keep
+                per_b.append((take(k, idx), take(v, idx), take(pos, idx), take(score, idx)))
             width = max(x[0].shape[1] for x in per_b)
             ck = per_b[0][0].new_zeros(len(specs), per_b[0][0].shape[0], width, per_b[0][0].shape[2])
             cv = torch.zeros_like(ck)

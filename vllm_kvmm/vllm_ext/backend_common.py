@@ -84,7 +84,7 @@ class StatsObservingImpl:
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
         state = worker_state()
-        if attn_metadata is not None and state.jobs:
+        if attn_metadata is not None and (state.jobs or state.decoding):
             state.observe(
                 layer.layer_name,
                 query[: attn_metadata.num_actual_tokens],

@@ -53,6 +53,11 @@ class RequestState:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     capacity: dict[int, int] = field(default_factory=dict)
     queries: dict[int, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
+    # HAE's recycle bin: per group the logical blocks holding binned tokens (outside the view), per layer
+    # their positions and scores [H_kv, n].
+    bin_blocks: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    bin_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    bin_scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class WorkerState:
@@ -268,54 +273,84 @@ class WorkerState:
         st.capacity[layer] = plan.num_kept
 
     def _flush(self, job: FlushJob, st: RequestState) -> None:
-        """Re-select every layer's stored tokens; compact into the live blocks; report the freed ones."""
-        assert st.decode is not None and self.paged is not None
+        """Re-select every layer's stored tokens, compact them into live (and bin) blocks, report the rest.
+
+        Stored slots, in the order :func:`plan_flush` expects: the view's slots older than the new tail
+        (live blocks, then absorbed old-tail tokens), the recycle bin's slots (bin blocks, outside the
+        view), then the new tail (in place).
+        """
+        spec = st.decode
+        assert spec is not None and self.paged is not None
         bs, length = self.block_size, job.length
         report: dict[int, CompressedGroup] = {}
-        kept_total = 0
         for name, ref in self.layers.items():
             live, tail = st.compact[ref.group]
-            pos, score = st.positions[ref.index], st.scores[ref.index]
-            n_tail = length - tail * bs
-            tail_pos = torch.arange(pos[0, -1].item() + 1, length).expand(pos.shape[0], -1)
-            pos = torch.cat([pos, tail_pos], 1)  # the tokens decoded since the last flush
+            bins = st.bin_blocks.get(ref.group, ())
+            layer = ref.index
+            pos, score = st.positions[layer], st.scores[layer]
+            h = pos.shape[0]
+            tail_pos = torch.arange(int(pos[0, -1]) + 1, length).expand(h, -1)  # decoded since last flush
+            pos = torch.cat([pos, tail_pos], 1)
             score = torch.cat([score, torch.zeros(tail_pos.shape, dtype=torch.float64)], 1)
-            n_stored = len(live) * bs + n_tail
-            if pos.shape[1] != n_stored:
+            n_view = len(live) * bs + length - tail * bs
+            if pos.shape[1] != n_view:
                 raise RuntimeError(
-                    f"kvmm: {job.req_id} layer {ref.index}: {pos.shape[1]} positions, {n_stored} slots"
+                    f"kvmm: {job.req_id} layer {layer}: {pos.shape[1]} positions, {n_view} slots"
                 )
             row = job.block_ids[ref.group]
-            logical = list(live) + list(range(tail, -(-length // bs)))
-            physical = torch.tensor([row[i] for i in logical], dtype=torch.long)
             cache = self.kv_caches[name]
-            k, v = self.paged.read(cache, physical, n_stored)  # [S, H_kv, d] in view order
-            buffered = st.queries.pop(ref.index, [])
+            ids = [row[i] for i in [*live, *range(tail, -(-length // bs))]]
+            k, v = self.paged.read(cache, torch.tensor(ids, dtype=torch.long), n_view)  # [S, H_kv, d]
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+            bin_pos = st.bin_positions.get(layer, pos[:, :0])
+            if bin_pos.shape[1]:
+                bk, bv = self.paged.read(
+                    cache, torch.tensor([row[i] for i in bins], dtype=torch.long), bin_pos.shape[1]
+                )
+                tail_start = bs * ((length - min(spec.recent, length)) // bs)
+                m = int((pos[0] < tail_start).sum())
+                k = torch.cat([k[:, :m], bk.transpose(0, 1).to(k.device), k[:, m:]], 1)
+                v = torch.cat([v[:, :m], bv.transpose(0, 1).to(v.device), v[:, m:]], 1)
+                pos = torch.cat([pos[:, :m], bin_pos, pos[:, m:]], 1)
+                score = torch.cat([score[:, :m], st.bin_scores[layer], score[:, m:]], 1)
+            buffered = st.queries.pop(layer, [])
             if buffered:
                 q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
                 qpos = torch.tensor([x[1] for x in buffered])
-                score = score + decode_scores(q, k.transpose(0, 1), pos, qpos, self._scale(name)).cpu()
-            plan = plan_flush(st.decode, pos, score, length, st.capacity[ref.index], bs)
+                w = q.shape[1]
+                weights = spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
+                score = score * spec.decay**w
+                score = score + decode_scores(q, k, pos, qpos, self._scale(name), weights).cpu()
+            cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
+            plan = plan_flush(spec, pos, score, length, cap, bs)
             new_tail = plan.tail_start // bs
             if new_tail < tail:
                 raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
-            candidates = list(live) + list(range(tail, new_tail))
-            new_live = candidates[: plan.prefix_keep // bs]
-            freed = tuple(candidates[len(new_live) :])
-            head = plan.keep[:, : plan.prefix_keep]  # slots of the kept prefix, per head
-            if plan.prefix_keep:
-                dev = k.device
-                hk = torch.gather(k.transpose(0, 1), 1, head.to(dev)[..., None].expand(-1, -1, k.shape[2]))
-                hv = torch.gather(v.transpose(0, 1), 1, head.to(dev)[..., None].expand(-1, -1, v.shape[2]))
-                j = torch.arange(plan.prefix_keep)
-                slots = torch.tensor([row[i] for i in new_live], dtype=torch.long)[j // bs] * bs + j % bs
-                self.paged.write(cache, slots, hk.transpose(0, 1), hv.transpose(0, 1))
-            keep_slots = plan.keep
-            st.positions[ref.index] = torch.gather(pos, 1, keep_slots)
-            st.scores[ref.index] = torch.gather(score, 1, keep_slots)
+            binned = plan.binned if plan.binned is not None else plan.keep[:, :0]
+            # Physical blocks for the new prefix and bin, taken from those whose contents were just read.
+            candidates = [*live, *bins, *range(tail, new_tail)]
+            n_live, n_bin = plan.prefix_keep // bs, -(-binned.shape[1] // bs)
+            new_live, new_bins = candidates[:n_live], candidates[n_live : n_live + n_bin]
+            freed = tuple(candidates[n_live + n_bin :])
+            for slots_of, blocks in ((plan.keep[:, : plan.prefix_keep], new_live), (binned, new_bins)):
+                n = slots_of.shape[1]
+                if n:
+                    idx = slots_of.to(k.device)[..., None].expand(-1, -1, k.shape[2])
+                    j = torch.arange(n)
+                    dst = torch.tensor([row[i] for i in blocks], dtype=torch.long)[j // bs] * bs + j % bs
+                    self.paged.write(
+                        cache,
+                        dst,
+                        torch.gather(k, 1, idx).transpose(0, 1),
+                        torch.gather(v, 1, idx).transpose(0, 1),
+                    )
+            st.positions[layer] = torch.gather(pos, 1, plan.keep)
+            st.scores[layer] = torch.gather(score, 1, plan.keep)
+            st.bin_positions[layer] = torch.gather(pos, 1, binned)
+            st.bin_scores[layer] = torch.gather(score, 1, binned)
             st.compact[ref.group] = (tuple(new_live), new_tail)
+            st.bin_blocks[ref.group] = tuple(new_bins)
             report[ref.group] = CompressedGroup(ref.group, len(new_live), new_tail, plan.num_kept, freed)
-            kept_total += plan.num_kept
         groups = [g for g in report.values() if g.freed]
         if groups:
             self.out.compressed[job.req_id] = groups
