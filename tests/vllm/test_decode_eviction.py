@@ -144,3 +144,37 @@ def test_abort_and_preemption_with_flushes_leave_nothing(llm: Any) -> None:
     engine.step()
     assert worker_state().requests == {}
     assert scheduler(llm).connector._requests == {}
+
+
+def test_recycle_bin_paged_equals_dense(llm: Any, tiny_llama_dir: Path) -> None:
+    """HAE's recycle bin in vLLM: the same active and binned tokens as the dense reference at every flush,
+    the same tokens, and the bin really bins, restores and purges."""
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    cfg = {"decode_interval": INTERVAL, "decode_budget": 0.3, "bin_size": 24, "protect_recent": 16}
+    ids = [_ids(0, 230), _ids(1, 150)]
+    for i, x in enumerate(ids):
+        params = greedy(90, kv_policy="hae", kv_policy_config=json.dumps(cfg))
+        llm.llm_engine.add_request(f"bin{i}", {"prompt_token_ids": x}, params)
+    out = _drain(llm)
+    refs = DenseReference(tiny_llama_dir).generate(
+        [PromptInput.from_ids(x) for x in ids], make_policy("hae", None, cfg), 90, BLOCK
+    )
+    binned = restored = purged = 0
+    for i, ref in enumerate(refs):
+        assert out[f"bin{i}"] == ref.token_ids
+        key = next(k for k in worker_state().flush_history if k.startswith(f"bin{i}-"))
+        active, bins = worker_state().flush_history[key], worker_state().bin_history[key]
+        assert len(active) == len(ref.flush_positions) == 5
+        for a, b, c, d in zip(active, ref.flush_positions, bins, ref.flush_bins, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+            assert all(torch.equal(x, y) for x, y in zip(c, d, strict=True))
+        for f in range(len(bins)):
+            now = set(bins[f][0][0].tolist())
+            binned += bool(now)
+            if f + 1 < len(bins):
+                restored += bool(now & set(active[f + 1][0][0].tolist()))
+                purged += (
+                    bool(now) and not bins[f + 1][0].numel() and bool(set(active[f + 1][0][0].tolist()) - now)
+                )
+    assert binned and restored and purged, (binned, restored, purged)

@@ -78,6 +78,7 @@ class DenseKVRun:
         self.flush_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, K] positions
         # Recycle bin per (layer, sample): keys, values, positions, scores of binned slots [H_kv, n, ...].
         self.bins: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.bin_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, n] positions
 
     # ---- phases ------------------------------------------------------------------------------
     def set_cache(
@@ -173,6 +174,7 @@ class DenseKVRun:
 
         new_gen = self.generated - self.flushed_at
         record: list[list[torch.Tensor]] = []
+        bins: list[list[torch.Tensor]] = []
         for layer in range(self.num_layers):
             gk, gv = self.gen_k[layer], self.gen_v[layer]
             assert gk is not None and gv is not None and gk.shape[2] == new_gen
@@ -229,7 +231,14 @@ class DenseKVRun:
             self.gen_k[layer] = self.gen_v[layer] = None
             self.gen_q[layer] = []
             record.append([x[2] for x in per_b])
+            bins.append(
+                [
+                    self.bins[(layer, b)][2] if (layer, b) in self.bins else per_b[b][2][:, :0]
+                    for b in range(len(specs))
+                ]
+            )
         self.flush_history.append(record)
+        self.bin_history.append(bins)
         self.flushed_at = self.generated
 
 

@@ -35,7 +35,8 @@ class ReferenceOutput:
     ``plans``: one :class:`LayerPlan` per layer (kept positions per KV head). ``kept_tokens``: kept count per
     layer. ``kv_bytes_*``: prompt K+V bytes over all layers and KV heads in the cache dtype.
     ``logits``: ``[T, V]`` float32 logits that chose each generated token (if asked).
-    ``flush_positions``: decode-time eviction only — per flush, per layer, ``[H_kv, K]`` true positions kept.
+    ``flush_positions``: decode-time eviction only — per flush, per layer, ``[H_kv, K]`` true positions kept;
+    ``flush_bins``: likewise the positions waiting in HAE's recycle bin.
     """
 
     token_ids: list[int]
@@ -47,6 +48,7 @@ class ReferenceOutput:
     stats: list[LayerStats | None] | None = None
     logits: torch.Tensor | None = None
     flush_positions: list[list[torch.Tensor]] = field(default_factory=list)
+    flush_bins: list[list[torch.Tensor]] = field(default_factory=list)
 
     @property
     def kv_fraction(self) -> float:
@@ -170,6 +172,7 @@ class DenseReference:
                 )
             )
             outs[-1].flush_positions = [[layers[b] for layers in flush] for flush in run.flush_history]
+            outs[-1].flush_bins = [[layers[b] for layers in flush] for flush in run.bin_history]
         return outs
 
     @torch.inference_mode()

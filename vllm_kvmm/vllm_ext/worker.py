@@ -79,6 +79,7 @@ class WorkerState:
         self.all_reduce: Any = None
         self.plan_history: dict[str, list[LayerPlan]] = {}
         self.flush_history: dict[str, list[list[torch.Tensor]]] = {}
+        self.bin_history: dict[str, list[list[torch.Tensor]]] = {}
         self.scales: dict[str, float] = {}
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -359,6 +360,9 @@ class WorkerState:
         if self.keep_plans:
             self.flush_history.setdefault(job.req_id, []).append(
                 [st.positions[i].clone() for i in range(self.num_layers)]
+            )
+            self.bin_history.setdefault(job.req_id, []).append(
+                [st.bin_positions[i].clone() for i in range(self.num_layers)]
             )
 
     def _scale(self, layer_name: str) -> float:
