@@ -165,3 +165,31 @@ def test_paged_agrees_with_dense_on_gpu(
     # a wrong compaction or stale view would drop far below. Greedy tokens are only reported: bf16 HF
     # and bf16 vLLM kernels already part ways without compression on this random model.
     assert same_idx / total_idx >= 0.9
+
+
+@pytest.mark.parametrize(
+    "name,config", [("h2o", {"decode_interval": 16}), ("hae", {"decode_interval": 16, "decode_budget": 0.3})]
+)
+def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict) -> None:
+    """Decode-time flushes with FlashAttention and piecewise CUDA graphs: bounded blocks, full lengths."""
+    from vllm_kvmm.vllm_ext.spec import managers
+
+    llm = runs["llm"]
+    engine = llm.llm_engine
+    params = _greedy(
+        kv_policy=name, kv_budget=0.25 if name == "h2o" else None, kv_policy_config=json.dumps(config)
+    )
+    params.max_tokens = 200
+    engine.add_request("dec", _prompts()[1], params)
+    sched = engine.engine_core.engine_core.scheduler
+    peak, out = 0, None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out = o
+        mgrs = managers(sched.kv_cache_manager.block_pool)
+        reqs = [r for r in mgrs[0].req_to_blocks if r.startswith("dec")]
+        if reqs:
+            peak = max(peak, max(m.num_held_blocks(reqs[0]) for m in mgrs.values()))
+    assert out is not None and len(out.outputs[0].token_ids) == 200
+    assert peak <= 8  # 120 + 200 tokens would need 20 blocks a layer without eviction

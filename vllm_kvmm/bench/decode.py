@@ -1,0 +1,116 @@
+"""Decode-heavy serving: long generations, vanilla vLLM vs decode-time eviction, side by side.
+
+Each configuration runs in its own process on the same prompts: ``requests`` prompts of ``prompt``
+tokens, each generating ``out`` tokens (story-generation shape: output ≫ prompt). Reported per
+configuration: output tokens/s over the whole run, and the KV blocks held (peak and mean over engine
+steps, sampled from the scheduler's block pool), so the memory claim is measured, not derived.
+
+    python -m vllm_kvmm.bench.decode                       # SmolLM2 (real weights) on this machine
+    python -m vllm_kvmm.bench.decode --model DIR --dtype bfloat16 --prompt 1024 --out 4096   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _child(cfg: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    import vllm_kvmm
+
+    kw: dict = dict(
+        model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["prompt"] + cfg["out"] + 16, seed=0,
+        enforce_eager=cfg["eager"], enable_prefix_caching=False, block_size=16,
+    )  # fmt: skip
+    if cfg["policy"]:
+        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"], **cfg["config"]))
+    llm = LLM(**kw)
+    engine = llm.llm_engine
+    pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    total_blocks = pool.num_gpu_blocks - 1
+    groups = len(engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups)
+    params = SamplingParams(max_tokens=cfg["out"], temperature=0.0, ignore_eos=True, detokenize=False)
+    for i in range(cfg["requests"]):
+        ids = [(37 * i + 11 * j) % 20000 + 100 for j in range(cfg["prompt"])]
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    held, steps, produced = [], 0, 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                produced += len(o.outputs[0].token_ids)
+        steps += 1
+        held.append(total_blocks - pool.get_num_free_blocks())
+    dt = time.perf_counter() - t0
+    # Blocks of different configurations hold different bytes (one layer's page per block under a policy,
+    # every layer's in vanilla's single group): report layer-pages so they compare.
+    per_block = 1 if groups > 1 else cfg["layers"]
+    res = dict(
+        config=cfg["name"], tokens_per_s=round(produced / dt, 1), seconds=round(dt, 1), steps=steps,
+        peak_layer_pages=max(held) * per_block, mean_layer_pages=round(sum(held) / len(held) * per_block, 1),
+    )  # fmt: skip
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--out", type=int, default=768)
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--interval", type=int, default=16)
+    ap.add_argument("--eager", action="store_true", default=True)
+    ap.add_argument("--child", default=None)
+    a = ap.parse_args()
+    if a.child:
+        _child(json.loads(a.child))
+        return
+    from transformers import AutoConfig
+
+    from vllm_kvmm.models.smollm2 import ensure_smollm2
+
+    model = a.model or str(ensure_smollm2())
+    layers = AutoConfig.from_pretrained(model).get_text_config().num_hidden_layers
+    base = dict(model=model, dtype=a.dtype, requests=a.requests, prompt=a.prompt, out=a.out, eager=a.eager,
+                budget=a.budget, layers=layers)  # fmt: skip
+    dec = {"decode_interval": a.interval}
+    configs = [
+        dict(base, name="vanilla", policy=None, config={}),
+        dict(base, name=f"h2o@{a.budget:g}+decode", policy="h2o", config=dec),
+        dict(base, name=f"streamingllm@{a.budget:g}+decode", policy="streamingllm", config=dec),
+        dict(base, name="hae+recycle-bin", policy="hae", budget=None,
+             config={**dec, "decode_budget": a.budget, "bin_size": 64}),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    rows = []
+    for cfg in configs:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vllm_kvmm.bench.decode", "--child", json.dumps(cfg)],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{cfg['name']}: failed\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(line[7:]))
+        print(json.dumps(rows[-1]), flush=True)
+    van = next((r for r in rows if r["config"] == "vanilla"), None)
+    if van:
+        print("\n| config | output tok/s | vs vanilla | peak KV (layer pages) | mean KV (layer pages) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            cells = [r["config"], r["tokens_per_s"], f"{r['tokens_per_s'] / van['tokens_per_s']:.2f}x",
+                     r["peak_layer_pages"], r["mean_layer_pages"]]  # fmt: skip
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
