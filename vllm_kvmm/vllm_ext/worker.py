@@ -81,6 +81,8 @@ class WorkerState:
         self.flush_history: dict[str, list[list[torch.Tensor]]] = {}
         self.bin_history: dict[str, list[list[torch.Tensor]]] = {}
         self.scales: dict[str, float] = {}
+        # Since configure(): seconds spent compressing and flushing (device-synchronised), for benchmarks.
+        self.seconds_total = 0.0
 
     # ---- set-up ------------------------------------------------------------------------------
     def configure(
@@ -209,7 +211,9 @@ class WorkerState:
         if done or flushes:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # count the kernels, not just their launches
-            self.out.seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.out.seconds += dt
+            self.seconds_total += dt
         self.jobs = {}
         self.flushes = {}
 
