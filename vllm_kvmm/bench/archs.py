@@ -102,7 +102,8 @@ def _write_llava(tmp: Path, text: dict[str, Any], vision: dict[str, Any]) -> Non
     tok = load_smollm2_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     text = dict(text, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    text_cfg = AutoConfig.for_model(text.pop("model_type"), **{k: v for k, v in text.items() if k != "architectures"})
+    kind = text.pop("model_type")
+    text_cfg = AutoConfig.for_model(kind, **{k: v for k, v in text.items() if k != "architectures"})
     patch, size = vision["patch_size"], vision["image_size"]
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),

@@ -35,7 +35,9 @@ def _child(cfg: dict) -> None:
         model=cfg["model"], load_format="dummy", skip_tokenizer_init=True, gpu_memory_utilization=0.85,
         max_model_len=cfg["ctx"] + cfg["steps"] + 64, enable_prefix_caching=False, max_num_seqs=64, seed=0,
     )  # fmt: skip
-    if cfg["policy"]:
+    if cfg["name"] == "vanilla-piecewise":  # vanilla in the CUDA-graph mode a policy runs in
+        kw["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    elif cfg["policy"]:
         import vllm_kvmm
 
         kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
@@ -71,7 +73,7 @@ def _child(cfg: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="vanilla,full,snapkv", help="vanilla or policy names")
+    ap.add_argument("--configs", default="vanilla,vanilla-piecewise,snapkv", help="names")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.2)
@@ -88,7 +90,7 @@ def main() -> None:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     for name in a.configs.split(","):
         cfg = dict(
-            name=name, policy=None if name == "vanilla" else name, model=a.model_dir, ctx=a.ctx,
+            name=name, policy=None if name.startswith("vanilla") else name, model=a.model_dir, ctx=a.ctx,
             steps=a.steps, budget=a.budget, out=a.out,
         )  # fmt: skip
         proc = subprocess.run(
