@@ -167,10 +167,14 @@ def test_paged_agrees_with_dense_on_gpu(
     assert same_idx / total_idx >= 0.9
 
 
+# Bounds on blocks a layer: h2o keeps 30 of the 120 prompt tokens, then ≤ 0.25·length + one interval.
+# HAE keeps the whole text prompt at prefill (it prunes vision only): 120 + 16 tokens before its first
+# flush = 9 blocks; after it, 36 active (0.3 × prompt) + a 64-token bin + one interval stay below that.
 @pytest.mark.parametrize(
-    "name,config", [("h2o", {"decode_interval": 16}), ("hae", {"decode_interval": 16, "decode_budget": 0.3})]
+    "name,config,bound",
+    [("h2o", {"decode_interval": 16}, 8), ("hae", {"decode_interval": 16, "decode_budget": 0.3}, 9)],
 )
-def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict) -> None:
+def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict, bound: int) -> None:
     """Decode-time flushes with FlashAttention and piecewise CUDA graphs: bounded blocks, full lengths."""
     from vllm_kvmm.vllm_ext.spec import managers
 
@@ -192,4 +196,4 @@ def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict) -
         if reqs:
             peak = max(peak, max(m.num_held_blocks(reqs[0]) for m in mgrs.values()))
     assert out is not None and len(out.outputs[0].token_ids) == 200
-    assert peak <= 8  # 120 + 200 tokens would need 20 blocks a layer without eviction
+    assert peak <= bound  # 120 + 200 tokens would need 20 blocks a layer without eviction
