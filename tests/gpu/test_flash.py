@@ -92,11 +92,10 @@ def runs(model_dir: Path) -> dict[str, Any]:
     # Vanilla in its own process, without our plugin: two CUDA-graph engines in one process trip
     # torch's graph-pool allocator, and this is the true baseline anyway.
     env = {**os.environ, "VLLM_PLUGINS": "none-at-all"}
-    # Same CUDA-graph mode as under a policy: FULL graphs pick other FlashAttention splits, and bf16
-    # rounding then moves a random tiny model's greedy tokens after ~10 steps (seen: 10 of 16 equal).
+    # vLLM's default CUDA-graph mode (FULL_AND_PIECEWISE), as under a policy: the same kernels and
+    # splits on both sides (FULL and PIECEWISE graphs pick different FlashAttention splits).
     args = dict(dtype="bfloat16", skip_tokenizer_init=True, max_model_len=2048, block_size=BLOCK,
-                gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0,
-                compilation_config={"cudagraph_mode": "PIECEWISE"})  # fmt: skip
+                gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0)  # fmt: skip
     res = subprocess.run(
         [sys.executable, "-c", VANILLA, str(model_dir), json.dumps(args), json.dumps(_prompts()), str(NEW)],
         capture_output=True, text=True, env=env, timeout=600,
@@ -119,7 +118,52 @@ def runs(model_dir: Path) -> dict[str, Any]:
 def test_flash_backend_and_cuda_graphs_in_use(runs: dict[str, Any]) -> None:
     assert runs["vanilla_backend"] == "FlashAttentionBackend"
     assert runs["backend"] == "KVMMFlashBackend"
-    assert "PIECEWISE" in runs["cudagraph_mode"]
+    assert "FULL_AND_PIECEWISE" in runs["cudagraph_mode"]
+
+
+def test_full_cuda_graphs_read_the_compact_view(runs: dict[str, Any]) -> None:
+    """Decoding compressed requests in FULL CUDA graphs (persistent per-group buffers) equals decoding
+    them with attention outside the graphs: a graph replaying a stale table or stale lengths would
+    read other blocks and move the log-probabilities far beyond bf16 noise."""
+    from vllm import SamplingParams
+
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    llm, state = runs["llm"], worker_state()
+    extra = {"kv_policy": "snapkv", "kv_budget": 0.25}
+    sp = SamplingParams(
+        max_tokens=6, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=1, extra_args=extra
+    )
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    modes: list[Any] = []
+    patched = CudagraphDispatcher.dispatch
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = patched(self, *args, **kwargs)
+        modes.append(out[0])
+        return out
+
+    CudagraphDispatcher.dispatch = recording  # type: ignore[method-assign]
+    try:
+        full = llm.generate(_prompts(), sp)
+        full_modes, modes[:] = list(modes), []
+        state.force_piecewise = True
+        piecewise = llm.generate(_prompts(), sp)
+    finally:
+        state.force_piecewise = False
+        CudagraphDispatcher.dispatch = patched  # type: ignore[method-assign]
+    assert CUDAGraphMode.FULL in full_modes  # decode steps of compressed requests replay full graphs
+    assert CUDAGraphMode.FULL not in modes and CUDAGraphMode.PIECEWISE in modes
+    for a, b in zip(full, piecewise, strict=True):
+        ta, tb = list(a.outputs[0].token_ids), list(b.outputs[0].token_ids)
+        assert ta[:2] == tb[:2], (ta, tb)  # token 0 comes from the prefill, token 1 from a decode step
+        same = next((i for i in range(len(ta)) if ta[i] != tb[i]), len(ta))
+        for i in range(1, same):
+            la = a.outputs[0].logprobs[i][ta[i]].logprob
+            lb = b.outputs[0].logprobs[i][tb[i]].logprob
+            assert abs(la - lb) < 0.05, (i, la, lb)
 
 
 def test_identity_on_gpu(runs: dict[str, Any]) -> None:

@@ -35,6 +35,17 @@ class CompactViewBuilder:
         state = worker_state()
         if self.group is not None and state.paged is None:
             state.paged = self.make_paged_kv(kv_cache_spec)
+        # Full CUDA graphs replay the addresses captured at warm-up: a compressing group then hands the
+        # kernel its view in buffers of its own that never move (allocated at the first build, which
+        # precedes capture), refilled every step.
+        self.persistent = self.group is not None and bool(getattr(self, "use_full_cuda_graph", False))
+        self._rows = max(vllm_config.scheduler_config.max_num_seqs, self._capture_size(vllm_config))
+        self._table: torch.Tensor | None = None
+        self._seq_lens: torch.Tensor | None = None
+
+    @staticmethod
+    def _capture_size(vllm_config: Any) -> int:
+        return int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0)
 
     def make_paged_kv(self, kv_cache_spec: Any) -> Any:
         raise NotImplementedError
@@ -52,14 +63,40 @@ class CompactViewBuilder:
         if shared is not None:
             metadata, index = shared
             table = cm.block_table_tensor if index is None else torch.gather(cm.block_table_tensor, 1, index)
-            return dataclasses.replace(metadata, block_table=table, slot_mapping=cm.slot_mapping)
+            metadata = dataclasses.replace(metadata, block_table=table, slot_mapping=cm.slot_mapping)
+            return self._persist(metadata) if self.persistent else metadata
         index = None
         if signature:
             view = state.compact_view(signature, cm.block_table_tensor, cm.seq_lens)
             cm, index = compact_metadata(cm, view), view.index
         metadata = super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
         state.share_metadata(key, (metadata, index))
-        return metadata
+        return self._persist(metadata) if self.persistent else metadata
+
+    def _persist(self, metadata: Any) -> Any:
+        """``metadata`` with its table, lengths and FlashAttention schedule in this group's own buffers."""
+        table, lens = metadata.block_table, metadata.seq_lens
+        n, width = table.shape
+        if self._table is None:
+            self._table = torch.zeros(self._rows, width, dtype=table.dtype, device=table.device)
+            self._seq_lens = torch.zeros(self._rows, dtype=lens.dtype, device=lens.device)
+        assert self._seq_lens is not None
+        if n > self._rows or width > self._table.shape[1]:
+            raise RuntimeError(f"vllm-kvmm: a {n}×{width} block table outgrew the persistent buffers")
+        self._table[:n, :width].copy_(table, non_blocking=True)
+        self._seq_lens[: lens.shape[0]].copy_(lens, non_blocking=True)
+        changes: dict[str, Any] = dict(
+            block_table=self._table[:n, :width], seq_lens=self._seq_lens[: lens.shape[0]]
+        )
+        schedule = getattr(metadata, "scheduler_metadata", None)
+        own = getattr(self, "scheduler_metadata", None)
+        if schedule is not None and own is not None and schedule.data_ptr() != own.data_ptr():
+            # Built by another group's builder (shared metadata): copy its schedule into ours.
+            k = schedule.shape[0]
+            own[:k].copy_(schedule, non_blocking=True)
+            own[k:] = 0
+            changes["scheduler_metadata"] = own[:k]
+        return dataclasses.replace(metadata, **changes)
 
 
 class StatsObservingImpl:

@@ -92,9 +92,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        # Compressed requests read per-group tables built each step; full CUDA graphs would replay the
-        # tables captured at warm-up. Piecewise graphs keep attention outside the graphs.
-        return True
+        # Full CUDA graphs are safe: compact views are written into persistent per-group buffers (see
+        # CompactViewBuilder), and steps that must watch queries in attention run without full graphs.
+        return False
 
     # ---- scheduler side ------------------------------------------------------------------------
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
@@ -228,8 +228,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         worker_state().kv_caches = dict(kv_caches)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # The first worker hook of a step, called before the runner picks its CUDA-graph mode.
         if isinstance(kv_connector_metadata, KVMMStepMeta):
-            worker_state().drop(kv_connector_metadata.dropped)
+            state = worker_state()
+            state.drop(kv_connector_metadata.dropped)
+            state.eager_attention = bool(kv_connector_metadata.jobs or kv_connector_metadata.decoding)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

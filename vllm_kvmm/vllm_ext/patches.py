@@ -11,6 +11,8 @@ shape we rely on; ``tests/vllm/test_patches.py`` runs it, so a vLLM upgrade fail
    general plugin can only wrap it): register :class:`CompressSpec` after vLLM's built-in specs.
 4. ``EngineArgs.add_cli_args`` / ``from_cli_args`` / ``create_engine_config``: the ``--kv-policy``
    flags (a general plugin cannot add CLI flags otherwise) and the engine settings they imply.
+5. ``CudagraphDispatcher.dispatch``: no FULL CUDA graph for a step whose attention must feed statistics
+   (Python hooks do not run inside a replayed graph); such steps use piecewise graphs.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def check_vllm_internals() -> None:
     for name in ("add_cli_args", "from_cli_args", "create_engine_config"):
         if not hasattr(EngineArgs, name):
             problems.append(f"EngineArgs.{name} is gone")
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    if "invalid_modes" not in inspect.signature(CudagraphDispatcher.dispatch).parameters:
+        problems.append("CudagraphDispatcher.dispatch(..., invalid_modes) changed")
     from vllm.platforms.interface import Platform
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):
@@ -104,6 +110,27 @@ def _patch_row_order() -> None:
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata)
+
+
+# ---- 5. no full CUDA graph while attention feeds statistics --------------------------------------
+def _patch_cudagraph_dispatch() -> None:
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    original = CudagraphDispatcher.dispatch
+    if _wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def dispatch(self: Any, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
+        state = worker_state()
+        if state.eager_attention or state.force_piecewise:
+            kwargs["invalid_modes"] = {CUDAGraphMode.FULL, *(kwargs.get("invalid_modes") or ())}
+        return original(self, num_tokens, *args, **kwargs)
+
+    CudagraphDispatcher.dispatch = _mark(dispatch)
 
 
 # ---- 3. spec registration ------------------------------------------------------------------------
@@ -336,6 +363,7 @@ def apply_patches() -> None:
     _patch_platform_hook()
     _patch_grouping()
     _patch_row_order()
+    _patch_cudagraph_dispatch()
     _register_backends()
 
 

@@ -81,6 +81,10 @@ class WorkerState:
         self.flush_history: dict[str, list[list[torch.Tensor]]] = {}
         self.bin_history: dict[str, list[list[torch.Tensor]]] = {}
         self.scales: dict[str, float] = {}
+        # This step feeds queries to statistics (a compressing prefill, decode-time scores): its attention
+        # must run outside full CUDA graphs, where Python hooks do not run. ``force_piecewise``: tests.
+        self.eager_attention = False
+        self.force_piecewise = False
         # Since configure(): seconds spent compressing and flushing (device-synchronised), for benchmarks.
         self.seconds_total = 0.0
 
