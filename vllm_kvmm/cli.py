@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--segments", type=int, default=2)
     sp.add_argument("--out", default="out/quality_text.json")
     sp.set_defaults(func=_cmd_bench_quality)
+    from vllm_kvmm.bench.perf import build_parser as perf_parser
+    from vllm_kvmm.bench.perf import run as run_perf
+
+    sp = bench.add_parser("perf", help="speed and memory: vanilla vLLM, the ideal and policies in one run")
+    perf_parser(sp)
+    sp.set_defaults(func=lambda args: run_perf(args, sys.argv[sys.argv.index("perf") + 1 :]))
     return p
 
 

@@ -65,8 +65,8 @@ def _text_config(arch: str, scale: str) -> dict[str, Any]:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHS)}")
     cfg = dict(ARCHS[arch])
     if scale == "tiny":
-        cfg.update(_TINY_TEXT)
-        cfg["num_key_value_heads"] = 4 if cfg["num_key_value_heads"] == cfg["num_attention_heads"] else 2
+        mha = cfg["num_key_value_heads"] == cfg["num_attention_heads"]
+        cfg.update(_TINY_TEXT, num_key_value_heads=4 if mha else 2)
     elif scale != "full":
         raise ValueError(f"scale must be 'full' or 'tiny', not {scale!r}")
     return cfg

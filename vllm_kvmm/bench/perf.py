@@ -86,6 +86,7 @@ def _child(cfg: dict[str, Any]) -> None:
     kw: dict[str, Any] = dict(
         model=cfg["model"], load_format="dummy", enable_prefix_caching=False, seed=0, max_num_seqs=256,
         max_model_len=cfg["ctx"] + cfg["out"] + 64, skip_tokenizer_init=cfg["image_token_id"] is None,
+        block_size=16,  # every configuration alike (a policy sets 16; the CPU build's default is 128)
     )  # fmt: skip
     if cfg["images"]:
         kw["limit_mm_per_prompt"] = {"image": cfg["images"]}
@@ -254,6 +255,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--policies", default="snapkv,meda")
     p.add_argument("--no-ideal", action="store_true")
     p.add_argument("--gpu-util", type=float, default=0.9)
+    p.add_argument("--config-timeout", type=float, default=1800, help="seconds one configuration may take")
     p.add_argument("--model-root", default="out/models")
     p.add_argument("--json", default="out/perf.json")
     p.add_argument("--plot-only", default=None, help="draw the PNG of an existing result file and exit")
@@ -261,7 +263,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def run(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run the benchmark parsed into ``a``; ``argv`` (the flags after ``bench perf``) is recorded."""
     if a.child:
         _child(json.loads(a.child))
         return 0
@@ -275,30 +278,40 @@ def run(a: argparse.Namespace) -> int:
     rows = []
     from tqdm import tqdm
 
+    failed: list[dict[str, str]] = []
     for cfg in tqdm(_configs(a, model), desc="configurations", disable=None):
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvmm.bench.perf", "--child", json.dumps(cfg)],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vllm_kvmm.bench.perf", "--child", json.dumps(cfg)],
+                capture_output=True, text=True, env=env, timeout=a.config_timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            failed.append(dict(config=cfg["name"], error=f"did not finish in {a.config_timeout} s"))
+            print(json.dumps(failed[-1]), flush=True)
+            continue
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"{cfg['name']}: failed\n{(proc.stdout + proc.stderr)[-4000:]}", flush=True)
+            failed.append(dict(config=cfg["name"], error=(proc.stdout + proc.stderr)[-4000:]))
+            print(f"{cfg['name']}: failed\n{failed[-1]['error']}", flush=True)
             continue
         rows.append(json.loads(line[7:]))
         print(json.dumps(rows[-1]), flush=True)
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     args = {k: v for k, v in vars(a).items() if k not in ("child", "plot_only")}
-    command = "vllm-kvmm bench perf " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    out.write_text(json.dumps(dict(command=command, machine=_machine(), args=args, rows=rows), indent=1))
+    flags = sys.argv[1:] if argv is None else argv
+    command = "vllm-kvmm bench perf " + " ".join(shlex.quote(x) for x in flags)
+    result = dict(command=command, machine=_machine(), args=args, rows=rows, failed=failed)
+    out.write_text(json.dumps(result, indent=1))
     print("\n" + _table(rows))
     png = out.with_suffix(".png")
     print(f"wrote {out}" + (f" and {png}" if plot(out, png) else " (no matplotlib: no PNG)"))
-    return 0 if len(rows) == len(_configs(a, model)) else 1
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``python -m vllm_kvmm.bench.perf``: the same as ``vllm-kvmm bench perf``."""
+    return run(build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":
