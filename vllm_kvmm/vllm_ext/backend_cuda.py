@@ -1,8 +1,8 @@
 """FlashAttention with the same two additions as the CPU backend (statistics, compact view).
 
-Registered over ``FLASH_ATTN``. Under a policy the connector asks vLLM for piecewise CUDA graphs, so
-attention (whose per-request tables change after compression) runs outside the captured graphs while
-everything else stays captured.
+Registered over ``FLASH_ATTN``. Works under FULL CUDA graphs: a compressing group hands the kernel its
+compact view in persistent buffers (``CompactViewBuilder._persist``), and steps whose attention feeds
+statistics are dispatched to piecewise graphs (``patches.py``, patch 5).
 """
 
 from __future__ import annotations
