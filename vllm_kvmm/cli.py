@@ -64,6 +64,23 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vllm_kvmm.bench.retrieval import run_retrieval
+
+    run_retrieval(
+        policies=args.policies.split(","),
+        budgets=[float(b) for b in args.budgets.split(",")],
+        contexts=[int(c) for c in args.contexts.split(",")],
+        samples=args.samples,
+        engines=args.engines.split(","),
+        device=args.device,
+        out=Path(args.out),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-kvmm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--segments", type=int, default=2)
     sp.add_argument("--out", default="out/quality_text.json")
     sp.set_defaults(func=_cmd_bench_quality)
+    sp = bench.add_parser(
+        "retrieval", help="pass-key retrieval on SmolLM2 per policy and budget, dense reference and vLLM"
+    )
+    sp.add_argument("--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
+    sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
+    sp.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens (SmolLM2: up to 8192)")
+    sp.add_argument("--samples", type=int, default=4, help="prompts per context (key depths spread evenly)")
+    sp.add_argument("--engines", default="dense,vllm")
+    sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
+    sp.add_argument("--out", default="out/retrieval.json")
+    sp.set_defaults(func=_cmd_bench_retrieval)
     from vllm_kvmm.bench.perf import build_parser as perf_parser
     from vllm_kvmm.bench.perf import run as run_perf
 
