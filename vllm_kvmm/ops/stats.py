@@ -94,11 +94,11 @@ def row_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class _Acc:
     colsum: torch.Tensor | None = None
     window: torch.Tensor | None = None
-    ent_sum: float = 0.0
+    ent_sum: torch.Tensor | float = 0.0  # device sums: read once, in result()
     ent_rows: int = 0
-    tv_sum: float = 0.0
+    tv_sum: torch.Tensor | float = 0.0
     tv_rows: int = 0
-    vt_sum: float = 0.0
+    vt_sum: torch.Tensor | float = 0.0
     vt_rows: int = 0
     t2v_sum: torch.Tensor | None = None
     t2v_max: torch.Tensor | None = None
@@ -151,6 +151,8 @@ class StatsAccumulator:
         # per-KV-head statistics (colsum, window) stay local, as each rank selects for its own heads.
         self.all_reduce = all_reduce
         self.world = world
+        self._vision_dev: torch.Tensor | None = None
+        self._vision_cumsum = torch.cumsum(self.vision.to(torch.long), 0)  # vision keys at or before i
 
     @property
     def done(self) -> bool:
@@ -188,10 +190,13 @@ class StatsAccumulator:
         self._acc.seen += n_q
 
     def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+        # No device synchronisation in here: which rows count is decided from positions on the CPU, and
+        # sums stay on the device until ``result``.
         req, acc = self.request, self._acc
         n_q = q.shape[0]
         dev = q.device
         g = self.h // self.h_kv
+        heads = self.h * self.world
         # Keys beyond the last query of this block are never visible: trim them.
         n_vis = start + n_q
         kk = k[:n_vis].float()
@@ -209,11 +214,9 @@ class StatsAccumulator:
         def to_kv(x: torch.Tensor) -> torch.Tensor:  # [H, n] -> [H_kv, n], mean over each group
             return x.view(self.h_kv, g, -1).mean(1)
 
-        def head_mean(x: torch.Tensor) -> torch.Tensor:  # [H, ...] -> [...], mean over all ranks' heads
+        def head_sum(x: torch.Tensor) -> torch.Tensor:  # [H, ...] -> [...], summed over all ranks' heads
             total = x.sum(0)
-            if self.all_reduce is not None:
-                total = self.all_reduce(total)
-            return total / (self.h * self.world)
+            return self.all_reduce(total) if self.all_reduce is not None else total
 
         if req.colsum:
             if acc.colsum is None:
@@ -222,63 +225,95 @@ class StatsAccumulator:
         if req.window and start + n_q > self.window_from:
             if acc.window is None:
                 acc.window = torch.zeros(self.h_kv, self.n, device=dev)
-            sel = qpos >= self.window_from
-            acc.window[:, :n_vis] += to_kv(p[:, sel].sum(1))
+            acc.window[:, :n_vis] += to_kv(p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
-            pz = torch.where(causal, p * z, torch.zeros((), device=dev))
-            ent = lse.squeeze(-1) - pz.sum(-1)  # [H, n_q]
-            acc.ent_sum += float(head_mean(ent).sum()) * self.h * self.world
-            acc.ent_rows += n_q * self.h * self.world
-        vis_k = self.vision[:n_vis].to(dev)
-        vis_q = self.vision[start : start + n_q].to(dev)
-        if req.cross_entropy:
-            for rows, cols, kind in ((~vis_q, vis_k, "tv"), (vis_q, ~vis_k, "vt")):
-                if not bool(rows.any()) or not bool(cols.any()):
-                    continue
-                m = causal[rows][:, cols]  # [r, c]
-                zz = zc[:, rows][:, :, cols]  # [H, r, c]
-                lse_m = torch.logsumexp(zz, dim=-1, keepdim=True)
-                pm = head_mean(torch.exp(zz - lse_m).nan_to_num(0.0))  # head-averaged map, [r, c]
-                valid = m.any(-1)
-                if not bool(valid.any()):
-                    continue
-                logp = torch.where(m, pm.clamp_min(1e-30).log(), torch.zeros((), device=dev))
-                ent = -(pm * logp).sum(-1)[valid]
-                if kind == "tv":
-                    acc.tv_sum += float(ent.sum())
-                    acc.tv_rows += int(valid.sum())
-                else:
-                    acc.vt_sum += float(ent.sum())
-                    acc.vt_rows += int(valid.sum())
+            # H = lse − Σ_j p_j z_j; p is exactly 0 above the diagonal, where z is finite.
+            ent = lse.squeeze(-1) - (p * z).sum(-1)  # [H, n_q]
+            acc.ent_sum = acc.ent_sum + head_sum(ent).sum().double()
+            acc.ent_rows += n_q * heads
+        vis_cpu = self.vision[start : start + n_q]
+        if self._vision_dev is None or self._vision_dev.device != dev:
+            self._vision_dev = self.vision.to(dev)
+        vis_k = self._vision_dev[:n_vis]
+        vis_q = self._vision_dev[start : start + n_q]
+        if req.cross_entropy and bool(self.vision.any()):
+            self._cross_entropy(p, causal, vis_q, vis_k, vis_cpu, start)
         if req.t2v and start + n_q > self.t2v_from:
             if acc.t2v_sum is None:
                 acc.t2v_sum = torch.zeros(self.n, device=dev)
                 acc.t2v_max = torch.zeros(self.n, device=dev)
-            rows = (qpos >= self.t2v_from) & ~vis_q
-            if bool(rows.any()):
-                pm = head_mean(p[:, rows])  # [r, n_vis] head-averaged attention
+            rows = torch.nonzero((torch.arange(start, start + n_q) >= self.t2v_from) & ~vis_cpu).flatten()
+            if rows.numel():
+                pm = head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
                 pm = pm * vis_k.unsqueeze(0)
                 acc.t2v_sum[:n_vis] += pm.sum(0)
                 acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], pm.max(0).values)
 
+    def _cross_entropy(
+        self,
+        p: torch.Tensor,
+        causal: torch.Tensor,
+        vis_q: torch.Tensor,
+        vis_k: torch.Tensor,
+        vis_cpu: torch.Tensor,
+        start: int,
+    ) -> None:
+        """MEDA's text→vision and vision→text entropies from the full map ``p`` ``[H, n_q, n_vis]``.
+
+        A head's map restricted to the other modality's keys and renormalised is ``p_h / m_h`` there, with
+        ``m_h`` the row's mass on those keys; so the head-averaged renormalised map is one weighted head sum
+        of ``p`` — no second softmax, no gathered copies. (Exact unless a head's mass on a modality
+        underflows float32, i.e. logit gaps beyond ~87.)
+        """
+        acc = self._acc
+        n_q = p.shape[1]
+        heads = self.h * self.world
+        cols = torch.stack([vis_k, ~vis_k], dim=-1).to(p.dtype)  # [n_vis, 2]: vision, text
+        masses = torch.matmul(p, cols)  # [H, n_q, 2]
+        # Text rows look at vision keys (tv); vision rows at text keys (vt).
+        mass = torch.where(vis_q.unsqueeze(0), masses[..., 1], masses[..., 0])
+        pm = torch.einsum("hqk,hq->qk", p, 1.0 / (mass.clamp_min(1e-38) * heads))  # [n_q, n_vis]
+        if self.all_reduce is not None:
+            pm = self.all_reduce(pm)  # the other ranks' heads
+        want = torch.where(vis_q.unsqueeze(1), ~vis_k.unsqueeze(0), vis_k.unsqueeze(0)) & causal
+        logp = torch.where(want, pm.clamp_min(1e-30).log(), torch.zeros((), device=p.device))
+        ent = -(pm * logp).sum(-1)  # [n_q]
+        # Rows with at least one visible key of the other modality (decided on the CPU, from positions).
+        pos = torch.arange(start, start + n_q)
+        vis_before = self._vision_cumsum[start : start + n_q]
+        tv = ~vis_cpu & (vis_before > 0)
+        vt = vis_cpu & (pos + 1 - vis_before > 0)
+        if bool(tv.any()):
+            acc.tv_sum = acc.tv_sum + (ent * tv.to(p.device)).sum().double()
+            acc.tv_rows += int(tv.sum())
+        if bool(vt.any()):
+            acc.vt_sum = acc.vt_sum + (ent * vt.to(p.device)).sum().double()
+            acc.vt_rows += int(vt.sum())
+
     def result(self) -> LayerStats:
         """The statistics so far (complete once :attr:`done`)."""
         acc, req = self._acc, self.request
-        nan = torch.tensor(math.nan)
         out = LayerStats()
         if req.colsum:
             out.colsum = acc.colsum if acc.colsum is not None else torch.zeros(self.h_kv, self.n)
         if req.window:
             out.window = acc.window if acc.window is not None else torch.zeros(self.h_kv, self.n)
         if req.entropy:
-            out.entropy = torch.tensor(acc.ent_sum / acc.ent_rows) if acc.ent_rows else nan
+            out.entropy = _mean(acc.ent_sum, acc.ent_rows)
         if req.cross_entropy:
-            out.entropy_tv = torch.tensor(acc.tv_sum / acc.tv_rows) if acc.tv_rows else nan
-            out.entropy_vt = torch.tensor(acc.vt_sum / acc.vt_rows) if acc.vt_rows else nan
+            out.entropy_tv = _mean(acc.tv_sum, acc.tv_rows)
+            out.entropy_vt = _mean(acc.vt_sum, acc.vt_rows)
         if req.t2v:
             out.t2v_sum = acc.t2v_sum if acc.t2v_sum is not None else torch.zeros(self.n)
             out.t2v_max = acc.t2v_max if acc.t2v_max is not None else torch.zeros(self.n)
         return out
+
+
+def _mean(total: torch.Tensor | float, rows: int) -> torch.Tensor:
+    """0-d CPU float32 mean (``nan`` without rows)."""
+    if not rows:
+        return torch.tensor(math.nan)
+    return (torch.as_tensor(total, dtype=torch.float64).cpu() / rows).float()
 
 
 def attention_stats(
