@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_kvmm.bench.perf_gpu import LLAMA2_7B_MHA
+from vllm_kvmm.bench.archs import write_model
 
 
 def _child(cfg: dict) -> None:
@@ -77,20 +77,19 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.2)
-    ap.add_argument("--model-dir", default="/tmp/models/llama2-7b-mha")
+    ap.add_argument("--arch", default="llama2-7b-mha")
+    ap.add_argument("--model-root", default="out/models")
     ap.add_argument("--out", default="out/profile")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.child:
         _child(json.loads(a.child))
         return
-    os.makedirs(a.model_dir, exist_ok=True)
-    with open(f"{a.model_dir}/config.json", "w") as f:
-        json.dump(LLAMA2_7B_MHA, f)
+    model = write_model(Path(a.model_root), a.arch, images=False).path
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     for name in a.configs.split(","):
         cfg = dict(
-            name=name, policy=None if name.startswith("vanilla") else name, model=a.model_dir, ctx=a.ctx,
+            name=name, policy=None if name.startswith("vanilla") else name, model=str(model), ctx=a.ctx,
             steps=a.steps, budget=a.budget, out=a.out,
         )  # fmt: skip
         proc = subprocess.run(
