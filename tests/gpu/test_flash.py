@@ -8,10 +8,12 @@ paged == dense oracle runs on the CPU build in float32 (tests/vllm).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,26 @@ def test_flash_backend_and_cuda_graphs_in_use(runs: dict[str, Any]) -> None:
     assert "FULL_AND_PIECEWISE" in runs["cudagraph_mode"]
 
 
+@contextlib.contextmanager
+def _graph_modes() -> Iterator[list[Any]]:
+    """The CUDA-graph mode vLLM's dispatcher picks for each step inside the block."""
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    modes: list[Any] = []
+    patched = CudagraphDispatcher.dispatch
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = patched(self, *args, **kwargs)
+        modes.append(out[0])
+        return out
+
+    CudagraphDispatcher.dispatch = recording  # type: ignore[method-assign]
+    try:
+        yield modes
+    finally:
+        CudagraphDispatcher.dispatch = patched  # type: ignore[method-assign]
+
+
 def test_full_cuda_graphs_read_the_compact_view(runs: dict[str, Any]) -> None:
     """Decoding compressed requests in FULL CUDA graphs (persistent per-group buffers) equals decoding
     them with attention outside the graphs: a graph replaying a stale table or stale lengths would
@@ -135,25 +157,15 @@ def test_full_cuda_graphs_read_the_compact_view(runs: dict[str, Any]) -> None:
         max_tokens=6, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=1, extra_args=extra
     )
     from vllm.config import CUDAGraphMode
-    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
-    modes: list[Any] = []
-    patched = CudagraphDispatcher.dispatch
-
-    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = patched(self, *args, **kwargs)
-        modes.append(out[0])
-        return out
-
-    CudagraphDispatcher.dispatch = recording  # type: ignore[method-assign]
-    try:
+    with _graph_modes() as full_modes:
         full = llm.generate(_prompts(), sp)
-        full_modes, modes[:] = list(modes), []
-        state.force_piecewise = True
-        piecewise = llm.generate(_prompts(), sp)
+    state.force_piecewise = True
+    try:
+        with _graph_modes() as modes:
+            piecewise = llm.generate(_prompts(), sp)
     finally:
         state.force_piecewise = False
-        CudagraphDispatcher.dispatch = patched  # type: ignore[method-assign]
     assert CUDAGraphMode.FULL in full_modes  # decode steps of compressed requests replay full graphs
     assert CUDAGraphMode.FULL not in modes and CUDAGraphMode.PIECEWISE in modes
     for a, b in zip(full, piecewise, strict=True):
@@ -228,16 +240,41 @@ def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict, b
         kv_policy=name, kv_budget=0.25 if name == "h2o" else None, kv_policy_config=json.dumps(config)
     )
     params.max_tokens = 200
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    state = worker_state()
+    state.flush_history.clear()
     engine.add_request("dec", _prompts()[1], params)
     sched = engine.engine_core.engine_core.scheduler
     peak, out = 0, None
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out = o
-        mgrs = managers(sched.kv_cache_manager.block_pool)
-        reqs = [r for r in mgrs[0].req_to_blocks if r.startswith("dec")]
-        if reqs:
-            peak = max(peak, max(m.num_held_blocks(reqs[0]) for m in mgrs.values()))
+    with _graph_modes() as modes:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out = o
+            mgrs = managers(sched.kv_cache_manager.block_pool)
+            reqs = [r for r in mgrs[0].req_to_blocks if r.startswith("dec")]
+            if reqs:
+                peak = max(peak, max(m.num_held_blocks(reqs[0]) for m in mgrs.values()))
     assert out is not None and len(out.outputs[0].token_ids) == 200
+    # Decode steps replay FULL graphs: the decode queries reach the scores through persistent buffers.
+    from vllm.config import CUDAGraphMode
+
+    assert modes.count(CUDAGraphMode.FULL) >= 190, modes.count(CUDAGraphMode.FULL)
+    # The same request with attention outside the graphs (decode queries taken in Python): the flushes
+    # keep the same positions up to bf16 noise, so the buffered queries are this step's, not stale ones.
+    state.force_piecewise = True
+    try:
+        engine.add_request("ref", _prompts()[1], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        state.force_piecewise = False
+    hist = {k.split("-")[0]: v for k, v in state.flush_history.items() if k.startswith(("dec", "ref"))}
+    same = total = 0
+    for flush_a, flush_b in zip(hist["dec"], hist["ref"], strict=True):
+        for a, b in zip(flush_a, flush_b, strict=True):
+            same += sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b, strict=True))
+            total += a.numel()
+    assert total and same / total >= 0.9, same / total
     assert peak <= bound  # 120 + 200 tokens would need 20 blocks a layer without eviction

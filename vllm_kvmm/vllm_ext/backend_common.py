@@ -55,6 +55,7 @@ class CompactViewBuilder:
         if self.group is None:
             return super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
         state = worker_state()
+        state.note_rows(cm.query_start_loc_cpu, getattr(cm, "_seq_lens_cpu", None))
         signature = state.view_signature(self.group)
         # Groups whose rows are compacted alike need the same metadata but their own block ids: build it
         # once per step and swap the table in (vLLM does the same across groups of one spec).
@@ -121,7 +122,10 @@ class StatsObservingImpl:
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
         state = worker_state()
-        if attn_metadata is not None and (state.jobs or state.decoding):
+        if attn_metadata is None:
+            return out
+        state.record_queries(layer.layer_name, query)
+        if state.jobs or state.decoding:
             state.observe(
                 layer.layer_name,
                 query[: attn_metadata.num_actual_tokens],

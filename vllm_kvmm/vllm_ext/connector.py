@@ -88,7 +88,12 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 from vllm.distributed import tensor_model_parallel_all_reduce
 
                 all_reduce = tensor_model_parallel_all_reduce
-            worker_state().configure(layers, spec.block_size, spec.num_kv_heads, tp, all_reduce)
+            # Decode-sized steps (every CUDA-graph capture size included) keep their queries in buffers.
+            capture = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+            rows = max(vllm_config.scheduler_config.max_num_seqs, capture)
+            worker_state().configure(
+                layers, spec.block_size, spec.num_kv_heads, tp, all_reduce, query_rows=rows
+            )
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -232,7 +237,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if isinstance(kv_connector_metadata, KVMMStepMeta):
             state = worker_state()
             state.drop(kv_connector_metadata.dropped)
-            state.eager_attention = bool(kv_connector_metadata.jobs or kv_connector_metadata.decoding)
+            # Prefill statistics are gathered in Python during attention; decode queries are not (see
+            # WorkerState.record_queries), so decode-evicting steps may replay full graphs.
+            state.eager_attention = bool(kv_connector_metadata.jobs)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -73,6 +73,15 @@ class WorkerState:
         self.flushes: dict[str, FlushJob] = {}
         self.row_req_ids: list[str] = []
         self._metadata: dict[tuple, Any] = {}
+        self._row_qsl: list[int] | None = None
+        self._row_seq_lens: list[int] | None = None
+        # Decode queries for decode-time scores, capture-safe: every step of at most ``query_rows`` tokens
+        # copies each layer's queries into a persistent buffer (inside a replayed CUDA graph too), and
+        # after_forward picks the decoding rows out. Larger steps never replay a full graph (capture sizes
+        # are at most ``query_rows``), so their decode rows are taken in Python during the forward.
+        self.query_rows = 0
+        self._query_bufs: dict[str, torch.Tensor] = {}
+        self._buffered_step = False
         self.out = KVMMWorkerMeta()
         self.keep_plans = False  # tests set it to inspect kept sets
         self.tp_world = 1
@@ -96,6 +105,7 @@ class WorkerState:
         num_kv_heads: int,
         tp_world: int = 1,
         all_reduce: Any = None,
+        query_rows: int = 0,
     ) -> None:
         """Start afresh for a new engine (one compressing engine per process at a time).
 
@@ -107,6 +117,7 @@ class WorkerState:
         self.layers = layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
+        self.query_rows = query_rows
 
     @property
     def num_layers(self) -> int:
@@ -158,14 +169,16 @@ class WorkerState:
             return
         ref = self.layers[layer_name]
         self.scales[layer_name] = scale
-        qsl = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
+        # The step's row offsets and lengths from the CPU copies (a read of the device tensors here would
+        # stall every layer on the GPU); the device tensors only where vLLM gave no CPU copy.
+        qsl = self._row_qsl if self._row_qsl is not None else md.query_start_loc.tolist()
+        seq_lens = self._row_seq_lens if self._row_seq_lens is not None else md.seq_lens.tolist()
         for row, req_id in enumerate(self.row_req_ids):
             st = self.requests.get(req_id)
             if st is None:
                 continue
             if req_id in self.decoding:  # buffer this decode query for the next flush's scores
-                if st.positions:
+                if st.positions and not self._buffered_step:
                     q = query[qsl[row] : qsl[row + 1]][-1].clone()
                     st.queries.setdefault(ref.index, []).append((q, self.decoding[req_id] - 1))
                 continue
@@ -206,6 +219,8 @@ class WorkerState:
     def after_forward(self) -> None:
         """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""
         t0 = time.perf_counter()
+        if self.decoding and self._buffered_step:
+            self._take_buffered_queries()
         done = [j for j in self.jobs.values() if j.completes and j.req_id in self.requests]
         for job in done:
             self._compress(job, self.requests[job.req_id])
@@ -420,6 +435,47 @@ class WorkerState:
         """Called once per step before any metadata is built: the row order, and a fresh share cache."""
         self.row_req_ids = req_ids
         self._metadata = {}
+        self._row_qsl = self._row_seq_lens = None
+
+    def note_rows(self, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor | None) -> None:
+        """The step's query offsets and (uncompacted) lengths per row, from the first group's metadata."""
+        if self._row_qsl is None:
+            self._row_qsl = query_start_loc_cpu.tolist()
+            self._row_seq_lens = seq_lens_cpu.tolist() if seq_lens_cpu is not None else None
+            self._buffered_step = 0 < self._row_qsl[-1] <= self.query_rows
+
+    def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
+        """Copy a decode-sized step's queries ``[n, H, d]`` into this layer's persistent buffer.
+
+        Runs in every forward, so a CUDA graph captured with it repeats the copy on replay.
+        """
+        n = query.shape[0]
+        if n > self.query_rows or layer_name not in self.layers:
+            return
+        buf = self._query_bufs.get(layer_name)
+        if buf is None:
+            shape = (self.query_rows, *query.shape[1:])
+            buf = self._query_bufs[layer_name] = torch.empty(shape, dtype=query.dtype, device=query.device)
+        buf[:n].copy_(query)
+
+    def _take_buffered_queries(self) -> None:
+        """This step's decode queries of decode-evicting requests, out of the persistent buffers."""
+        assert self._row_qsl is not None
+        rows = [
+            (row, req_id)
+            for row, req_id in enumerate(self.row_req_ids)
+            if req_id in self.decoding and (st := self.requests.get(req_id)) is not None and st.positions
+        ]
+        if not rows or not self._query_bufs:
+            return
+        dev = next(iter(self._query_bufs.values())).device
+        index = torch.tensor([self._row_qsl[row + 1] - 1 for row, _ in rows], device=dev)
+        for name, buf in self._query_bufs.items():
+            layer = self.layers[name].index
+            picked = buf.index_select(0, index)  # [rows, H, d], a copy: the buffer is rewritten next step
+            for i, (_, req_id) in enumerate(rows):
+                queries = self.requests[req_id].queries.setdefault(layer, [])
+                queries.append((picked[i], self.decoding[req_id] - 1))
 
     def shared_metadata(self, key: tuple) -> Any:
         return self._metadata.get(key)

