@@ -61,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
     from vllm_kvmm.serve_demo import run_vlm_demo
 
-    return run_vlm_demo(
+    run_vlm_demo(
         policy=args.policy,
         budget=args.budget or 0.2,
         compare=compare,
@@ -69,6 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_images=args.images,
         max_tokens=args.max_new_tokens or 8,
     )
+    return 0
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:

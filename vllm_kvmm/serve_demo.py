@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,20 @@ def vllm_server(
         print("\nserver stopped")
 
 
+@dataclass(frozen=True)
+class DemoAnswer:
+    question: str
+    truth: str
+    run: str  # the policy label
+    answer: str
+    prompt_tokens: int
+    blocks_freed: int
+
+    @property
+    def right(self) -> bool:
+        return self.answer.strip().lower() == self.truth
+
+
 def _runs(policy: str, budget: float, compare: Sequence[str], compare_budget: float) -> list[tuple[str, Any]]:
     """``(label, vllm_xargs)`` of the server's default run, then one per comparison policy."""
     runs: list[tuple[str, Any]] = [(f"{policy} (server default, budget {budget:g})", None)]
@@ -160,8 +175,12 @@ def run_vlm_demo(
     compare_budget: float = 0.2,
     n_images: int = 16,
     max_tokens: int = 8,
-) -> int:
-    """Ask the embedded VLM about ``n_images`` held-out images under the server's policy and the others."""
+    sheet: Path | None = Path("out") / "demo_images.png",
+) -> list[DemoAnswer]:
+    """Ask the embedded VLM about ``n_images`` held-out images under the server's policy and the others.
+
+    Prints every answer and returns them (one :class:`DemoAnswer` per question and run).
+    """
     import random
 
     from openai import OpenAI
@@ -175,16 +194,17 @@ def run_vlm_demo(
         make_policy(name, 1.0 if name == "full" else compare_budget)
     model = ensure_vlm()
     ctx = data.multi_context(
-        random.Random(f"demo/{n_images}"), "test", n_images, {"needle": 1, "lookup": 1, "count": 1}
+        random.Random(f"demo/{n_images}"), "test", n_images, {"needle": 1, "lookup": 1, "order": 1}
     )
     images = ctx.images()
-    sheet = contact_sheet(images, Path("out") / "demo_images.png")
-    print(f"{n_images} held-out easy-VQA images (never trained on), numbered as the model sees them: {sheet}")
+    where = f": {contact_sheet(images, sheet)}" if sheet is not None else ""
+    print(f"{n_images} held-out easy-VQA images (never trained on), numbered as the model sees them{where}")
     print(
         "truth: "
         + ", ".join(f"{k + 1} {' '.join(data.label('test', i))}" for k, i in enumerate(ctx.image_ids))
     )
     extra = ["--max-model-len", "2048", "--limit-mm-per-prompt", json.dumps({"image": n_images})]
+    results: list[DemoAnswer] = []
     with vllm_server(model, "vlm", policy, budget, extra) as base:
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
         for q in ctx.questions:
@@ -205,12 +225,15 @@ def run_vlm_demo(
                 )
                 dt = time.time() - t1
                 answer = (resp.choices[0].message.content or "").strip()
-                ok = answer.lower() == q.answer
+                ok = answer.lower() == q.answer  # the same rule as DemoAnswer.right
                 n_prompt = resp.usage.prompt_tokens if resp.usage else 0
                 verdict = "right" if ok else "WRONG"
+                after = _metrics(base)
                 print(f"   {label:<32} {answer!r:<12} {verdict:<6} [{dt:.1f} s, {n_prompt} tokens]")
-                print(f"   {'':<32} KV: {_kv_line(before, _metrics(base))}")
-    return 0
+                print(f"   {'':<32} KV: {_kv_line(before, after)}")
+                freed = int(after.get("blocks_freed", 0) - before.get("blocks_freed", 0))
+                results.append(DemoAnswer(q.text, q.answer, label, answer, n_prompt, freed))
+    return results
 
 
 def run_serve_demo(
