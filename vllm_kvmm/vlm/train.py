@@ -12,7 +12,8 @@ count and order questions), loss on the answer tokens only, with the packing of
 Every run is seeded (``--seed``, data order included) and writes ``artifacts/SHA256SUMS`` and
 ``artifacts/training.json`` (arguments, losses, timings, validation accuracies). Results are bit-exact for a
 given device, thread count and library versions. Never touches the ``test`` split. Heavy: run with
-``nice``; on 2 shared CPU cores stage ``tower`` takes ~5 min and stage ``lm`` ~20 min (docs/vlm.md).
+``nice``; on 2 CPU cores stage ``tower`` takes ~8 min and stage ``lm`` ~1 h (``--max-minutes`` and
+``--resume`` cut it into pieces; docs/vlm.md). The defaults reproduce the artifacts in the repository.
 """
 
 from __future__ import annotations
@@ -376,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     p.add_argument("--tower-epochs", type=int, default=20)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps of stage lm")
-    p.add_argument("--contexts-per-step", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of stage lm")
+    p.add_argument("--contexts-per-step", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--prealign-steps", type=int, default=300, help="projector pre-alignment steps (0: off)")
