@@ -17,6 +17,7 @@ the benchmark's own prompts), and ``kv``: the prompt KV actually kept, measured 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -29,13 +30,13 @@ from vllm_kvmm.vlm import data
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
 
 BLOCK = 16
-# (task family, images per prompt, contexts): ~60 prompts, up to 16 images (~1.2k tokens) each.
+# (task family, images per prompt, contexts): 34 prompts, up to 16 images (~1.2k tokens) each.
 DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
-    ("single", 1, 2),
-    ("needle", 16, 2),
+    ("single", 1, 1),
+    ("needle", 16, 1),
     ("lookup", 8, 1),
-    ("count", 8, 2),
-    ("order", 8, 2),
+    ("count", 8, 1),
+    ("order", 8, 1),
 )
 
 
@@ -72,6 +73,45 @@ def plan_examples(plan: Sequence[tuple[str, int, int]]) -> list[tuple[str, data.
     return out
 
 
+class _CaseCache:
+    """Finished cases ``{"engine|policy|budget": {"tokens": [[...]], "kv": [...]}}`` in a JSON file.
+
+    Keyed by ``setup`` (model, plan, generation length, device): a file written for another setup is
+    ignored and replaced. ``path`` None: memory only.
+    """
+
+    def __init__(self, path: Path | None, setup: dict[str, Any]) -> None:
+        self.path, self.setup = path, setup
+        self.cases: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("setup") == setup:
+                self.cases = saved["cases"]
+
+    @staticmethod
+    def _key(engine: str, policy: str, budget: float) -> str:
+        return f"{engine}|{policy}|{budget:g}"
+
+    def has(self, engine: str, policy: str, budget: float) -> bool:
+        return self._key(engine, policy, budget) in self.cases
+
+    def tokens(self, engine: str, policy: str, budget: float) -> list[list[int]]:
+        return self.cases[self._key(engine, policy, budget)]["tokens"]
+
+    def kv(self, policy: str, budget: float) -> list[float]:
+        return self.cases[self._key("dense", policy, budget)]["kv"]
+
+    def put(
+        self, engine: str, policy: str, budget: float, tokens: list[list[int]], kv: list[float] | None = None
+    ) -> None:
+        self.cases[self._key(engine, policy, budget)] = {"tokens": [list(t) for t in tokens], "kv": kv}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"setup": self.setup, "cases": self.cases}))
+            tmp.replace(self.path)
+
+
 def _answer(tok: Any, ids: Sequence[int]) -> str:
     ids = list(ids)
     if tok.eos_token_id in ids:
@@ -105,9 +145,17 @@ def run_vlm_quality(
     tok = proc.tokenizer
     examples = plan_examples(plan)
     images = [ex.context.images() for _, ex in examples]
-    tokens: dict[tuple[str, str, float], list[list[int]]] = {}
-    kv: dict[tuple[str, float], list[float]] = {}
-    if "dense" in engines:
+    # Every finished (engine, policy, budget) is kept next to ``out``: an interrupted run resumes, and a
+    # later run with more policies or budgets computes only the new cases.
+    cache = _CaseCache(
+        None if out is None else out.with_suffix(".cases.json"),
+        dict(model=str(model), plan=[list(p) for p in plan], gen_tokens=gen_tokens, device=device),
+    )
+    if "vllm" in engines:
+        todo = [c for c in cases if not cache.has("vllm", *c)]
+        if todo:
+            _vllm_tokens(model, proc, todo, examples, images, gen_tokens, device, log, cache)
+    if "dense" in engines and any(not cache.has("dense", *c) for c in cases):
         import torch
 
         from vllm_kvmm.reference import DenseReference
@@ -118,16 +166,17 @@ def run_vlm_quality(
             for (_, ex), im in zip(examples, images, strict=True)
         ]
         for name, budget in cases:
+            if cache.has("dense", name, budget):
+                continue
             t0 = time.perf_counter()
             policy = make_policy(name, budget)
             outs = [
                 ref.generate([r], policy, gen_tokens, granularity=BLOCK, stop_at_eos=True)[0] for r in refs
             ]
-            tokens["dense", name, budget] = [o.token_ids for o in outs]
-            kv[name, budget] = [o.kv_fraction for o in outs]
+            cache.put("dense", name, budget, [o.token_ids for o in outs], [o.kv_fraction for o in outs])
             log(f"dense {name} ρ={budget:g}: {len(refs)} prompts in {time.perf_counter() - t0:.0f} s")
-    if "vllm" in engines:
-        tokens.update(_vllm_tokens(model, proc, cases, examples, images, gen_tokens, device, log))
+    tokens = {(e, n, b): cache.tokens(e, n, b) for e in engines for n, b in cases}
+    kv = {(n, b): cache.kv(n, b) for n, b in cases if "dense" in engines}
     rows = _rows(tok, cases, examples, engines, tokens, kv)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +234,8 @@ def _vllm_tokens(
     gen_tokens: int,
     device: str,
     log: Any,
-) -> dict[tuple[str, str, float], list[list[int]]]:
+    cache: _CaseCache,
+) -> None:
     """Every case through one engine: the policy is chosen per request (``extra_args``)."""
     from vllm import LLM, SamplingParams
 
@@ -203,7 +253,6 @@ def _vllm_tokens(
     if device == "cpu":
         kw.update(dtype="float32", enforce_eager=True)
     llm = LLM(**kw, **vllm_kvmm.engine_args("full"))
-    out = {}
     for name, budget in cases:
         t0 = time.perf_counter()
         sp = SamplingParams(
@@ -211,9 +260,10 @@ def _vllm_tokens(
             extra_args={"kv_policy": name, "kv_budget": budget},
         )  # fmt: skip
         res = llm.generate(inputs, sp, use_tqdm=False)
-        out["vllm", name, budget] = [list(r.outputs[0].token_ids) for r in res]
+        cache.put("vllm", name, budget, [list(r.outputs[0].token_ids) for r in res])
         log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
-    return out
+    with contextlib.suppress(Exception):  # free the engine before the dense reference loads
+        llm.llm_engine.engine_core.shutdown()
 
 
 def table(rows: list[VLMQualityRow]) -> str:
