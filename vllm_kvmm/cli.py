@@ -98,6 +98,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         cont_tokens=args.cont_tokens,
         gen_tokens=args.gen_tokens,
         segments=args.segments,
+        engines=args.engines.split(","),
+        device=args.device,
         out=Path(args.out or "out/quality_text.json"),
     )
     return 0
@@ -153,17 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
     sp = bench.add_parser(
         "quality",
-        help="text: perplexity / agreement with the full cache on SmolLM2 (dense); --model vlm: accuracy on "
-        "held-out multi-image tasks of the embedded VLM, dense reference and vLLM side by side",
+        help="text: perplexity / agreement with the full cache on SmolLM2; --model vlm: accuracy on held-out "
+        "multi-image tasks of the embedded VLM; both through the dense reference and vLLM side by side",
     )
     sp.add_argument(
         "--model", default=None, help="`vlm` (the embedded VLM) or an assembled VLM folder; unset: text"
     )
     sp.add_argument("--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
-    sp.add_argument("--budgets", default="1.0,0.5,0.2")
+    sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
     sp.add_argument("--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups)")
-    sp.add_argument("--engines", default="dense,vllm", help="--model: dense, vllm or both")
-    sp.add_argument("--device", default="cpu", help="--model: cpu (float32) or cuda (bfloat16)")
+    sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
+    sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     sp.add_argument("--prompt-tokens", type=int, default=1536)
     sp.add_argument("--cont-tokens", type=int, default=256)
     sp.add_argument("--gen-tokens", type=int, default=32)

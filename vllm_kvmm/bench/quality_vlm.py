@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_kvmm.bench.cases import CaseCache
 from vllm_kvmm.vlm import data
 
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
@@ -73,45 +74,6 @@ def plan_examples(plan: Sequence[tuple[str, int, int]]) -> list[tuple[str, data.
     return out
 
 
-class _CaseCache:
-    """Finished cases ``{"engine|policy|budget": {"tokens": [[...]], "kv": [...]}}`` in a JSON file.
-
-    Keyed by ``setup`` (model, plan, generation length, device): a file written for another setup is
-    ignored and replaced. ``path`` None: memory only.
-    """
-
-    def __init__(self, path: Path | None, setup: dict[str, Any]) -> None:
-        self.path, self.setup = path, setup
-        self.cases: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("setup") == setup:
-                self.cases = saved["cases"]
-
-    @staticmethod
-    def _key(engine: str, policy: str, budget: float) -> str:
-        return f"{engine}|{policy}|{budget:g}"
-
-    def has(self, engine: str, policy: str, budget: float) -> bool:
-        return self._key(engine, policy, budget) in self.cases
-
-    def tokens(self, engine: str, policy: str, budget: float) -> list[list[int]]:
-        return self.cases[self._key(engine, policy, budget)]["tokens"]
-
-    def kv(self, policy: str, budget: float) -> list[float]:
-        return self.cases[self._key("dense", policy, budget)]["kv"]
-
-    def put(
-        self, engine: str, policy: str, budget: float, tokens: list[list[int]], kv: list[float] | None = None
-    ) -> None:
-        self.cases[self._key(engine, policy, budget)] = {"tokens": [list(t) for t in tokens], "kv": kv}
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"setup": self.setup, "cases": self.cases}))
-            tmp.replace(self.path)
-
-
 def _answer(tok: Any, ids: Sequence[int]) -> str:
     ids = list(ids)
     if tok.eos_token_id in ids:
@@ -147,7 +109,7 @@ def run_vlm_quality(
     images = [ex.context.images() for _, ex in examples]
     # Every finished (engine, policy, budget) is kept next to ``out``: an interrupted run resumes, and a
     # later run with more policies or budgets computes only the new cases.
-    cache = _CaseCache(
+    cache = CaseCache(
         None if out is None else out.with_suffix(".cases.json"),
         dict(model=str(model), plan=[list(p) for p in plan], gen_tokens=gen_tokens, device=device),
     )
@@ -173,10 +135,15 @@ def run_vlm_quality(
             outs = [
                 ref.generate([r], policy, gen_tokens, granularity=BLOCK, stop_at_eos=True)[0] for r in refs
             ]
-            cache.put("dense", name, budget, [o.token_ids for o in outs], [o.kv_fraction for o in outs])
+            cache.put(
+                "dense",
+                name,
+                budget,
+                {"tokens": [o.token_ids for o in outs], "kv": [o.kv_fraction for o in outs]},
+            )
             log(f"dense {name} ρ={budget:g}: {len(refs)} prompts in {time.perf_counter() - t0:.0f} s")
-    tokens = {(e, n, b): cache.tokens(e, n, b) for e in engines for n, b in cases}
-    kv = {(n, b): cache.kv(n, b) for n, b in cases if "dense" in engines}
+    tokens = {(e, n, b): cache.get(e, n, b)["tokens"] for e in engines for n, b in cases}
+    kv = {(n, b): cache.get("dense", n, b)["kv"] for n, b in cases if "dense" in engines}
     rows = _rows(tok, cases, examples, engines, tokens, kv)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +201,7 @@ def _vllm_tokens(
     gen_tokens: int,
     device: str,
     log: Any,
-    cache: _CaseCache,
+    cache: CaseCache,
 ) -> None:
     """Every case through one engine: the policy is chosen per request (``extra_args``)."""
     from vllm import LLM, SamplingParams
@@ -260,7 +227,7 @@ def _vllm_tokens(
             extra_args={"kv_policy": name, "kv_budget": budget},
         )  # fmt: skip
         res = llm.generate(inputs, sp, use_tqdm=False)
-        cache.put("vllm", name, budget, [list(r.outputs[0].token_ids) for r in res])
+        cache.put("vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": None})
         log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
     with contextlib.suppress(Exception):  # free the engine before the dense reference loads
         llm.llm_engine.engine_core.shutdown()
