@@ -1,0 +1,57 @@
+"""Benchmark plumbing without an engine: the resumable case store and reading a forced vLLM output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vllm_kvmm.bench.cases import CaseCache
+
+
+def test_cases_persist_and_resume_for_the_same_setup(tmp_path: Path) -> None:
+    path = tmp_path / "c.cases.json"
+    setup = dict(model="m", plan=[("single", 1, 1)], gen_tokens=4)
+    a = CaseCache(path, setup)
+    a.put("dense", "snapkv", 0.5, {"tokens": [[1, 2]], "kv": [0.5]})
+    a.put("vllm", "snapkv", 0.5, {"tokens": [[1, 2]], "kv": None})
+    b = CaseCache(path, dict(setup))  # tuples in the setup compare equal with the file's lists
+    assert b.has("dense", "snapkv", 0.5) and b.has("vllm", "snapkv", 0.5)
+    assert not b.has("dense", "snapkv", 0.3)
+    assert b.get("dense", "snapkv", 0.5) == {"tokens": [[1, 2]], "kv": [0.5]}
+
+
+def test_a_file_from_another_setup_is_ignored_then_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "c.cases.json"
+    CaseCache(path, dict(gen_tokens=4)).put("dense", "h2o", 0.2, {"x": 1})
+    other = CaseCache(path, dict(gen_tokens=8))
+    assert not other.has("dense", "h2o", 0.2)
+    other.put("dense", "h2o", 0.1, {"x": 2})
+    assert set(CaseCache(path, dict(gen_tokens=8)).cases) == {"dense|h2o|0.1"}
+    assert CaseCache(path, dict(gen_tokens=4)).cases == {}
+
+
+@dataclass
+class _Logprob:
+    logprob: float
+    rank: int
+
+
+@dataclass
+class _Output:
+    token_ids: list[int]
+    logprobs: list[dict[int, _Logprob]]
+
+
+def test_forced_logprobs_reads_the_true_token_and_the_argmax() -> None:
+    pytest.importorskip("vllm")
+    from vllm_kvmm.bench.forcing import forced_logprobs
+
+    out = _Output(
+        [5, 7],
+        [{5: _Logprob(-0.1, 1)}, {7: _Logprob(-2.5, 3), 9: _Logprob(-0.3, 1)}],
+    )
+    assert forced_logprobs(out, [5, 7]) == ([-0.1, -2.5], [5, 9])
+    with pytest.raises(RuntimeError, match="teacher forcing failed"):
+        forced_logprobs(out, [5, 8])
