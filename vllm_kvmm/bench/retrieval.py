@@ -15,6 +15,7 @@ same command with ``--device cuda`` for the dense side).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_kvmm.bench.cases import CaseCache
 from vllm_kvmm.data import long_text
 
 __all__ = ["RetrievalRow", "passkey_prompts", "run_retrieval"]
@@ -36,6 +38,12 @@ class PasskeyPrompt:
     ids: list[int]
     answer: str
     depth: float
+
+    def as_input(self) -> Any:
+        """The dense reference's input (text only)."""
+        from vllm_kvmm.reference import PromptInput
+
+        return PromptInput.from_ids(self.ids)
 
 
 @dataclass
@@ -101,26 +109,40 @@ def run_retrieval(
     tok = AutoTokenizer.from_pretrained(path)
     cases = [(name, b) for name in policies for b in budgets if not (name == "full" and b != 1.0)]
     prompts = {c: passkey_prompts(tok, c, samples) for c in contexts}
-    tokens: dict[tuple[str, str, float, int], list[list[int]]] = {}
-    if "dense" in engines:
+    # Finished cases are kept next to ``out``: an interrupted run resumes, a wider one computes only the new.
+    setup = dict(contexts=list(contexts), samples=samples, gen_tokens=gen_tokens, device=device, block=BLOCK)
+    cache = CaseCache(None if out is None else out.with_suffix(".cases.json"), setup)
+    if "vllm" in engines and any(not cache.has("vllm", *c) for c in cases):
+        _vllm_tokens(
+            path, [c for c in cases if not cache.has("vllm", *c)], prompts, gen_tokens, device, cache
+        )
+    if "dense" in engines and any(not cache.has("dense", *c) for c in cases):
         import torch
 
-        from vllm_kvmm.reference import DenseReference, PromptInput
+        from vllm_kvmm.reference import DenseReference
 
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         ref = DenseReference(path, dtype=dtype, device=device)
         for name, budget in cases:
+            if cache.has("dense", name, budget):
+                continue
+            t0 = time.perf_counter()
             policy = make_policy(name, budget)
-            for c in contexts:
-                t0 = time.perf_counter()
-                outs = [
-                    ref.generate([PromptInput.from_ids(p.ids)], policy, gen_tokens, granularity=BLOCK)[0]
-                    for p in prompts[c]
+            done = {
+                str(c): [
+                    ref.generate([p.as_input()], policy, gen_tokens, granularity=BLOCK)[0].token_ids
+                    for p in ps
                 ]
-                tokens["dense", name, budget, c] = [o.token_ids for o in outs]
-                print(f"dense {name} ρ={budget:g} ctx={c}: {time.perf_counter() - t0:.0f} s", flush=True)
-    if "vllm" in engines:
-        tokens.update(_vllm_tokens(path, cases, prompts, gen_tokens, device))
+                for c, ps in prompts.items()
+            }
+            cache.put("dense", name, budget, {"tokens": done})
+            print(f"dense {name} ρ={budget:g}: {time.perf_counter() - t0:.0f} s", flush=True)
+    tokens = {
+        (e, n, b, c): cache.get(e, n, b)["tokens"][str(c)]
+        for e in engines
+        for n, b in cases
+        for c in contexts
+    }
     rows = []
     for name, budget in cases:
         for c in contexts:
@@ -145,31 +167,38 @@ def run_retrieval(
 
 def _vllm_tokens(
     path: Path,
-    cases: list[tuple[str, float]],
+    todo: list[tuple[str, float]],
     prompts: dict[int, list[PasskeyPrompt]],
     gen_tokens: int,
     device: str,
-) -> dict[tuple[str, str, float, int], list[list[int]]]:
+    cache: CaseCache,
+) -> None:
     """Every case through one engine: the policy is chosen per request (``extra_args``)."""
     from vllm import LLM, SamplingParams
 
     import vllm_kvmm
 
     longest = max(prompts)
-    kw: dict[str, Any] = dict(model=str(path), max_model_len=longest + gen_tokens + 16, seed=0)
+    kw: dict[str, Any] = dict(
+        model=str(path), max_model_len=longest + gen_tokens + 16, seed=0, block_size=BLOCK
+    )
     if device == "cpu":
         kw.update(dtype="float32", enforce_eager=True)
     llm = LLM(**kw, **vllm_kvmm.engine_args("full"))
-    out = {}
-    for name, budget in cases:
+    for name, budget in todo:
+        t0 = time.perf_counter()
         sp = SamplingParams(
             max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
             extra_args={"kv_policy": name, "kv_budget": budget},
         )  # fmt: skip
+        done = {}
         for c, ps in prompts.items():
             res = llm.generate([{"prompt_token_ids": p.ids} for p in ps], sp, use_tqdm=False)
-            out["vllm", name, budget, c] = [list(r.outputs[0].token_ids) for r in res]
-    return out
+            done[str(c)] = [list(r.outputs[0].token_ids) for r in res]
+        cache.put("vllm", name, budget, {"tokens": done})
+        print(f"vllm {name} ρ={budget:g}: {time.perf_counter() - t0:.0f} s", flush=True)
+    with contextlib.suppress(Exception):  # free the engine before the dense reference loads
+        llm.llm_engine.engine_core.shutdown()
 
 
 def table(rows: list[RetrievalRow]) -> str:
