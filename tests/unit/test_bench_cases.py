@@ -55,3 +55,25 @@ def test_forced_logprobs_reads_the_true_token_and_the_argmax() -> None:
     assert forced_logprobs(out, [5, 7]) == ([-0.1, -2.5], [5, 9])
     with pytest.raises(RuntimeError, match="teacher forcing failed"):
         forced_logprobs(out, [5, 8])
+
+
+def test_a_variant_is_the_same_policy_on_both_paths() -> None:
+    from vllm_kvmm.bench.cases import build_policy, request_args
+    from vllm_kvmm.config import KVPolicyArgs
+    from vllm_kvmm.policies.meda import MEDA
+
+    dense = build_policy("meda-released", 0.2)
+    assert dense == MEDA.released_code(0.2)
+    args = request_args("meda-released", 0.2)
+    assert args["kv_policy"] == "meda" and args["kv_policy_config"]["text_prior"] == "keep_all"
+    # What the server builds from these request arguments (vllm_ext/validation.py, connector).
+    assert KVPolicyArgs.parse(args["kv_policy"], args["kv_budget"], args["kv_policy_config"]) == dense
+    assert request_args("snapkv", 0.5) == {"kv_policy": "snapkv", "kv_budget": 0.5}
+
+
+def test_an_unknown_label_fails_with_the_policy_list() -> None:
+    from vllm_kvmm.bench.cases import build_policy
+    from vllm_kvmm.policies import PolicyError
+
+    with pytest.raises(PolicyError, match="unknown KV policy 'meda-paper'; choose one of: meda"):
+        build_policy("meda-paper", 0.2)

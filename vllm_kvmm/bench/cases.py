@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaseCache"]
+__all__ = ["VARIANTS", "CaseCache", "build_policy", "case_policy", "request_args"]
 
 
 class CaseCache:
@@ -48,3 +48,39 @@ class CaseCache:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"setup": self.setup, "cases": self.cases}))
             tmp.replace(self.path)
+
+
+# Named variants a benchmark can run beside the registered policies: label → (policy, budget → fields).
+def _meda_released(budget: float) -> dict[str, Any]:
+    from vllm_kvmm.policies.meda import MEDA
+
+    m = MEDA.released_code(budget)
+    return m.model_dump(include=m.model_fields_set - {"budget"})
+
+
+VARIANTS: dict[str, tuple[str, Any]] = {
+    # MEDA as its released code behaves (all text kept, full-attention entropy, no re-scaling): ALGORITHMS.md.
+    "meda-released": ("meda", _meda_released),
+}
+
+
+def case_policy(label: str, budget: float) -> tuple[str, dict[str, Any]]:
+    """``(policy name, config fields)`` of a benchmark label: a registered policy or one of ``VARIANTS``."""
+    if label in VARIANTS:
+        name, fields = VARIANTS[label]
+        return name, fields(budget)
+    return label, {}
+
+
+def build_policy(label: str, budget: float) -> Any:
+    """The dense reference's policy for a benchmark label (raises ``PolicyError`` for a bad one)."""
+    from vllm_kvmm.policies import make_policy
+
+    name, config = case_policy(label, budget)
+    return make_policy(name, budget, config)
+
+
+def request_args(label: str, budget: float) -> dict[str, Any]:
+    """vLLM ``SamplingParams.extra_args`` choosing the same policy per request."""
+    name, config = case_policy(label, budget)
+    return {"kv_policy": name, "kv_budget": budget} | ({"kv_policy_config": config} if config else {})

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
 from vllm_kvmm.data import long_text
 
 __all__ = ["QualityRow", "run_text_quality", "table", "text_segments"]
@@ -118,13 +118,12 @@ def _dense_cases(
 ) -> None:
     import torch
 
-    from vllm_kvmm.policies import make_policy
     from vllm_kvmm.reference import DenseReference, PromptInput
 
     ref = DenseReference(path, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
     for name, budget in todo:
         t0 = time.perf_counter()
-        policy = make_policy(name, budget)
+        policy = build_policy(name, budget)
         res: dict[str, list[Any]] = {"logp": [], "top1": [], "greedy": [], "kv": []}
         for prompt_ids, cont in segs:
             prompt = PromptInput.from_ids(prompt_ids)
@@ -165,7 +164,7 @@ def _vllm_cases(
     prompts = [{"prompt_token_ids": p} for p, _ in segs]
     for name, budget in todo:
         t0 = time.perf_counter()
-        xa = {"kv_policy": name, "kv_budget": budget}
+        xa = request_args(name, budget)
         forced = [
             SamplingParams(
                 max_tokens=len(c),

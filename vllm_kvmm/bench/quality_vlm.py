@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
 from vllm_kvmm.vlm import data
 
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
@@ -95,14 +95,13 @@ def run_vlm_quality(
     """Accuracy and dense/vLLM agreement for every (policy, budget, task group); writes JSON + PNG."""
     from transformers import AutoProcessor
 
-    from vllm_kvmm.policies import make_policy
     from vllm_kvmm.reference import prompt_from_messages
 
     # ``full`` runs once (ρ = 1); every other policy at every budget.
     cases = [("full", 1.0)] if "full" in policies else []
     cases += [(name, b) for name in policies if name != "full" for b in budgets]
     for name, b in cases:
-        make_policy(name, b)  # a bad name or budget fails before any model loads
+        build_policy(name, b)  # a bad name or budget fails before any model loads
     proc = AutoProcessor.from_pretrained(model)
     tok = proc.tokenizer
     examples = plan_examples(plan)
@@ -131,7 +130,7 @@ def run_vlm_quality(
             if cache.has("dense", name, budget):
                 continue
             t0 = time.perf_counter()
-            policy = make_policy(name, budget)
+            policy = build_policy(name, budget)
             outs = [
                 ref.generate([r], policy, gen_tokens, granularity=BLOCK, stop_at_eos=True)[0] for r in refs
             ]
@@ -224,7 +223,7 @@ def _vllm_tokens(
         t0 = time.perf_counter()
         sp = SamplingParams(
             max_tokens=gen_tokens, temperature=0.0, detokenize=False,
-            extra_args={"kv_policy": name, "kv_budget": budget},
+            extra_args=request_args(name, budget),
         )  # fmt: skip
         res = llm.generate(inputs, sp, use_tqdm=False)
         cache.put("vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": None})

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
 from vllm_kvmm.data import long_text
 
 __all__ = ["RetrievalRow", "passkey_prompts", "run_retrieval"]
@@ -103,7 +103,6 @@ def run_retrieval(
     from transformers import AutoTokenizer
 
     from vllm_kvmm.models.smollm2 import ensure_smollm2
-    from vllm_kvmm.policies import make_policy
 
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
@@ -128,7 +127,7 @@ def run_retrieval(
             if cache.has("dense", name, budget):
                 continue
             t0 = time.perf_counter()
-            policy = make_policy(name, budget)
+            policy = build_policy(name, budget)
             done = {
                 str(c): [
                     ref.generate([p.as_input()], policy, gen_tokens, granularity=BLOCK)[0].token_ids
@@ -190,7 +189,7 @@ def _vllm_tokens(
         t0 = time.perf_counter()
         sp = SamplingParams(
             max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-            extra_args={"kv_policy": name, "kv_budget": budget},
+            extra_args=request_args(name, budget),
         )  # fmt: skip
         done = {}
         for c, ps in prompts.items():
