@@ -122,6 +122,12 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+VARIANT_HELP = (
+    "comma-separated registered policies or benchmark variants (meda-released: MEDA as its released code); "
+    "full at 1.0 always runs as the yardstick"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-kvmm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--model", default=None, help="`vlm` (the embedded VLM) or an assembled VLM folder; unset: text"
     )
-    sp.add_argument("--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
+    sp.add_argument(
+        "--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae", help=VARIANT_HELP
+    )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
     sp.add_argument("--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups)")
     sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
@@ -177,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = bench.add_parser(
         "retrieval", help="pass-key retrieval on SmolLM2 per policy and budget, dense reference and vLLM"
     )
-    sp.add_argument("--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae")
+    sp.add_argument(
+        "--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda", help=VARIANT_HELP
+    )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
     sp.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens (SmolLM2: up to 8192)")
     sp.add_argument("--samples", type=int, default=4, help="prompts per context (key depths spread evenly)")

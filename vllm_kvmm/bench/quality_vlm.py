@@ -97,9 +97,10 @@ def run_vlm_quality(
 
     from vllm_kvmm.reference import prompt_from_messages
 
-    # ``full`` runs once (ρ = 1); every other policy at every budget.
-    cases = [("full", 1.0)] if "full" in policies else []
-    cases += [(name, b) for name in policies if name != "full" for b in budgets]
+    # ``full`` is every row's yardstick: it always runs, once (ρ = 1); every other policy at every budget.
+    cases = [("full", 1.0)] + [
+        (name, b) for name in dict.fromkeys(policies) if name != "full" for b in budgets
+    ]
     for name, b in cases:
         build_policy(name, b)  # a bad name or budget fails before any model loads
     proc = AutoProcessor.from_pretrained(model)
