@@ -123,8 +123,8 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 
 VARIANT_HELP = (
-    "comma-separated registered policies or benchmark variants (meda-released: MEDA as its released code); "
-    "full at 1.0 always runs as the yardstick"
+    "comma-separated registered policies or benchmark variants (meda-released: MEDA as its released code; "
+    "meda-sink: MEDA keeping 4 sink tokens per layer); full at 1.0 always runs as the yardstick"
 )
 
 

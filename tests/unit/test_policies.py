@@ -384,6 +384,28 @@ def test_keep_all_text_prior_protects_every_text_token(cls):
     assert kept(plan) == [[0, 1, 4, 9, 10, 11]] * 2
 
 
+@pytest.mark.parametrize("cls", [LookM, MEDA])
+def test_sink_tokens_survive_a_budget_that_rounds_to_the_tail(cls):
+    # N = 64 text tokens, B = round(.25·64) = 16, recent 8. Scores rise with position, so the first tokens
+    # score lowest: only protection can keep them.
+    pinfo = info(64)
+    stats = [colsum_stats([list(range(64))] * 2)]
+    plain = cls(budget=0.25, recent_fraction=0.5, text_prior="none", merge="none")
+    sink = cls(budget=0.25, recent_fraction=0.5, text_prior="none", merge="none", sink_tokens=4)
+    # Block 16: tail [48, 64); prefix budget 16 − 16 = 0 → the plain layer keeps the tail alone.
+    (plan,) = plan_compression(plain, stats, pinfo, granularity=16)
+    assert kept(plan) == [list(range(48, 64))] * 2
+    # With 4 sink tokens the prefix keeps one block: the sink, then the 12 best of [4, 48) = [36, 48).
+    (plan,) = plan_compression(sink, stats, pinfo, granularity=16)
+    assert kept(plan) == [[0, 1, 2, 3, *range(36, 64)]] * 2
+    assert plan.prefix_keep == 16
+    # Token granularity: tail [56, 64), prefix budget 8 = the sink + the 4 best of [4, 56) = [52, 56).
+    (plan,) = plan_compression(sink, stats, pinfo)
+    assert kept(plan) == [[0, 1, 2, 3, *range(52, 64)]] * 2
+    assert sink.protected(pinfo, 0).nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert plain.protected(pinfo, 0) is None
+
+
 def test_snapkv_pools_the_scored_region_only():
     # N = 12, window 3 → scored region [0, 9). Huge window scores at [9, 12) must not leak into 8.
     pinfo = info(12, layers=1, h_kv=1)

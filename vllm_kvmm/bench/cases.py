@@ -61,6 +61,8 @@ def _meda_released(budget: float) -> dict[str, Any]:
 VARIANTS: dict[str, tuple[str, Any]] = {
     # MEDA as its released code behaves (all text kept, full-attention entropy, no re-scaling): ALGORITHMS.md.
     "meda-released": ("meda", _meda_released),
+    # MEDA as in the paper, plus 4 attention-sink tokens in every layer (beyond the paper: sink_tokens).
+    "meda-sink": ("meda", lambda budget: {"sink_tokens": 4}),
 }
 
 

@@ -40,6 +40,12 @@ class TextPriorPolicy(KVPolicy):
     merge_keys: bool = Field(True, description="merge keys too (False is safer with M-RoPE models)")
     similarity_filter: bool = Field(False, description="released code's merge filter (mean best sim)")
     misaligned_source: bool = Field(False, description="reproduce the released MEDA code's merge index bug")
+    sink_tokens: int = Field(
+        0,
+        ge=0,
+        description="beyond the papers: the first tokens every layer keeps (attention sink); a layer whose "
+        "budget has no room for them keeps one more block",
+    )
 
     def model_post_init(self, context: object) -> None:
         if self.misaligned_source and not self.similarity_filter:
@@ -53,7 +59,13 @@ class TextPriorPolicy(KVPolicy):
         return budget_tokens(self.recent_fraction, budget)
 
     def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
-        return info.text_mask if self.text_prior == "keep_all" else None
+        prot = info.text_mask if self.text_prior == "keep_all" else None
+        if self.sink_tokens:
+            # Protected rather than scored: under the paged layout a small layer's budget can round to its
+            # recent blocks alone, where no score would save the sink (docs/notes/meda_review_2026-11-23.md).
+            sink = torch.arange(info.num_tokens) < self.sink_tokens
+            prot = sink if prot is None else prot | sink
+        return prot
 
     def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
         st = stats[layer]
