@@ -8,10 +8,11 @@ computes only the new ones.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VARIANTS", "CaseCache", "build_policy", "case_policy", "request_args"]
+__all__ = ["VARIANTS", "CaseCache", "build_policy", "case_policy", "request_args", "yardstick_cases"]
 
 
 class CaseCache:
@@ -38,6 +39,10 @@ class CaseCache:
     def has(self, engine: str, policy: str, budget: float) -> bool:
         return self._key(engine, policy, budget) in self.cases
 
+    def missing(self, engine: str, cases: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The ``(policy, budget)`` cases ``engine`` has not finished yet, in order."""
+        return [c for c in cases if not self.has(engine, *c)]
+
     def get(self, engine: str, policy: str, budget: float) -> dict[str, Any]:
         return self.cases[self._key(engine, policy, budget)]
 
@@ -48,6 +53,11 @@ class CaseCache:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"setup": self.setup, "cases": self.cases}))
             tmp.replace(self.path)
+
+
+def yardstick_cases(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
+    """``full`` at 1.0 (every row's yardstick, always run once), then every other policy at every budget."""
+    return [("full", 1.0)] + [(n, float(b)) for n in dict.fromkeys(policies) if n != "full" for b in budgets]
 
 
 # Named variants a benchmark can run beside the registered policies: label → (policy, budget → fields).

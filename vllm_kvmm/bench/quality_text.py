@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
 from vllm_kvmm.data import long_text
 
 __all__ = ["QualityRow", "run_text_quality", "table", "text_segments"]
@@ -80,21 +80,16 @@ def run_text_quality(
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
     segs = text_segments(tok, prompt_tokens, cont_tokens, segments)
-    # ``full`` is the yardstick of every row; a policy at 1.0 must reproduce it (a live identity check).
-    cases = [("full", 1.0)] + [(n, float(b)) for n in dict.fromkeys(policies) if n != "full" for b in budgets]
+    cases = yardstick_cases(policies, budgets)  # a policy at 1.0 must reproduce full: a live identity check
     setup = dict(
         model="SmolLM2-135M-Instruct", prompt_tokens=prompt_tokens, cont_tokens=cont_tokens,
         gen_tokens=gen_tokens, segments=segments, device=device, block=BLOCK,
     )  # fmt: skip
     cache = CaseCache(None if out is None else out.with_suffix(".cases.json"), setup)
-    if "vllm" in engines and any(not cache.has("vllm", *c) for c in cases):
-        _vllm_cases(
-            path, [c for c in cases if not cache.has("vllm", *c)], segs, gen_tokens, device, cache, log
-        )
-    if "dense" in engines and any(not cache.has("dense", *c) for c in cases):
-        _dense_cases(
-            path, [c for c in cases if not cache.has("dense", *c)], segs, gen_tokens, device, cache, log
-        )
+    if "vllm" in engines and (todo := cache.missing("vllm", cases)):
+        _vllm_cases(path, todo, segs, gen_tokens, device, cache, log)
+    if "dense" in engines and (todo := cache.missing("dense", cases)):
+        _dense_cases(path, todo, segs, gen_tokens, device, cache, log)
     rows = _rows(cases, list(engines), cache)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
 from vllm_kvmm.vlm import data
 
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
@@ -97,10 +97,7 @@ def run_vlm_quality(
 
     from vllm_kvmm.reference import prompt_from_messages
 
-    # ``full`` is every row's yardstick: it always runs, once (ρ = 1); every other policy at every budget.
-    cases = [("full", 1.0)] + [
-        (name, b) for name in dict.fromkeys(policies) if name != "full" for b in budgets
-    ]
+    cases = yardstick_cases(policies, budgets)
     for name, b in cases:
         build_policy(name, b)  # a bad name or budget fails before any model loads
     proc = AutoProcessor.from_pretrained(model)
@@ -113,11 +110,9 @@ def run_vlm_quality(
         None if out is None else out.with_suffix(".cases.json"),
         dict(model=str(model), plan=[list(p) for p in plan], gen_tokens=gen_tokens, device=device),
     )
-    if "vllm" in engines:
-        todo = [c for c in cases if not cache.has("vllm", *c)]
-        if todo:
-            _vllm_tokens(model, proc, todo, examples, images, gen_tokens, device, log, cache)
-    if "dense" in engines and any(not cache.has("dense", *c) for c in cases):
+    if "vllm" in engines and (todo := cache.missing("vllm", cases)):
+        _vllm_tokens(model, proc, todo, examples, images, gen_tokens, device, log, cache)
+    if "dense" in engines and (todo := cache.missing("dense", cases)):
         import torch
 
         from vllm_kvmm.reference import DenseReference
@@ -127,9 +122,7 @@ def run_vlm_quality(
             prompt_from_messages(proc, ex.messages(), im)
             for (_, ex), im in zip(examples, images, strict=True)
         ]
-        for name, budget in cases:
-            if cache.has("dense", name, budget):
-                continue
+        for name, budget in todo:
             t0 = time.perf_counter()
             policy = build_policy(name, budget)
             outs = [

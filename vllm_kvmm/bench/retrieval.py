@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args
+from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
 from vllm_kvmm.data import long_text
 
 __all__ = ["RetrievalRow", "passkey_prompts", "run_retrieval"]
@@ -106,26 +106,21 @@ def run_retrieval(
 
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
-    # ``full`` is every row's yardstick, so it always runs (once, at 1.0).
-    cases = [("full", 1.0)] + [(n, float(b)) for n in dict.fromkeys(policies) if n != "full" for b in budgets]
+    cases = yardstick_cases(policies, budgets)
     prompts = {c: passkey_prompts(tok, c, samples) for c in contexts}
     # Finished cases are kept next to ``out``: an interrupted run resumes, a wider one computes only the new.
     setup = dict(contexts=list(contexts), samples=samples, gen_tokens=gen_tokens, device=device, block=BLOCK)
     cache = CaseCache(None if out is None else out.with_suffix(".cases.json"), setup)
-    if "vllm" in engines and any(not cache.has("vllm", *c) for c in cases):
-        _vllm_tokens(
-            path, [c for c in cases if not cache.has("vllm", *c)], prompts, gen_tokens, device, cache
-        )
-    if "dense" in engines and any(not cache.has("dense", *c) for c in cases):
+    if "vllm" in engines and (todo := cache.missing("vllm", cases)):
+        _vllm_tokens(path, todo, prompts, gen_tokens, device, cache)
+    if "dense" in engines and (todo := cache.missing("dense", cases)):
         import torch
 
         from vllm_kvmm.reference import DenseReference
 
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         ref = DenseReference(path, dtype=dtype, device=device)
-        for name, budget in cases:
-            if cache.has("dense", name, budget):
-                continue
+        for name, budget in todo:
             t0 = time.perf_counter()
             policy = build_policy(name, budget)
             done = {
