@@ -23,8 +23,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from vllm_kvmm.ops import stats_triton
+
+Kernels = Literal["auto", "torch", "triton"]
 
 __all__ = [
     "LayerStats",
@@ -114,7 +119,12 @@ class StatsAccumulator:
         num_heads: query heads ``H``; ``num_kv_heads``: KV heads ``H_kv`` (``H % H_kv == 0``).
         vision_mask: ``[N]`` bool, ``True`` at vision (image/video) token positions.
         scale: softmax scale (``1/sqrt(d)`` unless the model says otherwise).
-        chunk: queries per internal block; the largest temporary is ``[H, chunk, N]``.
+        chunk: queries per internal block of the torch path; its largest temporary is ``[H, chunk, N]``.
+        kernels: ``"torch"`` (chunked torch ops), ``"triton"`` (the flash-style kernels of
+            :mod:`vllm_kvmm.ops.stats_triton`; on CPU tensors only under ``TRITON_INTERPRET=1``) or
+            ``"auto"``: Triton for CUDA tensors when it is installed, torch otherwise. Tensor parallelism
+            with cross-modal or HAE statistics stays on torch: those reduce over every rank's heads
+            inside the map, before the nonlinearity.
     """
 
     def __init__(
@@ -128,7 +138,10 @@ class StatsAccumulator:
         chunk: int = 256,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         world: int = 1,
+        kernels: Kernels = "auto",
     ) -> None:
+        if kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if vision_mask.shape != (num_tokens,):
@@ -153,6 +166,13 @@ class StatsAccumulator:
         self.world = world
         self._vision_dev: torch.Tensor | None = None
         self._vision_cumsum = torch.cumsum(self.vision.to(torch.long), 0)  # vision keys at or before i
+        cross_rank = world > 1 and (request.cross_entropy or request.t2v)
+        if kernels == "triton" and (cross_rank or not stats_triton.triton_available()):
+            raise ValueError(
+                "kernels='triton' needs the triton package and, under tensor parallelism, no "
+                "cross-modal or HAE statistics"
+            )
+        self.kernels: Kernels = "torch" if cross_rank or not stats_triton.triton_available() else kernels
 
     @property
     def done(self) -> bool:
@@ -184,10 +204,71 @@ class StatsAccumulator:
             first = min(first, self.window_from)
         if req.t2v:
             first = min(first, self.t2v_from)
-        for s in range(max(0, first - q_start), n_q, self.chunk):
-            e = min(n_q, s + self.chunk)
-            self._update_block(q[s:e], k, q_start + s)
+        skip = max(0, first - q_start)
+        if self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda):
+            if skip < n_q:
+                self._update_triton(q[skip:], k, q_start + skip)
+        else:
+            for s in range(skip, n_q, self.chunk):
+                e = min(n_q, s + self.chunk)
+                self._update_block(q[s:e], k, q_start + s)
         self._acc.seen += n_q
+
+    def _vision_on(self, dev: torch.device) -> torch.Tensor:
+        if self._vision_dev is None or self._vision_dev.device != dev:
+            self._vision_dev = self.vision.to(dev)
+        return self._vision_dev
+
+    def _update_triton(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+        """The same sums as :meth:`_update_block`, from the flash-style kernels (all queries at once)."""
+        req, acc = self.request, self._acc
+        n_q, dev = q.shape[0], q.device
+        n_vis = start + n_q
+        heads = self.h * self.world
+        cross = req.cross_entropy and bool(self.vision.any())
+        t2v = req.t2v and n_vis > self.t2v_from
+        window = req.window and n_vis > self.window_from
+        out = stats_triton.block_stats(
+            q,
+            k,
+            start,
+            self.scale,
+            self._vision_on(dev),
+            entropy=req.entropy,
+            colsum_from=start if req.colsum else None,
+            window_from=self.window_from if window else None,
+            t2v_from=self.t2v_from if t2v else None,
+            cross=cross,
+        )
+        if out.colsum is not None:
+            if acc.colsum is None:
+                acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
+            acc.colsum[:, :n_vis] += self._to_kv(out.colsum)
+        if out.window is not None:
+            if acc.window is None:
+                acc.window = torch.zeros(self.h_kv, self.n, device=dev)
+            acc.window[:, :n_vis] += self._to_kv(out.window)
+        if out.entropy is not None:
+            acc.ent_sum = acc.ent_sum + self._head_sum(out.entropy).sum().double()
+            acc.ent_rows += n_q * heads
+        if out.cross is not None:
+            self._add_cross(out.cross, start)
+        if out.t2v_sum is not None and out.t2v_max is not None:
+            if acc.t2v_sum is None:
+                acc.t2v_sum = torch.zeros(self.n, device=dev)
+                acc.t2v_max = torch.zeros(self.n, device=dev)
+            vis_k = self._vision_on(dev)[:n_vis]
+            acc.t2v_sum[:n_vis] += out.t2v_sum * vis_k / heads
+            acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], out.t2v_max * vis_k / heads)
+
+    def _to_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[H, n]`` → ``[H_kv, n]``, mean over each GQA group."""
+        return x.view(self.h_kv, self.h // self.h_kv, -1).mean(1)
+
+    def _head_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``[H, ...]`` → ``[...]``, summed over all ranks' heads."""
+        total = x.sum(0)
+        return self.all_reduce(total) if self.all_reduce is not None else total
 
     def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         # No device synchronisation in here: which rows count is decided from positions on the CPU, and
@@ -211,13 +292,7 @@ class StatsAccumulator:
         lse = torch.logsumexp(zc, dim=-1, keepdim=True)
         p = torch.exp(zc - lse)  # [H, n_q, n_vis]; exact zeros above the diagonal
 
-        def to_kv(x: torch.Tensor) -> torch.Tensor:  # [H, n] -> [H_kv, n], mean over each group
-            return x.view(self.h_kv, g, -1).mean(1)
-
-        def head_sum(x: torch.Tensor) -> torch.Tensor:  # [H, ...] -> [...], summed over all ranks' heads
-            total = x.sum(0)
-            return self.all_reduce(total) if self.all_reduce is not None else total
-
+        to_kv, head_sum = self._to_kv, self._head_sum
         if req.colsum:
             if acc.colsum is None:
                 acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
@@ -232,12 +307,10 @@ class StatsAccumulator:
             acc.ent_sum = acc.ent_sum + head_sum(ent).sum().double()
             acc.ent_rows += n_q * heads
         vis_cpu = self.vision[start : start + n_q]
-        if self._vision_dev is None or self._vision_dev.device != dev:
-            self._vision_dev = self.vision.to(dev)
-        vis_k = self._vision_dev[:n_vis]
-        vis_q = self._vision_dev[start : start + n_q]
+        vis_k = self._vision_on(dev)[:n_vis]
+        vis_q = self._vision_on(dev)[start : start + n_q]
         if req.cross_entropy and bool(self.vision.any()):
-            self._cross_entropy(p, causal, vis_q, vis_k, vis_cpu, start)
+            self._cross_entropy(p, causal, vis_q, vis_k, start)
         if req.t2v and start + n_q > self.t2v_from:
             if acc.t2v_sum is None:
                 acc.t2v_sum = torch.zeros(self.n, device=dev)
@@ -255,7 +328,6 @@ class StatsAccumulator:
         causal: torch.Tensor,
         vis_q: torch.Tensor,
         vis_k: torch.Tensor,
-        vis_cpu: torch.Tensor,
         start: int,
     ) -> None:
         """MEDA's text→vision and vision→text entropies from the full map ``p`` ``[H, n_q, n_vis]``.
@@ -265,8 +337,6 @@ class StatsAccumulator:
         of ``p`` — no second softmax, no gathered copies. (Exact unless a head's mass on a modality
         underflows float32, i.e. logit gaps beyond ~87.)
         """
-        acc = self._acc
-        n_q = p.shape[1]
         heads = self.h * self.world
         cols = torch.stack([vis_k, ~vis_k], dim=-1).to(p.dtype)  # [n_vis, 2]: vision, text
         masses = torch.matmul(p, cols)  # [H, n_q, 2]
@@ -277,17 +347,23 @@ class StatsAccumulator:
             pm = self.all_reduce(pm)  # the other ranks' heads
         want = torch.where(vis_q.unsqueeze(1), ~vis_k.unsqueeze(0), vis_k.unsqueeze(0)) & causal
         logp = torch.where(want, pm.clamp_min(1e-30).log(), torch.zeros((), device=p.device))
-        ent = -(pm * logp).sum(-1)  # [n_q]
+        self._add_cross(-(pm * logp).sum(-1), start)
+
+    def _add_cross(self, ent: torch.Tensor, start: int) -> None:
+        """Add the cross-modal row entropies ``[n_q]`` of positions ``[start, start + n_q)``."""
+        acc = self._acc
+        n_q = ent.shape[0]
+        vis_cpu = self.vision[start : start + n_q]
         # Rows with at least one visible key of the other modality (decided on the CPU, from positions).
         pos = torch.arange(start, start + n_q)
         vis_before = self._vision_cumsum[start : start + n_q]
         tv = ~vis_cpu & (vis_before > 0)
         vt = vis_cpu & (pos + 1 - vis_before > 0)
         if bool(tv.any()):
-            acc.tv_sum = acc.tv_sum + (ent * tv.to(p.device)).sum().double()
+            acc.tv_sum = acc.tv_sum + (ent * tv.to(ent.device)).sum().double()
             acc.tv_rows += int(tv.sum())
         if bool(vt.any()):
-            acc.vt_sum = acc.vt_sum + (ent * vt.to(p.device)).sum().double()
+            acc.vt_sum = acc.vt_sum + (ent * vt.to(ent.device)).sum().double()
             acc.vt_rows += int(vt.sum())
 
     def result(self) -> LayerStats:

@@ -1,0 +1,62 @@
+"""Runs the Triton statistics kernels in Triton's CPU interpreter (see ``test_stats_triton.py``).
+
+Triton chooses at import whether ``@triton.jit`` compiles or interprets, so the kernels run in a child
+process started with ``TRITON_INTERPRET=1``; this module is that child. It only *runs* the code under
+test (``StatsAccumulator(kernels="triton")``) on the cases of :data:`CASES` and saves the statistics;
+the expected values are computed in the test process by the dense float64 twin of ``test_ops_stats.py``.
+
+Usage: ``TRITON_INTERPRET=1 python -m tests.unit.triton_interpret_run OUT.pt``
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from tests.unit.test_ops_stats import ALL, MASKS, make_qk, spans_mask
+from vllm_kvmm.ops import StatsAccumulator, StatsRequest
+
+REQUESTS = {
+    "all": ALL,
+    "window_only": StatsRequest(window=7),
+    "t2v_only": StatsRequest(t2v=True),
+    "colsum_entropy": StatsRequest(colsum=True, entropy=True),
+}
+# (mask name or (n, spans), heads, kv heads, head dim, prefill cuts as fractions of n)
+CASES: dict[str, tuple] = {
+    **{f"{m}/{r}": (m, 4, 2, 8, (0.0, 1.0), r) for m in MASKS for r in REQUESTS},
+    "three_images/all/chunked": ("three_images", 4, 2, 8, (0.0, 0.03, 0.3, 0.9, 1.0), "all"),
+    "one_image/all/mha_d40": ("one_image", 3, 3, 40, (0.0, 0.5, 1.0), "all"),
+    "image_first/all/gqa8": ("image_first", 8, 1, 16, (0.0, 1.0), "all"),
+    # past one 64-wide tile in both directions, with prefill chunks cutting through tiles
+    "long/all/chunked": ((150, [(10, 70), (80, 130)]), 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all"),
+}
+
+
+def case_inputs(name: str):
+    """``(q, k, vision, scale, request, cuts)`` of one case (also used by the test for its twin)."""
+    mask, h, h_kv, d, fractions, req = CASES[name]
+    n, spans = MASKS[mask] if isinstance(mask, str) else mask
+    q, k = make_qk(n, seed=len(name), h=h, h_kv=h_kv, d=d)
+    cuts = sorted({round(f * n) for f in fractions})
+    return q, k, spans_mask(n, spans), d**-0.5, REQUESTS[req], cuts
+
+
+def run(name: str) -> dict[str, torch.Tensor]:
+    q, k, vision, scale, request, cuts = case_inputs(name)
+    acc = StatsAccumulator(request, q.shape[0], q.shape[1], k.shape[1], vision, scale, kernels="triton")
+    for s, e in itertools.pairwise(cuts):
+        acc.update(q[s:e], k[:e], s)
+    stats = acc.result()
+    return {f: getattr(stats, f) for f in stats.__slots__ if getattr(stats, f) is not None}
+
+
+if __name__ == "__main__":
+    from triton import knobs
+
+    if not knobs.runtime.interpret:
+        sys.exit("set TRITON_INTERPRET=1")
+    torch.set_num_threads(1)
+    torch.save({name: run(name) for name in CASES}, sys.argv[1])
