@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = bench.add_parser("perf", help="speed and memory: vanilla vLLM, the ideal and policies in one run")
     perf_parser(sp)
     sp.set_defaults(func=lambda args: run_perf(args, sys.argv[sys.argv.index("perf") + 1 :]))
+    from vllm_kvmm.bench.stats_kernels import build_parser as stats_parser
+    from vllm_kvmm.bench.stats_kernels import run as run_stats
+
+    sp = bench.add_parser(
+        "stats", help="prefill statistics per policy, torch vs Triton kernels, next to the attention itself"
+    )
+    stats_parser(sp)
+    sp.set_defaults(func=lambda args: 0 if run_stats(args) else 1)
     return p
 
 
