@@ -220,19 +220,29 @@ def plan_compression(
         n_prot = max(int(prot[m][:tail_start].sum()) if prot[m] is not None else 0 for m in members)
         for m in members:
             shape[m] = layout(n, recent, b, granularity, n_prot)
+    # Select where the scores are: a GPU sorts [H, 8k] scores in microseconds, a CPU takes milliseconds
+    # per layer (most of a prompt's compression time at 8k). One copy brings every layer's choice back.
+    heads: dict[int, torch.Tensor] = {}
+    for layer in range(info.num_layers):
+        tail_start, k = shape[layer]
+        if k == tail_start:
+            continue
+        sc = policy.scores(stats, info, layer)
+        if sc.shape != (h, n):
+            raise ValueError(f"{policy.name}.scores returned {tuple(sc.shape)}, expected ({h}, {n})")
+        p = prot[layer][:tail_start].to(sc.device) if prot[layer] is not None else None
+        heads[layer] = select_topk(sc[:, :tail_start], k, p)
+    if heads:
+        flat = torch.cat([x.flatten() for x in heads.values()]).cpu()
+        heads = dict(zip(heads, flat.split([x.numel() for x in heads.values()]), strict=True))
     plans = []
     for layer in range(info.num_layers):
         tail_start, k = shape[layer]
-        tail = torch.arange(tail_start, n).expand(h, n - tail_start)
-        if k == tail_start:
-            keep = torch.arange(n).expand(h, n).clone()
+        if layer in heads:
+            tail = torch.arange(tail_start, n).expand(h, n - tail_start)
+            keep = torch.cat([heads[layer].view(h, k), tail], dim=1)
         else:
-            sc = policy.scores(stats, info, layer)
-            if sc.shape != (h, n):
-                raise ValueError(f"{policy.name}.scores returned {tuple(sc.shape)}, expected ({h}, {n})")
-            p = prot[layer][:tail_start] if prot[layer] is not None else None
-            head = select_topk(sc[:, :tail_start].cpu(), k, p)
-            keep = torch.cat([head, tail], dim=1)
+            keep = torch.arange(n).expand(h, n).clone()
         plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n))
     return plans
 
