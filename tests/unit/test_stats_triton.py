@@ -41,11 +41,16 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     return torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def interpreted_cases(interpreted) -> dict[str, dict[str, torch.Tensor]]:
+    return interpreted["cases"]
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_match_the_dense_twin(interpreted, name):
+def test_kernels_match_the_dense_twin(interpreted_cases, name):
     q, k, vision, scale, request, _ = case_inputs(name)
     exp = naive_stats(q, k, vision, scale, request.window)
-    got = interpreted[name]
+    got = interpreted_cases[name]
     wanted = {
         "colsum": request.colsum,
         "window": bool(request.window),
@@ -63,6 +68,15 @@ def test_kernels_match_the_dense_twin(interpreted, name):
             assert math.isnan(float(value)), f"{field}: expected nan, got {float(value)}"
         else:
             assert float(value) == pytest.approx(exp[field], rel=1e-5, abs=1e-6), field
+
+
+def test_tiling_and_key_splits_do_not_change_the_sums(interpreted):
+    """Smaller tiles and fewer splits than key tiles (a split strides over several): same statistics."""
+    first, *others = interpreted["tilings"]
+    assert {f for f, v in first.items() if v is not None} == set(stats_triton.BlockStats.__slots__)
+    for other in others:
+        for field, value in first.items():
+            torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6, msg=field)
 
 
 def test_kernels_argument_is_checked():

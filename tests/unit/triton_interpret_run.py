@@ -53,10 +53,28 @@ def run(name: str) -> dict[str, torch.Tensor]:
     return {f: getattr(stats, f) for f in stats.__slots__ if getattr(stats, f) is not None}
 
 
+TILINGS = ((64, 64, 8), (32, 32, 2), (16, 32, 3))  # (block_m, block_n, cross_splits)
+
+
+def run_tilings() -> list[dict[str, torch.Tensor]]:
+    """``block_stats`` of the long case's last 100 queries under several tilings and key-tile splits."""
+    from vllm_kvmm.ops.stats_triton import block_stats
+
+    q, k, vision, scale, _, _ = case_inputs("long/all/chunked")
+    out = []
+    for bm, bn, splits in TILINGS:
+        stats = block_stats(
+            q[50:], k, 50, scale, vision, entropy=True, colsum_from=50, window_from=140, t2v_from=130,
+            cross=True, block_m=bm, block_n=bn, cross_splits=splits,
+        )  # fmt: skip
+        out.append({f: getattr(stats, f) for f in stats.__slots__})
+    return out
+
+
 if __name__ == "__main__":
     from triton import knobs
 
     if not knobs.runtime.interpret:
         sys.exit("set TRITON_INTERPRET=1")
     torch.set_num_threads(1)
-    torch.save({name: run(name) for name in CASES}, sys.argv[1])
+    torch.save({"cases": {name: run(name) for name in CASES}, "tilings": run_tilings()}, sys.argv[1])

@@ -10,8 +10,8 @@ These kernels recompute ``q·k`` tile by tile instead and keep only the reductio
 2. ``_col_stats``: per (key tile, head), ``p = exp(z − lse)`` summed over the queries at or after three
    row thresholds: all rows (``colsum``), the observation window, and the text after the last image (HAE).
 3. ``_t2v_max``: per key tile, the head-summed map of HAE's text rows, maximised over rows.
-4. ``_cross_entropy``: per query tile, MEDA's head-averaged map renormalised over the other modality
-   (``Σ_h p_h / (m_h·H)``) and the entropy of each row of it.
+4. ``_cross_entropy``: per (query tile, share of the key tiles), MEDA's head-averaged map renormalised
+   over the other modality (``Σ_h p_h / (m_h·H)``) and its rows' partial entropies.
 
 :func:`block_stats` is the one entry point; :class:`~vllm_kvmm.ops.stats.StatsAccumulator` calls it in
 place of its torch block when the tensors live on a GPU (``kernels="auto"``). On CPU tensors the same
@@ -76,6 +76,7 @@ def block_stats(
     cross: bool = False,
     block_m: int = 64,
     block_n: int = 64,
+    cross_splits: int = 8,
 ) -> BlockStats:
     """Attention statistics of one block of prompt queries, without materialising the attention map.
 
@@ -146,13 +147,17 @@ def block_stats(
                 )  # fmt: skip
             out["t2v_max"] = t2v_max
     if cross:
-        ce = torch.empty(n_q, dtype=f32, device=dev)
-        kern["cross"][(triton.cdiv(n_q, block_m),)](
+        # Each row's entropy is a sum over key tiles: split them over programs (the causal triangle
+        # would otherwise leave the last row tile's program doing all of them alone) and add the
+        # partial sums here, in a fixed order, rather than with atomics.
+        splits = max(1, min(cross_splits, triton.cdiv(n_vis, block_n)))
+        ce = torch.empty(splits, n_q, dtype=f32, device=dev)
+        kern["cross"][(triton.cdiv(n_q, block_m), splits)](
             q, k, vis, lse, mass, ce, n_q, start, scale, h, h * n_q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             BM=block_m, BN=block_n, **common,
         )  # fmt: skip
-        out["cross"] = ce
+        out["cross"] = ce.sum(0)
     return BlockStats(**out)
 
 
@@ -301,6 +306,8 @@ if triton is not None:
         PREC: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n_split = tl.num_programs(1)
         rows = pid * BM + tl.arange(0, BM)
         row_ok = rows < n_q
         qpos = start + rows
@@ -308,8 +315,8 @@ if triton is not None:
         dd = tl.arange(0, BD)
         ent = tl.zeros([BM], tl.float32)
         hi = start + tl.minimum((pid + 1) * BM, n_q)
-        for j0 in range(0, hi, BN):
-            cols = j0 + tl.arange(0, BN)
+        for jt in range(split, tl.cdiv(hi, BN), n_split):  # key tiles split, n_split, 2·n_split, …
+            cols = jt * BN + tl.arange(0, BN)
             vis_k = tl.load(vis_ptr + cols, mask=cols < hi, other=0)
             causal = row_ok[:, None] & (cols[None, :] <= qpos[:, None])
             want = causal & (vis_q[:, None] != vis_k[None, :])  # the other modality's keys
@@ -336,7 +343,7 @@ if triton is not None:
                 p = tl.where(want, tl.exp(tl.where(want, z, 0.0) - lse[:, None]), 0.0)
                 acc += p / mass[:, None]
             ent -= tl.sum(tl.where(acc > 0, acc * tl.log(tl.where(acc > 0, acc, 1.0)), 0.0), 1)
-        tl.store(out_ptr + rows, ent, mask=row_ok)
+        tl.store(out_ptr + split * n_q + rows, ent, mask=row_ok)
 
 
 def _kernels(device: torch.device) -> dict[str, Any]:
