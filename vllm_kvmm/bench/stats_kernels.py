@@ -186,7 +186,7 @@ def table(meta: dict[str, Any]) -> str:
         sp = r["speedup_vs_torch"]
         lines.append(
             f"| {r['policy']} | {r['statistics']} | {r['kernels']} | {r['ms_per_layer']:.2f} | "
-            f"{r['ms_per_prompt']:.0f} | {r['vs_attention']:.1f}× | {'—' if sp is None else f'{sp:.1f}×'} | "
+            f"{r['ms_per_prompt']:.0f} | {r['vs_attention']:.2f}× | {'—' if sp is None else f'{sp:.1f}×'} | "
             f"{_fmt(r['peak_extra_mib'], '.0f')} | {_fmt(dev, '.1e')} |"
         )
     return "\n".join(lines)
