@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", default="full,snapkv,pyramidkv,h2o,streamingllm,lookm,meda", help=VARIANT_HELP
     )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
-    sp.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens (SmolLM2: up to 8192)")
+    sp.add_argument(
+        "--contexts",
+        default="1024,2048",
+        help="prompt lengths in tokens (SmolLM2: up to 8176, its 8192 positions less the answer)",
+    )
     sp.add_argument("--samples", type=int, default=4, help="prompts per context (key depths spread evenly)")
     sp.add_argument("--engines", default="dense,vllm")
     sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")

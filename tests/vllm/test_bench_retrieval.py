@@ -54,3 +54,10 @@ def test_full_cache_finds_the_key_and_streaming_window_loses_it(rows: list[Retri
     # StreamingLLM keeps sinks + the last 25 %: a key planted at depth 1/4 or 3/4 of the document is
     # outside its window for the first sample, so it cannot answer both.
     assert acc["streamingllm", 0.25, "dense"] < 1.0
+
+
+def test_a_context_without_room_for_the_answer_is_refused_before_any_engine(smollm2_dir: Path) -> None:
+    from vllm_kvmm.bench.retrieval import run_retrieval
+
+    with pytest.raises(ValueError, match=r"contexts \[8192\] plus the 16-token answer exceed SmolLM2's 8192"):
+        run_retrieval(["full"], [1.0], [2048, 8192], engines=())

@@ -7,12 +7,26 @@ computes only the new ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VARIANTS", "CaseCache", "build_policy", "case_policy", "request_args", "yardstick_cases"]
+__all__ = [
+    "BLOCK",
+    "VARIANTS",
+    "CaseCache",
+    "bench_engine",
+    "build_policy",
+    "case_policy",
+    "request_args",
+    "yardstick_cases",
+]
+
+BLOCK = 16  # the vLLM path's block size; the dense reference compresses to the same layout
+CPU_KV_CACHE_BYTES = 4 << 30
 
 
 class CaseCache:
@@ -96,3 +110,28 @@ def request_args(label: str, budget: float) -> dict[str, Any]:
     """vLLM ``SamplingParams.extra_args`` choosing the same policy per request."""
     name, config = case_policy(label, budget)
     return {"kv_policy": name, "kv_budget": budget} | ({"kv_policy_config": config} if config else {})
+
+
+@contextlib.contextmanager
+def bench_engine(model: str | Path, max_model_len: int, device: str, **kw: Any) -> Iterator[Any]:
+    """The quality benchmarks' vLLM engine, shut down on exit (before the dense reference loads).
+
+    Block ``BLOCK``, seed 0, policy ``full`` by default (each request names its own); on CPU float32,
+    eager, and a fixed KV-cache size: vLLM's CPU default reserves 92 % of the NUMA node's memory and refuses
+    to start when page cache or another process holds a little of it. ``kw``: further engine arguments.
+    """
+    from vllm import LLM
+
+    import vllm_kvmm
+
+    args: dict[str, Any] = dict(model=str(model), max_model_len=max_model_len, seed=0, block_size=BLOCK, **kw)
+    if device == "cpu":
+        args.update(dtype="float32", enforce_eager=True)
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    llm = LLM(**args, **vllm_kvmm.engine_args("full"))
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()

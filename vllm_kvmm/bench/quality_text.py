@@ -17,7 +17,6 @@ by the policy right after prefill), the next ``cont_tokens`` the continuation. P
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -26,12 +25,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
+from vllm_kvmm.bench.cases import (
+    BLOCK,
+    CaseCache,
+    bench_engine,
+    build_policy,
+    request_args,
+    yardstick_cases,
+)
 from vllm_kvmm.data import long_text
 
 __all__ = ["QualityRow", "run_text_quality", "table", "text_segments"]
 
-BLOCK = 16  # the vLLM path's block size; the dense reference compresses to the same layout
 Segment = tuple[list[int], list[int]]  # (prompt ids, continuation ids)
 
 
@@ -143,48 +148,39 @@ def _vllm_cases(
     log: Callable[[str], None],
 ) -> None:
     """Every case through one engine, the policy chosen per request: forced and greedy requests batched."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    import vllm_kvmm
     from vllm_kvmm.bench.forcing import ForceTokens, forced_logprobs
 
     longest = max(len(p) + max(len(c), gen_tokens) for p, c in segs)
-    kw: dict[str, Any] = dict(
-        model=str(path), max_model_len=longest + BLOCK, seed=0, block_size=BLOCK,
-        logits_processors=[ForceTokens],
-    )  # fmt: skip
-    if device == "cpu":
-        kw.update(dtype="float32", enforce_eager=True)
-    llm = LLM(**kw, **vllm_kvmm.engine_args("full"))
     prompts = [{"prompt_token_ids": p} for p, _ in segs]
-    for name, budget in todo:
-        t0 = time.perf_counter()
-        xa = request_args(name, budget)
-        forced = [
-            SamplingParams(
-                max_tokens=len(c),
-                temperature=0.0,
-                logprobs=1,
-                ignore_eos=True,
-                detokenize=False,
-                extra_args={**xa, "force_tokens": c},
+    with bench_engine(path, longest + BLOCK, device, logits_processors=[ForceTokens]) as llm:
+        for name, budget in todo:
+            t0 = time.perf_counter()
+            xa = request_args(name, budget)
+            forced = [
+                SamplingParams(
+                    max_tokens=len(c),
+                    temperature=0.0,
+                    logprobs=1,
+                    ignore_eos=True,
+                    detokenize=False,
+                    extra_args={**xa, "force_tokens": c},
+                )
+                for _, c in segs
+            ]
+            greedy = SamplingParams(
+                max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False, extra_args=xa
             )
-            for _, c in segs
-        ]
-        greedy = SamplingParams(
-            max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False, extra_args=xa
-        )
-        outs = llm.generate(prompts * 2, forced + [greedy] * len(segs), use_tqdm=False)
-        res: dict[str, list[Any]] = {"logp": [], "top1": [], "greedy": [], "kv": None}
-        for (_, cont), o in zip(segs, outs[: len(segs)], strict=True):
-            logp, top1 = forced_logprobs(o.outputs[0], cont)
-            res["logp"].append(logp)
-            res["top1"].append(top1)
-        res["greedy"] = [list(o.outputs[0].token_ids) for o in outs[len(segs) :]]
-        cache.put("vllm", name, budget, res)
-        log(f"vllm {name} ρ={budget:g}: {len(segs)} segments in {time.perf_counter() - t0:.0f} s")
-    with contextlib.suppress(Exception):  # free the engine before the dense reference loads
-        llm.llm_engine.engine_core.shutdown()
+            outs = llm.generate(prompts * 2, forced + [greedy] * len(segs), use_tqdm=False)
+            res: dict[str, list[Any]] = {"logp": [], "top1": [], "greedy": [], "kv": None}
+            for (_, cont), o in zip(segs, outs[: len(segs)], strict=True):
+                logp, top1 = forced_logprobs(o.outputs[0], cont)
+                res["logp"].append(logp)
+                res["top1"].append(top1)
+            res["greedy"] = [list(o.outputs[0].token_ids) for o in outs[len(segs) :]]
+            cache.put("vllm", name, budget, res)
+            log(f"vllm {name} ρ={budget:g}: {len(segs)} segments in {time.perf_counter() - t0:.0f} s")
 
 
 def _flat(rows: list[list[Any]]) -> list[Any]:

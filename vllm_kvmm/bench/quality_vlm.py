@@ -17,7 +17,6 @@ the benchmark's own prompts), and ``kv``: the prompt KV actually kept, measured 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -25,12 +24,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
+from vllm_kvmm.bench.cases import (
+    BLOCK,
+    CaseCache,
+    bench_engine,
+    build_policy,
+    request_args,
+    yardstick_cases,
+)
 from vllm_kvmm.vlm import data
 
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
 
-BLOCK = 16
+
 # (task family, images per prompt, contexts): 34 prompts, up to 16 images (~1.2k tokens) each.
 DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
     ("single", 1, 1),
@@ -197,33 +203,26 @@ def _vllm_tokens(
     cache: CaseCache,
 ) -> None:
     """Every case through one engine: the policy is chosen per request (``extra_args``)."""
-    from vllm import LLM, SamplingParams
-
-    import vllm_kvmm
+    from vllm import SamplingParams
 
     inputs = []
     for (_, ex), im in zip(examples, images, strict=True):
         text = proc.apply_chat_template(ex.messages(), add_generation_prompt=True, tokenize=False)
         inputs.append({"prompt": text, "multi_modal_data": {"image": im if len(im) > 1 else im[0]}})
     most = max(len(im) for im in images)
-    kw: dict[str, Any] = dict(
-        model=str(model), max_model_len=2048 + 64 * max(0, most - 16), seed=0,
-        limit_mm_per_prompt={"image": most}, block_size=BLOCK,
-    )  # fmt: skip
-    if device == "cpu":
-        kw.update(dtype="float32", enforce_eager=True)
-    llm = LLM(**kw, **vllm_kvmm.engine_args("full"))
-    for name, budget in cases:
-        t0 = time.perf_counter()
-        sp = SamplingParams(
-            max_tokens=gen_tokens, temperature=0.0, detokenize=False,
-            extra_args=request_args(name, budget),
-        )  # fmt: skip
-        res = llm.generate(inputs, sp, use_tqdm=False)
-        cache.put("vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": None})
-        log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
-    with contextlib.suppress(Exception):  # free the engine before the dense reference loads
-        llm.llm_engine.engine_core.shutdown()
+    max_len = 2048 + 64 * max(0, most - 16)
+    with bench_engine(model, max_len, device, limit_mm_per_prompt={"image": most}) as llm:
+        for name, budget in cases:
+            t0 = time.perf_counter()
+            sp = SamplingParams(
+                max_tokens=gen_tokens, temperature=0.0, detokenize=False,
+                extra_args=request_args(name, budget),
+            )  # fmt: skip
+            res = llm.generate(inputs, sp, use_tqdm=False)
+            cache.put(
+                "vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": None}
+            )
+            log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
 
 
 def table(rows: list[VLMQualityRow]) -> str:

@@ -15,7 +15,6 @@ same command with ``--device cuda`` for the dense side).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -24,12 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_kvmm.bench.cases import CaseCache, build_policy, request_args, yardstick_cases
+from vllm_kvmm.bench.cases import (
+    BLOCK,
+    CaseCache,
+    bench_engine,
+    build_policy,
+    request_args,
+    yardstick_cases,
+)
 from vllm_kvmm.data import long_text
 
 __all__ = ["RetrievalRow", "passkey_prompts", "run_retrieval"]
 
-BLOCK = 16
 QUESTION = "What is the pass key? Answer with the number only."
 
 
@@ -106,6 +111,12 @@ def run_retrieval(
 
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
+    window = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+    if too_long := [c for c in contexts if c + gen_tokens > window]:
+        raise ValueError(
+            f"contexts {too_long} plus the {gen_tokens}-token answer exceed SmolLM2's {window} positions: "
+            f"the longest prompt is {window - gen_tokens} tokens"
+        )
     cases = yardstick_cases(policies, budgets)
     prompts = {c: passkey_prompts(tok, c, samples) for c in contexts}
     # Finished cases are kept next to ``out``: an interrupted run resumes, a wider one computes only the new.
@@ -169,31 +180,21 @@ def _vllm_tokens(
     cache: CaseCache,
 ) -> None:
     """Every case through one engine: the policy is chosen per request (``extra_args``)."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    import vllm_kvmm
-
-    longest = max(prompts)
-    kw: dict[str, Any] = dict(
-        model=str(path), max_model_len=longest + gen_tokens + 16, seed=0, block_size=BLOCK
-    )
-    if device == "cpu":
-        kw.update(dtype="float32", enforce_eager=True)
-    llm = LLM(**kw, **vllm_kvmm.engine_args("full"))
-    for name, budget in todo:
-        t0 = time.perf_counter()
-        sp = SamplingParams(
-            max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-            extra_args=request_args(name, budget),
-        )  # fmt: skip
-        done = {}
-        for c, ps in prompts.items():
-            res = llm.generate([{"prompt_token_ids": p.ids} for p in ps], sp, use_tqdm=False)
-            done[str(c)] = [list(r.outputs[0].token_ids) for r in res]
-        cache.put("vllm", name, budget, {"tokens": done})
-        print(f"vllm {name} ρ={budget:g}: {time.perf_counter() - t0:.0f} s", flush=True)
-    with contextlib.suppress(Exception):  # free the engine before the dense reference loads
-        llm.llm_engine.engine_core.shutdown()
+    with bench_engine(path, max(prompts) + gen_tokens, device) as llm:
+        for name, budget in todo:
+            t0 = time.perf_counter()
+            sp = SamplingParams(
+                max_tokens=gen_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                extra_args=request_args(name, budget),
+            )  # fmt: skip
+            done = {}
+            for c, ps in prompts.items():
+                res = llm.generate([{"prompt_token_ids": p.ids} for p in ps], sp, use_tqdm=False)
+                done[str(c)] = [list(r.outputs[0].token_ids) for r in res]
+            cache.put("vllm", name, budget, {"tokens": done})
+            print(f"vllm {name} ρ={budget:g}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def table(rows: list[RetrievalRow]) -> str:
