@@ -162,8 +162,9 @@ def block_stats(
 
 
 if triton is not None:
-
-    @triton.jit
+    # Positions and lengths change with every prompt and chunk: they are not specialised on (value 1 or a
+    # multiple of 16), so each kernel compiles once per head size and dtype, not once per prompt shape.
+    @triton.jit(do_not_specialize=["n_q", "start"])
     def _row_stats(
         q_ptr, k_ptr, vis_ptr, lse_ptr, ent_ptr, mass_ptr, n_q, start, scale,
         sq_t, sq_h, sk_t, sk_h, mass_stride,
@@ -215,7 +216,7 @@ if triton is not None:
         tl.store(mass_ptr + off, m_vis / l_safe, mask=row_ok)
         tl.store(mass_ptr + mass_stride + off, m_txt / l_safe, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_q", "start", "c_from", "w_from", "t_from"])
     def _col_stats(
         q_ptr, k_ptr, lse_ptr, out_ptr, n_q, start, scale, c_from, w_from, t_from,
         sq_t, sq_h, sk_t, sk_h, out_stride,
@@ -260,7 +261,7 @@ if triton is not None:
         tl.store(out_ptr + out_stride + off, acc_w, mask=col_ok)
         tl.store(out_ptr + 2 * out_stride + off, acc_t, mask=col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_q", "start", "t_from"])
     def _t2v_max(
         q_ptr, k_ptr, lse_ptr, out_ptr, n_q, start, scale, t_from, n_heads,
         sq_t, sq_h, sk_t, sk_h,
@@ -298,7 +299,7 @@ if triton is not None:
             best = tl.maximum(best, tl.max(acc, 0))
         tl.store(out_ptr + cols, best, mask=col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_q", "start"])
     def _cross_entropy(
         q_ptr, k_ptr, vis_ptr, lse_ptr, mass_ptr, out_ptr, n_q, start, scale, n_heads, mass_stride,
         sq_t, sq_h, sk_t, sk_h,
