@@ -261,6 +261,29 @@ if triton is not None:
         tl.store(out_ptr + out_stride + off, acc_w, mask=col_ok)
         tl.store(out_ptr + 2 * out_stride + off, acc_t, mask=col_ok)
 
+    @triton.jit
+    def _head_probs(
+        q_ptr, k_ptr, lse_ptr, rows, cols, ok, h, n_q, n_k, scale, sq_t, sq_h, sk_t, sk_h,
+        GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """Head ``h``'s attention probabilities ``[BM, BN]`` of ``rows`` over ``cols`` (keys below ``n_k``
+        are loaded), 0 outside ``ok``."""
+        dd = tl.arange(0, BD)
+        row_ok = rows < n_q
+        q = tl.load(
+            q_ptr + rows[:, None] * sq_t + h * sq_h + dd[None, :],
+            mask=row_ok[:, None] & (dd[None, :] < D),
+            other=0.0,
+        )
+        kt = tl.load(
+            k_ptr + cols[None, :] * sk_t + (h // GROUP) * sk_h + dd[:, None],
+            mask=(cols[None, :] < n_k) & (dd[:, None] < D),
+            other=0.0,
+        )
+        lse = tl.load(lse_ptr + h * n_q + rows, mask=row_ok, other=0.0)
+        z = tl.dot(q, kt, input_precision=PREC) * scale
+        return tl.where(ok, tl.exp(tl.where(ok, z, 0.0) - lse[:, None]), 0.0)
+
     @triton.jit(do_not_specialize=["n_q", "start", "t_from"])
     def _t2v_max(
         q_ptr, k_ptr, lse_ptr, out_ptr, n_q, start, scale, t_from, n_heads,
@@ -272,7 +295,6 @@ if triton is not None:
         n_vis = start + n_q
         cols = pid * BN + tl.arange(0, BN)
         col_ok = cols < n_vis
-        dd = tl.arange(0, BD)
         best = tl.zeros([BN], tl.float32)
         first = tl.maximum(tl.maximum(t_from, pid * BN) - start, 0)
         for r0 in range(first, n_q, BM):
@@ -283,19 +305,10 @@ if triton is not None:
             ok = ok & (qpos[:, None] >= t_from)
             acc = tl.zeros([BM, BN], tl.float32)
             for h in range(n_heads):
-                q = tl.load(
-                    q_ptr + rows[:, None] * sq_t + h * sq_h + dd[None, :],
-                    mask=row_ok[:, None] & (dd[None, :] < D),
-                    other=0.0,
-                )
-                kt = tl.load(
-                    k_ptr + cols[None, :] * sk_t + (h // GROUP) * sk_h + dd[:, None],
-                    mask=col_ok[None, :] & (dd[:, None] < D),
-                    other=0.0,
-                )
-                lse = tl.load(lse_ptr + h * n_q + rows, mask=row_ok, other=0.0)
-                z = tl.dot(q, kt, input_precision=PREC) * scale
-                acc += tl.where(ok, tl.exp(tl.where(ok, z, 0.0) - lse[:, None]), 0.0)
+                acc += _head_probs(
+                    q_ptr, k_ptr, lse_ptr, rows, cols, ok, h, n_q, n_vis, scale, sq_t, sq_h, sk_t, sk_h,
+                    GROUP, D, BD, PREC,
+                )  # fmt: skip
             best = tl.maximum(best, tl.max(acc, 0))
         tl.store(out_ptr + cols, best, mask=col_ok)
 
@@ -313,7 +326,6 @@ if triton is not None:
         row_ok = rows < n_q
         qpos = start + rows
         vis_q = tl.load(vis_ptr + qpos, mask=row_ok, other=0)
-        dd = tl.arange(0, BD)
         ent = tl.zeros([BM], tl.float32)
         hi = start + tl.minimum((pid + 1) * BM, n_q)
         for jt in range(split, tl.cdiv(hi, BN), n_split):  # key tiles split, n_split, 2·n_split, …
@@ -323,25 +335,16 @@ if triton is not None:
             want = causal & (vis_q[:, None] != vis_k[None, :])  # the other modality's keys
             acc = tl.zeros([BM, BN], tl.float32)
             for h in range(n_heads):
-                q = tl.load(
-                    q_ptr + rows[:, None] * sq_t + h * sq_h + dd[None, :],
-                    mask=row_ok[:, None] & (dd[None, :] < D),
-                    other=0.0,
-                )
-                kt = tl.load(
-                    k_ptr + cols[None, :] * sk_t + (h // GROUP) * sk_h + dd[:, None],
-                    mask=(cols[None, :] < hi) & (dd[:, None] < D),
-                    other=0.0,
-                )
-                lse = tl.load(lse_ptr + h * n_q + rows, mask=row_ok, other=0.0)
+                p = _head_probs(
+                    q_ptr, k_ptr, lse_ptr, rows, cols, want, h, n_q, hi, scale, sq_t, sq_h, sk_t, sk_h,
+                    GROUP, D, BD, PREC,
+                )  # fmt: skip
                 # Text rows renormalise over their mass on vision keys, vision rows over text keys.
                 m_vis = tl.load(mass_ptr + h * n_q + rows, mask=row_ok, other=1.0)
                 m_txt = tl.load(mass_ptr + mass_stride + h * n_q + rows, mask=row_ok, other=1.0)
                 mass = tl.where(vis_q != 0, m_txt, m_vis)
                 # (a bare 1e-38 literal is below float32's normal range and would promote to float64)
                 mass = tl.maximum(mass, tl.full([BM], 1.0e-38, tl.float32)) * n_heads
-                z = tl.dot(q, kt, input_precision=PREC) * scale
-                p = tl.where(want, tl.exp(tl.where(want, z, 0.0) - lse[:, None]), 0.0)
                 acc += p / mass[:, None]
             ent -= tl.sum(tl.where(acc > 0, acc * tl.log(tl.where(acc > 0, acc, 1.0)), 0.0), 1)
         tl.store(out_ptr + split * n_q + rows, ent, mask=row_ok)
