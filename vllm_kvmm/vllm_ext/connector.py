@@ -29,7 +29,7 @@ from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, 
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
 from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import managers
-from vllm_kvmm.vllm_ext.worker import LayerRef, WorkerState, worker_state
+from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
 
 logger = init_logger(__name__)
 
@@ -69,7 +69,6 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._block_pool: Any = None
         self._policies: dict[str, tuple[str, float | None, dict]] = {}
         self._stats = KVMMStats()
-        self._owner: int | None = None  # worker side: this engine's token for the per-process state
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
             layers = {
                 name: LayerRef(layer_index(name), gid)
@@ -92,7 +91,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             # Decode-sized steps (every CUDA-graph capture size included) keep their queries in buffers.
             capture = vllm_config.compilation_config.max_cudagraph_capture_size or 0
             rows = max(vllm_config.scheduler_config.max_num_seqs, capture)
-            self._owner = worker_state().configure(
+            worker_state().configure(
                 layers, spec.block_size, spec.num_kv_heads, tp, all_reduce, query_rows=rows
             )
 
@@ -230,19 +229,19 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._policies.pop(req_id, None)
 
     # ---- worker side ---------------------------------------------------------------------------
-    def _worker_state(self) -> WorkerState:
-        state = worker_state()
-        if self._owner is not None:
-            state.check_owner(self._owner)
-        return state
-
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        self._worker_state().kv_caches = dict(kv_caches)
+        worker_state().register_kv_caches(kv_caches)
+
+    def shutdown(self) -> None:
+        # The worker's shutdown: let go of this engine's caches and requests (the state outlives it).
+        if self.role == KVConnectorRole.WORKER:
+            worker_state().__init__()  # type: ignore[misc]
+        super().shutdown()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # The first worker hook of a step, called before the runner picks its CUDA-graph mode.
         if isinstance(kv_connector_metadata, KVMMStepMeta):
-            state = self._worker_state()
+            state = worker_state()
             state.drop(kv_connector_metadata.dropped)
             # Prefill statistics are gathered in Python during attention; decode queries are not (see
             # WorkerState.record_queries), so decode-evicting steps may replay full graphs.
@@ -251,7 +250,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, KVMMStepMeta)
-        self._worker_state().begin_step(connector_metadata)
+        worker_state().begin_step(connector_metadata)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None

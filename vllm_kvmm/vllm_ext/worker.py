@@ -8,7 +8,6 @@ each group's compact block table (:meth:`WorkerState.compact_view`).
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +83,6 @@ class WorkerState:
         self._query_bufs: dict[str, torch.Tensor] = {}
         self._buffered_step = False
         self.out = KVMMWorkerMeta()
-        self.owner = 0  # configure() hands each engine a new token
         self.keep_plans = False  # tests set it to inspect kept sets
         self.tp_world = 1
         self.all_reduce: Any = None
@@ -108,34 +106,33 @@ class WorkerState:
         tp_world: int = 1,
         all_reduce: Any = None,
         query_rows: int = 0,
-    ) -> int:
+    ) -> None:
         """Start afresh for a new engine (one compressing engine per process at a time).
 
         ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
-        Returns the engine's ownership token for :meth:`check_owner`.
         """
         self.__init__()  # type: ignore[misc]
-        self.owner = next(_OWNERS)
         self.tp_world = tp_world
         self.all_reduce = all_reduce
         self.layers = layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.query_rows = query_rows
-        return self.owner
 
-    def check_owner(self, owner: int) -> None:
-        """Refuse a step of an engine whose state a later engine in this process has taken over.
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take the engine's layer caches; a second engine in this process is refused here.
 
-        The state is per process; running on with another engine's layers, caches and requests would
-        compress the wrong cache silently.
+        vLLM keeps one worker-side KV connector per process and hands it to every engine started there
+        while it lives: a second in-process engine would register its caches over the first one's, and
+        the first would go on compressing the second's caches.
         """
-        if owner != self.owner:
+        if self.kv_caches:
             raise RuntimeError(
-                "vllm-kvmm: a later engine with a KV policy took over this process's worker state; this "
-                "engine can no longer run. Shut it down before creating another, or keep engines in their "
-                "own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1, vLLM's default)"
+                "vllm-kvmm: a second engine with a KV policy in this process; vLLM shares one KV connector "
+                "per process between them. Shut the first engine down before starting another, or run "
+                "engines in their own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1, vLLM's default)"
             )
+        self.kv_caches = dict(kv_caches)
 
     @property
     def num_layers(self) -> int:
@@ -529,7 +526,6 @@ def compact_metadata(cm: Any, view: CompactView) -> Any:
 
 
 _STATE: WorkerState | None = None
-_OWNERS = itertools.count(1)
 
 
 def worker_state() -> WorkerState:
