@@ -1,4 +1,8 @@
-"""Pure-torch primitives for KV scoring, selection, merging and compaction (no vLLM import)."""
+"""Primitives for KV scoring, selection, merging and compaction (no vLLM import).
+
+Torch throughout; the prefill statistics also have flash-style Triton kernels (``stats_triton``), which
+``StatsAccumulator`` uses for CUDA tensors.
+"""
 
 from vllm_kvmm.ops.merge import MergeKind, merge_kv, nearest_kept
 from vllm_kvmm.ops.select import complement, pool1d, reduce_heads, select_topk
