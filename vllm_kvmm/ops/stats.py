@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from vllm_kvmm.ops import stats_triton
+from vllm_kvmm.ops.select import reduce_heads
 
 Kernels = Literal["auto", "torch", "triton"]
 
@@ -221,7 +222,7 @@ class StatsAccumulator:
 
     def _update_triton(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         """The same sums as :meth:`_update_block`, from the flash-style kernels (all queries at once)."""
-        req, acc = self.request, self._acc
+        req = self.request
         n_q, dev = q.shape[0], q.device
         n_vis = start + n_q
         heads = self.h * self.world
@@ -241,29 +242,39 @@ class StatsAccumulator:
             cross=cross,
         )
         if out.colsum is not None:
-            if acc.colsum is None:
-                acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
-            acc.colsum[:, :n_vis] += self._to_kv(out.colsum)
+            self._add_keys("colsum", out.colsum)
         if out.window is not None:
-            if acc.window is None:
-                acc.window = torch.zeros(self.h_kv, self.n, device=dev)
-            acc.window[:, :n_vis] += self._to_kv(out.window)
+            self._add_keys("window", out.window)
         if out.entropy is not None:
-            acc.ent_sum = acc.ent_sum + self._head_sum(out.entropy).sum().double()
-            acc.ent_rows += n_q * heads
+            self._add_entropy(out.entropy)
         if out.cross is not None:
             self._add_cross(out.cross, start)
         if out.t2v_sum is not None and out.t2v_max is not None:
-            if acc.t2v_sum is None:
-                acc.t2v_sum = torch.zeros(self.n, device=dev)
-                acc.t2v_max = torch.zeros(self.n, device=dev)
-            vis_k = self._vision_on(dev)[:n_vis]
-            acc.t2v_sum[:n_vis] += out.t2v_sum * vis_k / heads
-            acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], out.t2v_max * vis_k / heads)
+            self._add_t2v(out.t2v_sum / heads, out.t2v_max / heads)
 
-    def _to_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """``[H, n]`` → ``[H_kv, n]``, mean over each GQA group."""
-        return x.view(self.h_kv, self.h // self.h_kv, -1).mean(1)
+    def _add_keys(self, name: str, x: torch.Tensor) -> None:
+        """Add ``x`` ``[H, n_vis]`` (per query head) to the per-KV-head key statistic ``name``."""
+        total = getattr(self._acc, name)
+        if total is None:
+            total = torch.zeros(self.h_kv, self.n, device=x.device)
+            setattr(self._acc, name, total)
+        total[:, : x.shape[-1]] += reduce_heads(x, self.h_kv)
+
+    def _add_entropy(self, ent: torch.Tensor) -> None:
+        """Add the row entropies ``[H, n_q]`` of this rank's heads (summed with the other ranks')."""
+        self._acc.ent_sum = self._acc.ent_sum + self._head_sum(ent).sum().double()
+        self._acc.ent_rows += ent.shape[1] * self.h * self.world
+
+    def _add_t2v(self, total: torch.Tensor, best: torch.Tensor) -> None:
+        """Add HAE's head-averaged text→vision attention ``[n_vis]``: its sum and maximum over the block's
+        text rows (counted at vision keys only)."""
+        acc, n_vis = self._acc, total.shape[0]
+        vis = self._vision_on(total.device)[:n_vis]
+        if acc.t2v_sum is None or acc.t2v_max is None:
+            acc.t2v_sum = torch.zeros(self.n, device=total.device)
+            acc.t2v_max = torch.zeros(self.n, device=total.device)
+        acc.t2v_sum[:n_vis] += total * vis
+        acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], best * vis)
 
     def _head_sum(self, x: torch.Tensor) -> torch.Tensor:
         """``[H, ...]`` → ``[...]``, summed over all ranks' heads."""
@@ -273,7 +284,7 @@ class StatsAccumulator:
     def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         # No device synchronisation in here: which rows count is decided from positions on the CPU, and
         # sums stay on the device until ``result``.
-        req, acc = self.request, self._acc
+        req = self.request
         n_q = q.shape[0]
         dev = q.device
         g = self.h // self.h_kv
@@ -292,35 +303,23 @@ class StatsAccumulator:
         lse = torch.logsumexp(zc, dim=-1, keepdim=True)
         p = torch.exp(zc - lse)  # [H, n_q, n_vis]; exact zeros above the diagonal
 
-        to_kv, head_sum = self._to_kv, self._head_sum
         if req.colsum:
-            if acc.colsum is None:
-                acc.colsum = torch.zeros(self.h_kv, self.n, device=dev)
-            acc.colsum[:, :n_vis] += to_kv(p.sum(1))
+            self._add_keys("colsum", p.sum(1))
         if req.window and start + n_q > self.window_from:
-            if acc.window is None:
-                acc.window = torch.zeros(self.h_kv, self.n, device=dev)
-            acc.window[:, :n_vis] += to_kv(p[:, max(0, self.window_from - start) :].sum(1))
+            self._add_keys("window", p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
             # H = lse − Σ_j p_j z_j; p is exactly 0 above the diagonal, where z is finite.
-            ent = lse.squeeze(-1) - (p * z).sum(-1)  # [H, n_q]
-            acc.ent_sum = acc.ent_sum + head_sum(ent).sum().double()
-            acc.ent_rows += n_q * heads
-        vis_cpu = self.vision[start : start + n_q]
+            self._add_entropy(lse.squeeze(-1) - (p * z).sum(-1))
         vis_k = self._vision_on(dev)[:n_vis]
         vis_q = self._vision_on(dev)[start : start + n_q]
         if req.cross_entropy and bool(self.vision.any()):
             self._cross_entropy(p, causal, vis_q, vis_k, start)
         if req.t2v and start + n_q > self.t2v_from:
-            if acc.t2v_sum is None:
-                acc.t2v_sum = torch.zeros(self.n, device=dev)
-                acc.t2v_max = torch.zeros(self.n, device=dev)
-            rows = torch.nonzero((torch.arange(start, start + n_q) >= self.t2v_from) & ~vis_cpu).flatten()
+            text = (torch.arange(start, start + n_q) >= self.t2v_from) & ~self.vision[start : start + n_q]
+            rows = torch.nonzero(text).flatten()
             if rows.numel():
-                pm = head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
-                pm = pm * vis_k.unsqueeze(0)
-                acc.t2v_sum[:n_vis] += pm.sum(0)
-                acc.t2v_max[:n_vis] = torch.maximum(acc.t2v_max[:n_vis], pm.max(0).values)
+                pm = self._head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
+                self._add_t2v(pm.sum(0), pm.max(0).values)
 
     def _cross_entropy(
         self,
