@@ -29,8 +29,6 @@ from vllm_kvmm.policies import PromptInfo
 
 __all__ = ["build_parser", "run", "vision_layout"]
 
-_FIELDS = ("colsum", "window", "entropy", "entropy_tv", "entropy_vt", "t2v_sum", "t2v_max")
-
 
 def vision_layout(num_tokens: int, images: int, image_tokens: int) -> torch.Tensor:
     """``[N]`` bool: ``images`` spans of ``image_tokens`` spread evenly through the text, text last.
@@ -84,7 +82,7 @@ def _layer_stats(
 def deviation(a: LayerStats, b: LayerStats) -> float:
     """Largest relative difference over the statistics both hold (tensors: relative to their max)."""
     worst = 0.0
-    for f in _FIELDS:
+    for f in LayerStats.__slots__:
         x, y = getattr(a, f), getattr(b, f)
         if x is None or y is None:
             continue

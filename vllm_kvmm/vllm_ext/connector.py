@@ -235,7 +235,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         # The worker's shutdown: let go of this engine's caches and requests (the state outlives it).
         if self.role == KVConnectorRole.WORKER:
-            worker_state().__init__()  # type: ignore[misc]
+            worker_state().reset()
         super().shutdown()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:

@@ -111,13 +111,17 @@ class WorkerState:
 
         ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
         """
-        self.__init__()  # type: ignore[misc]
+        self.reset()
         self.tp_world = tp_world
         self.all_reduce = all_reduce
         self.layers = layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.query_rows = query_rows
+
+    def reset(self) -> None:
+        """Forget everything: no engine, caches or requests (``configure`` and the connector's shutdown)."""
+        self.__init__()  # type: ignore[misc]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take the engine's layer caches; a second engine in this process is refused here.
