@@ -51,7 +51,9 @@ def select_topk(scores: torch.Tensor, k: int, protected: torch.Tensor | None = N
     if k == n:
         return torch.arange(n, device=scores.device).expand(h, n).clone()
     # Stable lexicographic order: (protected desc, score desc, index asc).
-    order = torch.argsort(scores.float(), dim=-1, descending=True, stable=True)
+    # Float64 scores stay float64 (the text prior's two-tier scores need the low bits); others sort in fp32.
+    keyed = scores if scores.dtype == torch.float64 else scores.float()
+    order = torch.argsort(keyed, dim=-1, descending=True, stable=True)
     if protected is not None:
         prot = protected.expand(h, n) if protected.dim() == 1 else protected
         prot_sorted = torch.gather(prot.to(torch.int8), 1, order)

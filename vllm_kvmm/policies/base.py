@@ -169,23 +169,69 @@ def budget_tokens(ratio: float, n: int) -> int:
     return min(n, max(0, math.floor(ratio * n + 0.5)))
 
 
-def layout(n: int, recent: int, budget: int, granularity: int, n_protected: int = 0) -> tuple[int, int]:
-    """Where the kept tail starts and how many prefix tokens are kept.
+def layout(
+    n: int,
+    recent: int,
+    budget: float,
+    granularity: int,
+    protected: torch.Tensor | None = None,
+) -> tuple[int, int]:
+    """Where the kept tail starts and how many prefix tokens are kept, so that the layer keeps ``budget``.
+
+    The recent window, the protected tokens and the block rounding all live *inside* the budget (ρ means
+    ρ): the tail ``[tail_start, N)`` starts at a block boundary and holds at least ``min(recent, budget)``
+    tokens; the prefix keeps a whole number of blocks, the protected ones included, nearest to what the
+    budget leaves. Where that is impossible the layer keeps more, never silently less:
+
+    * a tail plus protected blocks that overshoot the budget by more than half a block shorten the tail
+      (whole blocks: the recent window gives way to protected tokens, never the reverse);
+    * a prefix that rounds to nothing while a tail one block shorter leaves room for a block takes that
+      block: a small layer keeps its best tokens (the attention sink) instead of its recent tail alone;
+    * the last partial block always stays (decoding appends to it); protected tokens beyond the budget
+      are all kept (e.g. ``text_prior="keep_all"``).
 
     Args:
-        n: prompt length. ``recent``: trailing tokens always kept. ``budget``: tokens to keep in total.
-        granularity: the prefix keep count is a multiple of it (the vLLM block size, or 1).
-        n_protected: hard-protected tokens inside the prefix; the keep count grows to cover them.
+        n: prompt length. ``recent``: trailing tokens the policy wants kept. ``budget``: tokens to keep,
+            possibly fractional (the caller carries the block-rounding residual from layer to layer, so
+            the totals over layers match the budgets within half a block: :func:`plan_compression`).
+        granularity: the prefix keep count and ``tail_start`` are multiples of it (vLLM's block size, or 1).
+        protected: ``[n + 1]`` cumulative count of hard-protected tokens (``protected[t]`` = those before
+            ``t``), or ``None``.
     Returns:
         ``(tail_start, prefix_keep)``.
     """
     g = max(1, granularity)
-    recent = min(max(recent, 0), n)
+    target = min(max(float(budget), 0.0), float(n))
+    recent = min(max(recent, 0), n, math.floor(target))
+    last = n if n % g == 0 else g * (n // g)  # shortest tail: the partial last block
+
+    def fit(tail_start: int) -> tuple[int, float]:
+        tail = n - tail_start
+        n_prot = int(protected[tail_start]) if protected is not None else 0
+        lo = min(tail_start, g * math.ceil(n_prot / g))
+        prefix = min(tail_start, max(lo, g * math.floor((target - tail) / g + 0.5)))
+        return prefix, tail + prefix - target
+
     tail_start = g * ((n - recent) // g)
-    prefix_keep = g * (max(0, budget - (n - tail_start)) // g)
-    if n_protected > prefix_keep:
-        prefix_keep = g * math.ceil(n_protected / g)
-    return tail_start, min(prefix_keep, tail_start)
+    prefix, over = fit(tail_start)
+    while over > g / 2 and tail_start + g <= last:
+        shorter, over2 = fit(tail_start + g)
+        if over2 >= over:  # the tokens that left the tail are protected ones: nothing to gain
+            break
+        tail_start, prefix, over = tail_start + g, shorter, over2
+    if prefix == 0 and recent < target and 0 < tail_start and tail_start + g <= last:
+        shorter, over2 = fit(tail_start + g)
+        if shorter > 0 and abs(over2) <= abs(over):
+            tail_start, prefix = tail_start + g, shorter
+    return tail_start, prefix
+
+
+def _protected_counts(masks: Sequence[torch.Tensor | None], n: int) -> torch.Tensor | None:
+    """``[n + 1]``: the most protected tokens any of ``masks`` has before each position."""
+    cums = [torch.cat([torch.zeros(1, dtype=torch.long), m.long().cumsum(0)]) for m in masks if m is not None]
+    if not cums:
+        return None
+    return torch.stack(cums).amax(0)
 
 
 def plan_compression(
@@ -199,7 +245,9 @@ def plan_compression(
 
     Args:
         stats: one entry per layer (``None`` where the policy collected nothing).
-        granularity: see :func:`layout`.
+        granularity: see :func:`layout`. Block rounding is carried from one group to the next (error
+            diffusion), so the kept total over all layers is within half a block of the budgets' sum
+            wherever no protected set or partial last block forces more.
         groups: layers that share one block table (vLLM's ``--kv-groups``): they keep the same number of
             tokens and the same tail — the mean of their budgets — while each still selects its own
             tokens. ``None``: every layer on its own (the policy's budgets exactly).
@@ -213,13 +261,19 @@ def plan_compression(
         raise ValueError(f"groups must partition the {info.num_layers} layers, got {groups}")
     prot = [policy.protected(info, layer) for layer in range(info.num_layers)]
     shape: dict[int, tuple[int, int]] = {}
+    carry = 0.0  # token-layers the groups so far kept below (+) or above (−) their budgets by rounding
     for members in groups:
         b = min(n, math.floor(sum(budgets[m] for m in members) / len(members) + 0.5))
         recent = policy.recent_window(info, b)
-        tail_start, _ = layout(n, recent, b, granularity)
-        n_prot = max(int(prot[m][:tail_start].sum()) if prot[m] is not None else 0 for m in members)
+        target = b + carry / len(members)
+        counts = _protected_counts([prot[m] for m in members], n)
+        tail_start, prefix = layout(n, recent, target, granularity, counts)
+        # Only a rounding residual (within half a block) travels on; an overshoot forced by protected
+        # tokens or the partial last block is not taken back from later layers.
+        residual = target - (n - tail_start) - prefix
+        carry = len(members) * residual if abs(residual) <= max(1, granularity) / 2 else 0.0
         for m in members:
-            shape[m] = layout(n, recent, b, granularity, n_prot)
+            shape[m] = (tail_start, prefix)
     # Select where the scores are: a GPU sorts [H, 8k] scores in microseconds, a CPU takes milliseconds
     # per layer (most of a prompt's compression time at 8k). One copy brings every layer's choice back.
     heads: dict[int, torch.Tensor] = {}

@@ -13,10 +13,14 @@ __all__ = ["clamped_softmax_ratios", "round_preserving_sum"]
 def round_preserving_sum(values: Sequence[float], total: int, cap: int | None = None) -> list[int]:
     """Round non-negative ``values`` to integers summing exactly to ``total`` (largest remainder).
 
-    Ties in the remainder go to the lower index, so the result is deterministic. With ``cap`` (values
-    ``≤ cap``, ``total ≤ len·cap``) no result exceeds ``cap``: a unit that would push a value past it
-    goes to the next value in remainder order instead (cycling if needed), so the sum stays exact.
+    Units go to the largest remainders first and, when the floors already exceed ``total`` (the values sum
+    to more than ``total``), come off the smallest remainders first; ties go to the lower index, so the
+    result is deterministic. With ``cap`` (values ``≤ cap``, ``total ≤ len·cap``) no result exceeds
+    ``cap``: a unit that would push a value past it goes to the next value in remainder order instead
+    (cycling if needed), so the sum stays exact. No result goes below 0.
     """
+    if total < 0 or (cap is not None and total > len(values) * cap):
+        raise ValueError(f"cannot share {total} among {len(values)} values within [0, {cap}]")
     floors = [math.floor(v) for v in values]
     rest = total - sum(floors)
     order = sorted(range(len(values)), key=lambda i: (-(values[i] - floors[i]), i))
@@ -29,6 +33,15 @@ def round_preserving_sum(values: Sequence[float], total: int, cap: int | None = 
         for i in room:
             floors[i] += 1
         rest -= len(room)
+    # Fix: this function used to only add units, so values summing past ``total`` (MEDA's ratios sum to
+    # L·ρ, the token total is L·round(ρN)) rounded to more than ``total``: [100.1, 100.1, 21.2, 20.2]
+    # with total 240 gave 241.
+    down = sorted(range(len(values)), key=lambda i: (values[i] - floors[i], i))
+    while rest < 0:
+        room = [i for i in down if floors[i] > 0][:-rest]
+        for i in room:
+            floors[i] -= 1
+        rest += len(room)
     return floors
 
 

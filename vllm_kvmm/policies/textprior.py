@@ -19,13 +19,18 @@ def text_prior_scores(colsum: torch.Tensor, text_mask: torch.Tensor, prior: Text
 
     ``bonus`` (LOOK-M Eq. 5, MEDA Eq. 9): ``A_s[T] += max(A_s)`` per KV head, so text outranks vision
     but still competes for the budget. ``keep_all`` is enforced through ``protected`` instead (released
-    code), and ``none`` leaves the scores alone. ``colsum``: ``[H_kv, N]``; ``text_mask``: ``[N]``.
+    code), and ``none`` leaves the scores alone. ``colsum``: ``[H_kv, N]``; ``text_mask``: ``[N]``; the
+    bonus scores are float64.
     """
     if prior != "bonus":
         return colsum
-    bonus = colsum.amax(dim=1, keepdim=True)
+    # Fix: in float32 the bonus (O(N) for a column sum) swallowed the low bits of close text scores, which
+    # then tied and fell to index order (on a text-only prompt LOOK-M did not keep H2O's set). Float64 keeps
+    # the two-tier order exact for any score the float32 statistics can hold.
+    scores = colsum.double()
+    bonus = scores.amax(dim=1, keepdim=True)
     # Fix: move the (CPU) prompt mask to the statistics' device; stats collected on the GPU crashed here.
-    return colsum + bonus * text_mask.to(device=colsum.device, dtype=colsum.dtype).unsqueeze(0)
+    return scores + bonus * text_mask.to(device=scores.device, dtype=scores.dtype).unsqueeze(0)
 
 
 class TextPriorPolicy(KVPolicy):
