@@ -742,7 +742,7 @@ def test_matrix_granularity_16(name):
 
 
 def vlm_like_info(n: int, layers: int, h_kv: int = 2) -> PromptInfo:
-    """A multi-image prompt: a short text head, images of 48 tokens with 2-token labels, a 40-token question."""
+    """A multi-image prompt: short text head, images of 48 tokens with 2-token labels, 40-token question."""
     vision = torch.zeros(n, dtype=torch.bool)
     pos = 12
     while pos + 2 + 48 <= n - 40:

@@ -219,7 +219,7 @@ def layout(
         if over2 >= over:  # the tokens that left the tail are protected ones: nothing to gain
             break
         tail_start, prefix, over = tail_start + g, shorter, over2
-    if prefix == 0 and recent < target and 0 < tail_start and tail_start + g <= last:
+    if prefix == 0 and recent < target and tail_start > 0 and tail_start + g <= last:
         shorter, over2 = fit(tail_start + g)
         if shorter > 0 and abs(over2) <= abs(over):
             tail_start, prefix = tail_start + g, shorter
