@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from vllm_kvmm.policies import (
     Full,
     LayerPlan,
     LookM,
+    MEDAPaper,
     PolicyError,
     PromptInfo,
     PyramidKV,
@@ -236,7 +238,7 @@ def test_meda_budgets_from_entropies():
     # E = ln[1, 2, 3, 4] → softmax = [.1, .2, .3, .4]; L·ρ = 1 → ratios = softmax (no clamp);
     # N = 100 → [10, 20, 30, 40], sum 100 = L·round(ρN)
     ent = [math.log(x) for x in (1, 2, 3, 4)]
-    pol = MEDA(budget=0.25)
+    pol = MEDAPaper(budget=0.25)
     pinfo = info(100, [(0, 50)], layers=4)
     assert pol.layer_entropies(cm_stats(ent)).tolist() == pytest.approx(ent)
     assert pol.layer_budgets(cm_stats(ent), pinfo) == [10, 20, 30, 40]
@@ -247,13 +249,18 @@ def test_meda_budgets_clamped_and_renormalised():
     # 3·0.1·c + 1 = 2 → c = 10/3 → [1/3, 1/3, 1/3, 1]; N = 60 → [20, 20, 20, 60], sum 120 = 4·30
     ent = [0.0, 0.0, 0.0, math.log(7)]
     pinfo = info(60, [(0, 30)], layers=4)
-    assert MEDA(budget=0.5).layer_budgets(cm_stats(ent), pinfo) == [20, 20, 20, 60]
+    assert MEDAPaper(budget=0.5).layer_budgets(cm_stats(ent), pinfo) == [20, 20, 20, 60]
     # released code: clamp once, no re-scaling → [.2, .2, .2, 1] · 60 = [12, 12, 12, 60] (sum drifts to 96)
-    assert MEDA(budget=0.5, renormalize=False).layer_budgets(cm_stats(ent), pinfo) == [12, 12, 12, 60]
+    assert MEDAPaper(budget=0.5, renormalize=False).layer_budgets(cm_stats(ent), pinfo) == [12, 12, 12, 60]
     # the min_ratio clamp: E = [0, 0, 0, 10] at ρ = .1, min_ratio = .05 → the three small layers sit at
     # the floor: 3·0.05 + x = 0.4 → x = 0.25; N = 100 → [5, 5, 5, 25]
     pinfo = info(100, [(0, 30)], layers=4)
-    assert MEDA(budget=0.1, min_ratio=0.05).layer_budgets(cm_stats([0, 0, 0, 10]), pinfo) == [5, 5, 5, 25]
+    assert MEDAPaper(budget=0.1, min_ratio=0.05).layer_budgets(cm_stats([0, 0, 0, 10]), pinfo) == [
+        5,
+        5,
+        5,
+        25,
+    ]
 
 
 def test_meda_budgets_sum_exactly_when_layers_are_full():
@@ -261,7 +268,7 @@ def test_meda_budgets_sum_exactly_when_layers_are_full():
     # → tokens [5, 5, 0.5]. Largest remainder would give the 2 spare units to layers 2 and 0, but layer 0
     # is already full (5 = N): the units must go to layer 2 → [5, 5, 2], sum 12.
     pinfo = info(5, [(0, 2)], layers=3)
-    budgets = MEDA(budget=0.7).layer_budgets(cm_stats([5.0, 5.0, 0.0]), pinfo)
+    budgets = MEDAPaper(budget=0.7).layer_budgets(cm_stats([5.0, 5.0, 0.0]), pinfo)
     assert max(budgets) <= 5
     assert sum(budgets) == 12
     assert budgets == [5, 5, 2]
@@ -272,7 +279,7 @@ def test_meda_budgets_sum_to_l_times_b(seed):
     gen = torch.Generator().manual_seed(seed)
     n, layers, rho = 97, 6, 0.3
     ent = (torch.rand(layers, generator=gen) * 4).tolist()
-    budgets = MEDA(budget=rho).layer_budgets(cm_stats(ent), info(n, [(0, 40)], layers=layers))
+    budgets = MEDAPaper(budget=rho).layer_budgets(cm_stats(ent), info(n, [(0, 40)], layers=layers))
     assert sum(budgets) == layers * budget_tokens(rho, n)
     assert all(1 <= b <= n for b in budgets)
     # larger entropy → larger (or equal) budget
@@ -281,13 +288,13 @@ def test_meda_budgets_sum_to_l_times_b(seed):
 
 
 def test_meda_cross_modal_vs_full_fallback():
-    pol = MEDA(budget=0.3)
+    pol = MEDAPaper(budget=0.3)
     vis, txt = info(20, [(2, 10)], layers=2), info(20, layers=2)
     r = pol.stats_request(vis)
     assert r.cross_entropy and not r.entropy and r.colsum
     r = pol.stats_request(txt)  # text-only: no cross-modal map → full-attention entropy
     assert r.entropy and not r.cross_entropy and r.colsum
-    r = MEDA(budget=0.3, entropy="full").stats_request(vis)
+    r = MEDAPaper(budget=0.3, entropy="full").stats_request(vis)
     assert r.entropy and not r.cross_entropy
     # text-only budgets follow the full entropies: E = [0, ln 3] → w = [.25, .75], L·ρ = .6
     # → ratios [.15, .45], N = 20 → [3, 9] (sum 12 = 2·round(6))
@@ -372,9 +379,9 @@ def test_text_prior_bonus_ranks_text_above_vision():
     assert kept(plan) == [[4, 5, 6, 7, 8, 9]] * 2
     # MEDA: recent = round(.75·6) = round(4.5) = 5 → tail [5, 10), prefix 1 of [0, 5): the better text
     # token (1: 0.2 + 9) beats the best vision token (4: 7)
-    (plan,) = plan_compression(MEDA(budget=0.6), stats, pinfo)
+    (plan,) = plan_compression(MEDAPaper(budget=0.6), stats, pinfo)
     assert kept(plan) == [[1, 5, 6, 7, 8, 9]] * 2
-    (plan,) = plan_compression(MEDA(budget=0.6, text_prior="none"), stats, pinfo)
+    (plan,) = plan_compression(MEDAPaper(budget=0.6, text_prior="none"), stats, pinfo)
     assert kept(plan) == [[4, 5, 6, 7, 8, 9]] * 2
 
 
@@ -418,7 +425,7 @@ def test_text_prior_bonus_still_competes_for_budget():
     assert kept(plan) == [[1, 8, 9]] * 2
 
 
-@pytest.mark.parametrize("cls", [LookM, MEDA])
+@pytest.mark.parametrize("cls", [LookM, MEDAPaper])
 def test_keep_all_text_prior_protects_every_text_token(cls):
     # N = 12, vision [2, 9); text 0, 1, 9, 10, 11. B = round(.34·12) = 4
     pinfo = info(12, [(2, 9)])
@@ -436,7 +443,7 @@ def test_keep_all_text_prior_protects_every_text_token(cls):
     assert kept(plan) == [[0, 1, 4, 9, 10, 11]] * 2
 
 
-@pytest.mark.parametrize("cls", [LookM, MEDA])
+@pytest.mark.parametrize("cls", [LookM, MEDAPaper])
 def test_sink_tokens_survive_a_budget_that_rounds_to_the_tail(cls):
     # N = 64 text tokens, B = round(.25·64) = 16, recent 8. Scores rise with position, so the first tokens
     # score lowest: only protection can keep them.
@@ -580,7 +587,7 @@ def test_apply_plan_pivot_merge_by_hand():
     )
     assert torch.equal(k2, keys[:, [1, 4, 5]]) and torch.equal(v2, v)
     # average (MEDA default): x_j ← (x_j + x_i) / 2
-    _, v3 = apply_plan(plan, keys, values, MEDA(budget=0.5).merge_spec(pinfo))
+    _, v3 = apply_plan(plan, keys, values, MEDAPaper(budget=0.5).merge_spec(pinfo))
     assert v3[0, :, 0].tolist() == pytest.approx([3, 8, 10])
     # no merge: a plain gather
     k4, v4 = apply_plan(plan, keys, values, LookM(budget=0.5, merge="none").merge_spec(pinfo))
@@ -624,7 +631,9 @@ SPANS = [(4, 30), (40, 70)]  # two images; 26 text tokens after the last one
 def expected_recent(name: str, budget: int) -> int:
     """Each policy's documented recent window (ALGORITHMS.md §1.1, §2.1, §5; policy docstrings)."""
     return {
-        "meda": budget_tokens(0.75, budget),
+        "meda": min(32, N),  # the observation window (window scoring, recent_fraction 0)
+        "meda-paper": budget_tokens(0.75, budget),
+        "meda-released": budget_tokens(0.5, budget),
         "lookm": budget_tokens(0.5, budget),
         "h2o": budget_tokens(0.5, budget),
         "snapkv": min(32, N),
@@ -637,8 +646,10 @@ def expected_recent(name: str, budget: int) -> int:
 def expected_protected(name: str, pinfo: PromptInfo) -> torch.Tensor:
     if name == "streamingllm":
         return torch.arange(N) < 4
-    if name == "hae":
+    if name in ("hae", "meda-released"):  # HAE never evicts text at prefill; the released code keeps it all
         return ~pinfo.vision_mask
+    if name == "meda":
+        return torch.arange(N) < 4  # attention sinks
     return torch.zeros(N, dtype=torch.bool)
 
 
@@ -678,7 +689,8 @@ def test_matrix_hae_threshold_mode_is_the_exception():
 
 
 def test_registry_lists_every_policy():
-    names = {"meda", "lookm", "hae", "snapkv", "pyramidkv", "h2o", "streamingllm", "full"}
+    names = {"meda", "meda-paper", "meda-released", "lookm", "hae", "snapkv", "pyramidkv", "h2o"}
+    names |= {"streamingllm", "full"}
     assert set(policy_names()) == names
     for name, cls in POLICIES.items():
         assert cls.name == name and cls.summary
@@ -692,21 +704,30 @@ COMPRESSING = [n for n in policy_names() if n != "full"]
 def test_matrix_half_budget_follows_the_budget_rule(name):
     pinfo = info(N, SPANS, layers=LAYERS, h_kv=HKV)
     pol = make_policy(name, 0.5)
-    stats = collect(pol, pinfo, seed=hash(name) % 1000)
+    stats = collect(pol, pinfo, seed=zlib.crc32(name.encode()) % 1000)
     b = budget_tokens(0.5, N)  # 48
     budgets = pol.layer_budgets(stats, pinfo)
-    assert sum(budgets) == LAYERS * b
-    if name not in ("meda", "pyramidkv"):
+    exact = pol.over_budget is None  # else a replication of released code (text kept, budgets drift)
+    if exact:
+        assert sum(budgets) == LAYERS * b
+    if not name.startswith("meda") and name != "pyramidkv":
         assert budgets == [b] * LAYERS
     prot = expected_protected(name, pinfo)
     plans = plan_compression(pol, stats, pinfo)
     for layer, (p, bl) in enumerate(zip(plans, budgets, strict=True)):
         check_plan_shape(p, N, HKV)
-        recent = min(expected_recent(name, bl), N)
-        assert p.tail_start == N - recent
+        recent = min(expected_recent(name, bl), N, bl)
         n_prot = int(prot[: N - recent].sum())
-        prefix = min(N - recent, max(bl - recent, n_prot, 0))
+        if not exact:
+            assert p.num_kept >= bl and p.tail_start <= N - recent
+            recent = N - p.tail_start
+        elif n_prot > bl - recent:  # protected tokens inside the budget: the window gives way, token by token
+            recent = bl - n_prot
+            assert int(prot[: N - recent].sum()) == n_prot, "this matrix has no protected token in the tail"
+        assert p.tail_start == N - recent
+        prefix = p.prefix_keep if not exact else min(N - recent, max(bl - recent, 0))
         assert p.prefix_keep == prefix and p.num_kept == recent + prefix, (layer, bl, recent)
+        assert p.num_kept == bl or not exact
         for row in p.keep.tolist():  # protected tokens are all kept
             assert set(torch.nonzero(prot).flatten().tolist()) <= set(row)
         # granularity 1 equals a direct top-k over the policy's own scores (written out here)
@@ -731,14 +752,15 @@ def test_matrix_granularity_16(name):
         check_plan_shape(p, N, HKV)
         assert p.tail_start % g == 0 and p.prefix_keep % g == 0
         # the tail holds the recent window (as far as the budget allows), rounded up to a block boundary,
-        # except in a layer whose prefix would round to nothing: it gives a tail block to its best tokens
+        # except where it gives blocks to the prefix: protected tokens, or a prefix that rounds to nothing
         recent = min(expected_recent(name, bl), bl)
         t0 = g * ((N - recent) // g)
-        assert p.tail_start == t0 or (p.tail_start == t0 + g and p.prefix_keep == g), (bl, recent)
+        assert p.tail_start == t0 or (p.tail_start > t0 and p.prefix_keep > 0), (bl, recent)
         for row in p.keep.tolist():
             assert set(torch.nonzero(prot).flatten().tolist()) <= set(row)
     # block rounding is carried from layer to layer: the totals match within half a block
-    assert abs(sum(p.num_kept for p in plans) - sum(budgets)) <= g / 2
+    if pol.over_budget is None:
+        assert abs(sum(p.num_kept for p in plans) - sum(budgets)) <= g / 2
 
 
 def vlm_like_info(n: int, layers: int, h_kv: int = 2) -> PromptInfo:
@@ -762,6 +784,10 @@ def test_matrix_kv_budget_means_rho(name, n):
     """
     layers, g = 12, 16
     pinfo = vlm_like_info(n, layers)
+    if make_policy(name).over_budget is not None:
+        # declared by the policy and said in docs/policies.md; only replications of released code may
+        assert name == "meda-released" and "released code" in str(make_policy(name).over_budget)
+        return
     for rho in (0.5, 0.2, 0.1, 0.05):
         pol = make_policy(name, rho)
         stats = collect(pol, pinfo, seed=11)
@@ -775,7 +801,7 @@ def test_matrix_kv_budget_means_rho(name, n):
             assert measured > 1.1 * rho and all(p.num_kept >= most for p in plans), (rho, measured)
 
 
-@pytest.mark.parametrize("name", ["lookm", "meda"])
+@pytest.mark.parametrize("name", ["lookm", "meda-paper"])
 def test_matrix_merge_through_apply_plan_changes_kept_values(name):
     pinfo = info(N, SPANS, layers=1, h_kv=HKV)
     pol = make_policy(name, 0.5)

@@ -439,3 +439,26 @@ def test_continuation_logprobs(llama: tuple[DenseReference, Any]) -> None:
     toks, logits = oracle_decode(ref, p, out.plans, 6)
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
     torch.testing.assert_close(ref.continuation_logprobs(p, toks, policy), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_variants_equals_generate_per_policy(
+    llava: tuple[DenseReference, Any], images: list
+) -> None:
+    # One shared prefill with the union of the statistics gives each policy exactly what running it alone
+    # gives: same kept sets, same tokens (the design sweep's premise, vllm_kvmm/bench/sweep.py).
+    from vllm_kvmm.policies import make_policy, policy_names
+
+    ref, proc = llava
+    prompt = prompt_from_messages(proc, image_messages(2, TEXTS[1]), images[1:3])
+    names = [n for n in policy_names() if n != "full"]
+    policies = [make_policy("full")] + [make_policy(n, 0.3) for n in names]
+    together = ref.generate_variants(prompt, policies, 5, granularity=4)
+    assert len(together) == len(policies)
+    for policy, got in zip(policies, together, strict=True):
+        (alone,) = ref.generate([prompt], policy, 5, granularity=4)
+        assert got.token_ids == alone.token_ids, policy.name
+        assert got.kept_tokens == alone.kept_tokens, policy.name
+        for a, b in zip(got.plans, alone.plans, strict=True):
+            assert torch.equal(a.keep, b.keep), policy.name
+    with pytest.raises(ValueError, match="decode-time eviction"):
+        ref.generate_variants(prompt, [make_policy("h2o", 0.5, {"decode_interval": 4})], 3)

@@ -65,17 +65,19 @@ def parse_plan(text: str) -> list[tuple[str, int, int]]:
     out = []
     for item in text.split(","):
         task, n, c = item.split(":")
-        if task not in ("single", "needle", "lookup", "count", "order"):
+        if task not in ("single", "needle", "lookup", "count", "order", "find_all"):
             raise ValueError(f"unknown task {task!r} in --tasks")
         out.append((task, int(n), int(c)))
     return out
 
 
-def plan_examples(plan: Sequence[tuple[str, int, int]]) -> list[tuple[str, data.Example]]:
-    """``(group, example)`` of every held-out prompt of the plan; ``group`` is ``"<family>@<N>"``."""
+def plan_examples(
+    plan: Sequence[tuple[str, int, int]], split: str = "test"
+) -> list[tuple[str, data.Example]]:
+    """``(group, example)`` of every prompt of the plan on ``split``; ``group`` is ``"<family>@<N>"``."""
     out = []
     for family, n, count in plan:
-        for ex in data.examples(data.eval_contexts(family, n, count, split="test")):
+        for ex in data.examples(data.eval_contexts(family, n, count, split=split)):
             out.append((f"{family}@{n}", ex))
     return out
 

@@ -15,7 +15,7 @@ from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
 from vllm_kvmm.policies.lookm import LookM
-from vllm_kvmm.policies.meda import MEDA
+from vllm_kvmm.policies.meda import MEDA, MEDAPaper, MEDAReleased
 from vllm_kvmm.policies.pyramidkv import PyramidKV
 from vllm_kvmm.policies.registry import POLICIES, PolicyError, make_policy, policy_names
 from vllm_kvmm.policies.snapkv import SnapKV
@@ -33,6 +33,8 @@ __all__ = [
     "KVPolicy",
     "LayerPlan",
     "LookM",
+    "MEDAPaper",
+    "MEDAReleased",
     "MergeSpec",
     "PolicyError",
     "PromptInfo",

@@ -133,6 +133,15 @@ class KVPolicy(BaseModel):
         """False when the policy can never evict a prompt token (``full``, or budget 1)."""
         return self.budget < 1.0
 
+    @property
+    def over_budget(self) -> str | None:
+        """Why this configuration keeps other than ``ρ`` of a prompt's KV by design, or ``None``.
+
+        Every default configuration keeps ``ρ`` (within 10 % on prompts of 512 tokens or more) unless its
+        hard-protected tokens alone exceed the budget; replication variants of released code may not.
+        """
+        return None
+
     def stats_request(self, info: PromptInfo) -> StatsRequest:
         """Statistics the attention hook must collect for this prompt (default: none)."""
         return StatsRequest()

@@ -12,7 +12,7 @@ from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE
 from vllm_kvmm.policies.lookm import LookM
-from vllm_kvmm.policies.meda import MEDA
+from vllm_kvmm.policies.meda import MEDA, MEDAPaper, MEDAReleased
 from vllm_kvmm.policies.pyramidkv import PyramidKV
 from vllm_kvmm.policies.snapkv import SnapKV
 from vllm_kvmm.policies.streaming import StreamingLLM
@@ -20,7 +20,8 @@ from vllm_kvmm.policies.streaming import StreamingLLM
 __all__ = ["POLICIES", "PolicyError", "make_policy", "policy_names"]
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    cls.name: cls for cls in (MEDA, LookM, HAE, SnapKV, PyramidKV, H2O, StreamingLLM, Full)
+    cls.name: cls
+    for cls in (MEDA, MEDAPaper, MEDAReleased, LookM, HAE, SnapKV, PyramidKV, H2O, StreamingLLM, Full)
 }
 
 

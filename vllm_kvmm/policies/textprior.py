@@ -57,6 +57,14 @@ class TextPriorPolicy(KVPolicy):
             msg = "misaligned_source reproduces a bug of the filtered merge; set similarity_filter"
             raise ValueError(f"{self.name}: {msg}")
 
+    @property
+    def over_budget(self) -> str | None:
+        if self.text_prior == "keep_all":
+            return (
+                "text_prior='keep_all' keeps every text token (released code): more than ρ where text is many"
+            )
+        return None
+
     def stats_request(self, info: PromptInfo) -> StatsRequest:
         return StatsRequest(colsum=True)
 

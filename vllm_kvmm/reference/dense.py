@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vllm_kvmm.ops import LayerStats
+from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
 from vllm_kvmm.reference.attention import DenseKVRun, activate
 from vllm_kvmm.reference.positions import RopePositions
@@ -54,6 +54,48 @@ class ReferenceOutput:
     def kv_fraction(self) -> float:
         """Measured fraction of the prompt KV cache kept."""
         return self.kv_bytes_kept / self.kv_bytes_full
+
+
+def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
+    """One request that collects everything each of ``requests`` asks for (one window size at most)."""
+    windows = {r.window for r in requests if r.window}
+    if len(windows) > 1:
+        raise ValueError(f"policies asking for different observation windows {sorted(windows)}")
+    layers = None
+    if all(r.layers is not None for r in requests if not r.empty):
+        layers = tuple(sorted({x for r in requests if not r.empty for x in r.layers or ()}))
+    return StatsRequest(
+        colsum=any(r.colsum for r in requests),
+        window=windows.pop() if windows else 0,
+        entropy=any(r.entropy for r in requests),
+        cross_entropy=any(r.cross_entropy for r in requests),
+        t2v=any(r.t2v for r in requests),
+        layers=layers,
+    )
+
+
+def restrict(stats: LayerStats, request: StatsRequest) -> LayerStats:
+    """``stats`` with only the fields ``request`` asks for (what collecting it alone would give)."""
+    return LayerStats(
+        colsum=stats.colsum if request.colsum else None,
+        window=stats.window if request.window else None,
+        entropy=stats.entropy if request.entropy else None,
+        entropy_tv=stats.entropy_tv if request.cross_entropy else None,
+        entropy_vt=stats.entropy_vt if request.cross_entropy else None,
+        t2v_sum=stats.t2v_sum if request.t2v else None,
+        t2v_max=stats.t2v_max if request.t2v else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Collected:
+    """Finished statistics in the accumulator interface :meth:`DenseReference._compress` reads."""
+
+    stats: LayerStats
+    done: bool = True
+
+    def result(self) -> LayerStats:
+        return self.stats
 
 
 def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -127,37 +169,114 @@ class DenseReference:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         prompts = list(prompts)
-        bsz = len(prompts)
         infos = [self._info(p) for p in prompts]
         specs = [policy.decode_spec(i) for i in infos]
-        interval = specs[0].interval if specs[0] is not None else None
         run = self._new_run(prompts, policy, infos)
         pos = RopePositions(self.model, prompts)
         with activate(run, self._text_configs):
             logits = self._prefill(prompts, pos, run)  # [B, V]
             plans, stats = self._compress(run, policy, infos, granularity, layer_groups)
-            steps = [logits] if return_logits else []
-            tok = logits.argmax(-1)
-            tokens = [tok]
-            done = torch.zeros(bsz, dtype=torch.bool)
-            for t in range(1, max_new_tokens):
-                done |= self._is_eos(tok)
-                if stop_at_eos and bool(done.all()):
-                    break
-                # Token t-1 (just chosen) sits at text position N_b + t - 1, never at the cache length.
-                logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
-                run.generated += 1
-                if interval is not None and run.generated % interval == 0:
-                    capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
-                    run.flush(specs, capacity, granularity)
-                tok = logits.argmax(-1)
-                if return_logits:
-                    steps.append(logits)
-                tokens.append(tok)
-        all_tokens = torch.stack(tokens, 1)  # [B, T]
-        all_logits = torch.stack(steps, 1) if return_logits else None
+            all_tokens, all_logits = self._decode(
+                run, pos, logits, plans, specs, max_new_tokens, granularity, stop_at_eos, return_logits
+            )
+        return self._outputs(
+            run, all_tokens, all_logits, plans, infos, stats if return_stats else None, stop_at_eos
+        )
+
+    @torch.inference_mode()
+    def generate_variants(
+        self,
+        prompt: PromptInput,
+        policies: Sequence[KVPolicy],
+        max_new_tokens: int,
+        granularity: int = 1,
+        *,
+        stop_at_eos: bool = False,
+    ) -> list[ReferenceOutput]:
+        """One prompt under each of ``policies``, sharing one prefill: ``generate([prompt], p, ...)`` each.
+
+        The prefill collects the union of the policies' statistics (each a sum that does not depend on
+        what else is collected) and each policy sees only what it asked for. For design sweeps, where a
+        prompt's prefill is most of the cost. Decode-time eviction is not supported here.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        info = self._info(prompt)
+        if any(p.decode_spec(info) is not None for p in policies):
+            raise ValueError("generate_variants does not run decode-time eviction; use generate")
+        requests = [p.stats_request(info) for p in policies]
+        run = DenseKVRun(
+            self.attn_modules, torch.tensor([prompt.num_tokens]), [union_request(requests)],
+            [info.vision_mask.to(self.device)], self.stats_chunk,
+        )  # fmt: skip
+        pos = RopePositions(self.model, [prompt])
+        with activate(run, self._text_configs):
+            first = self._prefill([prompt], pos, run)
+        collected = {layer: acc.result() for layer, acc in run.stats[0].items()}
         outs = []
-        for b in range(bsz):
+        for policy, req in zip(policies, requests, strict=True):
+            fork = DenseKVRun(self.attn_modules, run.lengths, [req], run.vision_masks, self.stats_chunk)
+            fork.prompt_k, fork.prompt_v = list(run.prompt_k), list(run.prompt_v)
+            fork.stats = [
+                {i: _Collected(restrict(st, req)) for i, st in collected.items() if req.wants_layer(i)}
+            ]
+            with activate(fork, self._text_configs):
+                plans, _ = self._compress(fork, policy, [info], granularity)
+                tokens, _ = self._decode(
+                    fork, pos, first, plans, [None], max_new_tokens, granularity, stop_at_eos, False
+                )
+            outs.extend(self._outputs(fork, tokens, None, plans, [info], None, stop_at_eos))
+        return outs
+
+    def _decode(
+        self,
+        run: DenseKVRun,
+        pos: RopePositions,
+        logits: torch.Tensor,
+        plans: list[list[LayerPlan]],
+        specs: Sequence[Any],
+        max_new_tokens: int,
+        granularity: int,
+        stop_at_eos: bool,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy decoding over the compacted cache from the prefill ``logits`` ``[B, V]``.
+
+        Returns ``[B, T]`` tokens and, if asked, ``[B, T, V]`` logits.
+        """
+        interval = specs[0].interval if specs[0] is not None else None
+        steps = [logits] if return_logits else []
+        tok = logits.argmax(-1)
+        tokens = [tok]
+        done = torch.zeros(len(plans), dtype=torch.bool)
+        for t in range(1, max_new_tokens):
+            done |= self._is_eos(tok)
+            if stop_at_eos and bool(done.all()):
+                break
+            # Token t-1 (just chosen) sits at text position N_b + t - 1, never at the cache length.
+            logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
+            run.generated += 1
+            if interval is not None and run.generated % interval == 0:
+                capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
+                run.flush(specs, capacity, granularity)
+            tok = logits.argmax(-1)
+            if return_logits:
+                steps.append(logits)
+            tokens.append(tok)
+        return torch.stack(tokens, 1), (torch.stack(steps, 1) if return_logits else None)
+
+    def _outputs(
+        self,
+        run: DenseKVRun,
+        all_tokens: torch.Tensor,
+        all_logits: torch.Tensor | None,
+        plans: list[list[LayerPlan]],
+        infos: list[PromptInfo],
+        stats: list[list[LayerStats | None]] | None,
+        stop_at_eos: bool,
+    ) -> list[ReferenceOutput]:
+        outs = []
+        for b in range(all_tokens.shape[0]):
             ids = all_tokens[b].tolist()
             if stop_at_eos:
                 end = next((i + 1 for i, x in enumerate(ids) if x in self.eos_token_ids), len(ids))
@@ -167,7 +286,7 @@ class DenseReference:
                     ids,
                     plans[b],
                     infos[b],
-                    stats[b] if return_stats else None,
+                    stats[b] if stats is not None else None,
                     all_logits[b, : len(ids)].float() if all_logits is not None else None,
                 )
             )

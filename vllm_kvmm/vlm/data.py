@@ -396,7 +396,9 @@ def eval_contexts(
     """A fixed evaluation set: ``count`` contexts of ``n_images`` images, questions of one task family.
 
     ``task``: ``single`` (``n_images`` must be 1; every package question of ``count`` images), ``needle``
-    (up to 8 needles a context), ``lookup`` (8 ``color_k`` / ``shape_k``), ``count`` (4) or ``order`` (4).
+    (up to 8 needles a context), ``lookup`` (8 ``color_k`` / ``shape_k``), ``count`` (4), ``order`` (4) or
+    ``find_all`` (4: "Which images show a circle?" → ``2, 7, 9``, every image of a shape or colour: the
+    multi-needle task, several answers from several images).
     Deterministic for (task, n_images, count, split, seed).
     """
     rng = random.Random(f"vlm-eval/{task}/{n_images}/{split}/{seed}")
@@ -405,7 +407,7 @@ def eval_contexts(
             raise ValueError("single-image questions use one image")
         ids = rng.sample(image_ids(split), count)
         return [single_context(rng, split, i) for i in ids]
-    per = {"needle": 8, "lookup": 8, "count": 4, "order": 4}[task]
+    per = {"needle": 8, "lookup": 8, "count": 4, "order": 4, "find_all": 4}[task]
     return [multi_context(rng, split, n_images, {task: per}) for _ in range(count)]
 
 
