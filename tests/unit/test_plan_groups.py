@@ -39,3 +39,20 @@ def test_groups_must_partition_the_layers() -> None:
     info = PromptInfo.text_only(50, 4, 2)
     with pytest.raises(ValueError, match="groups must partition the 4 layers"):
         plan_compression(make_policy("snapkv", 0.5), _stats(50, 4, 2), info, groups=[[0, 1], [1, 2, 3]])
+
+
+def test_group_order_does_not_change_the_plans():
+    # The block-rounding carry runs in layer order whatever order the groups are listed in (vLLM lists
+    # them by KV-cache group id): permuted lists must give identical plans.
+    from vllm_kvmm.policies import PromptInfo, make_policy, plan_compression
+
+    n, layers = 230, 4
+    pinfo = PromptInfo.text_only(n, layers, 2)
+    pol = make_policy("snapkv", 0.25)
+    gen = torch.Generator().manual_seed(0)
+    stats = [LayerStats(window=torch.rand(2, n, generator=gen)) for _ in range(layers)]
+    plans = plan_compression(pol, stats, pinfo, granularity=16, groups=[[0], [1], [2], [3]])
+    assert len({p.num_kept for p in plans}) > 1, "the carry gives some layer one more block"
+    for order in ([[2], [0], [3], [1]], [[3], [2], [1], [0]]):
+        other = plan_compression(pol, stats, pinfo, granularity=16, groups=order)
+        assert [torch.equal(a.keep, b.keep) for a, b in zip(plans, other, strict=True)] == [True] * layers

@@ -271,7 +271,9 @@ def plan_compression(
     prot = [policy.protected(info, layer) for layer in range(info.num_layers)]
     shape: dict[int, tuple[int, int]] = {}
     carry = 0.0  # token-layers the groups so far kept below (+) or above (−) their budgets by rounding
-    for members in groups:
+    # In layer order, whatever order the caller lists the groups in: the carried rounding must give the
+    # same layouts on the vLLM path (groups in KV-cache-group order) as in the dense reference.
+    for members in sorted(groups, key=min):
         b = min(n, math.floor(sum(budgets[m] for m in members) / len(members) + 0.5))
         recent = policy.recent_window(info, b)
         target = b + carry / len(members)
