@@ -119,8 +119,12 @@ def test_paged_equals_dense(
 def test_groups_with_the_same_view_share_one_metadata_build(
     kvmm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """4 per-layer groups, one uniform policy: each step builds attention metadata once, not 4 times."""
+    """4 per-layer groups, one uniform policy: each step builds attention metadata once per distinct
+    layout, not once per group. The block rounding carried from layer to layer (ρ means ρ) gives a uniform
+    policy two layouts at most (k and k + 1 prefix blocks)."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+    from vllm_kvmm.vllm_ext.worker import worker_state
 
     calls = 0
     original = CPUAttentionMetadataBuilder.build
@@ -133,4 +137,7 @@ def test_groups_with_the_same_view_share_one_metadata_build(
     monkeypatch.setattr(CPUAttentionMetadataBuilder, "build", counting)
     out = kvmm.generate(_prompts()[:1], greedy(6, kv_policy="snapkv", kv_budget=0.5))
     assert len(out[0].outputs[0].token_ids) == 6
-    assert calls == 6  # one prefill step + five decode steps, one build each
+    plans = plans_by_output_id(worker_state().plan_history, out[0].request_id)
+    views = {(p.prefix_keep, p.tail_start) for p in plans}
+    assert len(plans) == 4 and len(views) <= 2
+    assert calls == 1 + 5 * len(views)  # one prefill step + five decode steps, one build per layout
