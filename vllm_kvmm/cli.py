@@ -85,6 +85,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
             budgets=[float(b) for b in args.budgets.split(",")],
             plan=parse_plan(args.tasks) if args.tasks else DEFAULT_PLAN,
             engines=args.engines.split(","),
+            dense_prompts=None if args.dense_prompts == "all" else int(args.dense_prompts),
             device=args.device,
             out=Path(args.out or "out/quality_vlm.json"),
         )
@@ -123,8 +124,8 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 
 VARIANT_HELP = (
-    "comma-separated registered policies or benchmark variants (meda-released: MEDA as its released code; "
-    "meda-sink: MEDA keeping 4 sink tokens per layer); full at 1.0 always runs as the yardstick"
+    "comma-separated registered policies (`vllm-kvmm policies`) or the benchmark variant meda-sink "
+    "(meda-paper keeping 4 sink tokens per layer); full at 1.0 always runs as the yardstick"
 )
 
 
@@ -171,8 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", default="snapkv,pyramidkv,h2o,streamingllm,lookm,meda,hae", help=VARIANT_HELP
     )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
-    sp.add_argument("--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups)")
+    sp.add_argument(
+        "--tasks", default=None, help="--model: task:images:contexts,... (default: 8 groups, 320 prompts)"
+    )
     sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
+    sp.add_argument(
+        "--dense-prompts",
+        default="64",
+        help="--model: prompts the dense oracle runs (a fixed subset spread over the plan), or `all`",
+    )
     sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     sp.add_argument("--prompt-tokens", type=int, default=1536)
     sp.add_argument("--cont-tokens", type=int, default=256)

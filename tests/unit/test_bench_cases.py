@@ -60,20 +60,22 @@ def test_forced_logprobs_reads_the_true_token_and_the_argmax() -> None:
 def test_a_variant_is_the_same_policy_on_both_paths() -> None:
     from vllm_kvmm.bench.cases import build_policy, request_args
     from vllm_kvmm.config import KVPolicyArgs
-    from vllm_kvmm.policies.meda import MEDA
+    from vllm_kvmm.policies.meda import MEDAPaper
 
-    dense = build_policy("meda-released", 0.2)
-    assert dense == MEDA.released_code(0.2)
-    args = request_args("meda-released", 0.2)
-    assert args["kv_policy"] == "meda" and args["kv_policy_config"]["text_prior"] == "keep_all"
+    dense = build_policy("meda-sink", 0.2)
+    assert dense == MEDAPaper(budget=0.2, sink_tokens=4)
+    args = request_args("meda-sink", 0.2)
+    assert args["kv_policy"] == "meda-paper" and args["kv_policy_config"] == {"sink_tokens": 4}
     # What the server builds from these request arguments (vllm_ext/validation.py, connector).
     assert KVPolicyArgs.parse(args["kv_policy"], args["kv_budget"], args["kv_policy_config"]) == dense
     assert request_args("snapkv", 0.5) == {"kv_policy": "snapkv", "kv_budget": 0.5}
+    # the released code's MEDA is a registered policy now, requested by name
+    assert request_args("meda-released", 0.2) == {"kv_policy": "meda-released", "kv_budget": 0.2}
 
 
 def test_an_unknown_label_fails_with_the_policy_list() -> None:
     from vllm_kvmm.bench.cases import build_policy
     from vllm_kvmm.policies import PolicyError
 
-    with pytest.raises(PolicyError, match="unknown KV policy 'meda-paper'; choose one of: meda"):
-        build_policy("meda-paper", 0.2)
+    with pytest.raises(PolicyError, match="unknown KV policy 'meda-papr'; choose one of: meda"):
+        build_policy("meda-papr", 0.2)

@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 BLOCK = 16  # the vLLM path's block size; the dense reference compresses to the same layout
+# Part of every cache's setup: a change of what a policy name or the layout means invalidates old results.
+# 2: budgets hold ρ (docs/policies.md, layout), `meda` is the product default, the paper is `meda-paper`.
+CASES_VERSION = 2
 CPU_KV_CACHE_BYTES = 4 << 30
 
 
@@ -39,7 +42,7 @@ class CaseCache:
     def __init__(self, path: Path | None, setup: dict[str, Any]) -> None:
         self.path = path
         # Round-trip through JSON so that tuples and lists compare equal with what the file holds.
-        self.setup = json.loads(json.dumps(setup))
+        self.setup = json.loads(json.dumps({**setup, "cases_version": CASES_VERSION}))
         self.cases: dict[str, dict[str, Any]] = {}
         if path is not None and path.is_file():
             saved = json.loads(path.read_text())
@@ -75,18 +78,9 @@ def yardstick_cases(policies: Sequence[str], budgets: Sequence[float]) -> list[t
 
 
 # Named variants a benchmark can run beside the registered policies: label → (policy, budget → fields).
-def _meda_released(budget: float) -> dict[str, Any]:
-    from vllm_kvmm.policies.meda import MEDA
-
-    m = MEDA.released_code(budget)
-    return m.model_dump(include=m.model_fields_set - {"budget"})
-
-
 VARIANTS: dict[str, tuple[str, Any]] = {
-    # MEDA as its released code behaves (all text kept, full-attention entropy, no re-scaling): ALGORITHMS.md.
-    "meda-released": ("meda", _meda_released),
     # MEDA as in the paper, plus 4 attention-sink tokens in every layer (beyond the paper: sink_tokens).
-    "meda-sink": ("meda", lambda budget: {"sink_tokens": 4}),
+    "meda-sink": ("meda-paper", lambda budget: {"sink_tokens": 4}),
 }
 
 

@@ -1,17 +1,20 @@
-"""Multimodal quality of every policy on the embedded VLM (docs/vlm.md): dense reference and vLLM path.
+"""Multimodal quality of every policy on the embedded VLM (docs/vlm.md): vLLM path, dense reference as oracle.
 
-Held-out easy-VQA tasks (:mod:`vllm_kvmm.vlm.data`, ``test`` split only): single-image questions, the
-needle among ``N`` images, lookup of image ``k``, counting and frame order. Each prompt is answered by
-greedy decoding with the cache compressed by a policy at budget ρ right after prefill, through
+Held-out easy-VQA tasks (:mod:`vllm_kvmm.vlm.data`, ``test`` split only; design choices are made on the
+``val`` split by :mod:`vllm_kvmm.bench.sweep`): the needle among ``N`` images, lookup of image ``k``,
+find-all (every image of a shape or colour: several answers), counting and frame order, in contexts of
+16 and 24 images. Each prompt is answered by greedy decoding (its answer's length + the end token) with
+the cache compressed by a policy at budget ρ right after prefill, through
 
+* ``vllm``: one vLLM engine, the policy chosen per request (``extra_args``), every prompt; and
 * ``dense``: the Hugging Face reference (:class:`~vllm_kvmm.reference.DenseReference`) with the paged
-  layout of the vLLM path (block granularity), and
-* ``vllm``: one vLLM engine, the policy chosen per request (``extra_args``).
+  layout of the vLLM path, on a fixed subset of the prompts (every ``k``-th, ``dense_prompts`` of them):
+  the oracle of the vLLM integration, measured on the benchmark's own prompts.
 
-Reported per policy, budget and task: ``accuracy`` (exact match of the answer), ``agree``: the share of
-prompts whose greedy tokens are identical on both paths (the oracle of the vLLM integration, measured on
-the benchmark's own prompts), and ``kv``: the prompt KV actually kept, measured by the dense reference
-(text-prior policies keep every text token, so their real budget exceeds ρ: ALGORITHMS.md §10).
+Reported per policy, budget and task: ``accuracy`` (exact match) with its 95 % Wilson interval, ``agree``
+(the share of the subset's prompts whose greedy tokens are identical on both paths) and ``kv``: the
+prompt KV actually kept, as the vLLM engine reports it per request (``kv_transfer_params``; the dense
+reference's own measure where vLLM did not run), so policies are compared at matched measured memory.
 ``vllm-kvmm bench quality --model vlm`` (docs/benchmarks.md has the command and the tables).
 """
 
@@ -37,14 +40,18 @@ from vllm_kvmm.vlm import data
 __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
 
 
-# (task family, images per prompt, contexts): 34 prompts, up to 16 images (~1.2k tokens) each.
+# (task family, images per prompt, contexts): 320 prompts of 16 and 24 images (~1.1k and ~1.7k tokens).
 DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
-    ("single", 1, 1),
-    ("needle", 16, 1),
-    ("lookup", 8, 1),
-    ("count", 8, 1),
-    ("order", 8, 1),
+    ("needle", 16, 5),
+    ("lookup", 16, 5),
+    ("find_all", 16, 10),
+    ("count", 16, 10),
+    ("order", 16, 10),
+    ("needle", 24, 5),
+    ("lookup", 24, 5),
+    ("find_all", 24, 10),
 )
+DENSE_PROMPTS = 64  # the dense oracle's fixed subset (every k-th prompt of the plan)
 
 
 @dataclass
@@ -57,7 +64,9 @@ class VLMQualityRow:
     accuracy: float
     agree: float | None
     prompts: int
-    kv: float | None = None  # mean fraction of prompt KV kept (dense reference), over the group's prompts
+    kv: float | None = None  # mean fraction of prompt KV kept (vLLM's report, else dense), over the prompts
+    lo: float | None = None  # 95 % Wilson interval of the accuracy
+    hi: float | None = None
 
 
 def parse_plan(text: str) -> list[tuple[str, int, int]]:
@@ -89,20 +98,28 @@ def _answer(tok: Any, ids: Sequence[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip().lower()
 
 
+def dense_subset(count: int, k: int | None) -> list[int]:
+    """Indices of the dense oracle's prompts: ``k`` spread evenly over ``count`` (all if ``k`` is None)."""
+    if k is None or k >= count:
+        return list(range(count))
+    return sorted({(i * count) // k for i in range(k)})
+
+
 def run_vlm_quality(
     model: Path,
     policies: Sequence[str],
     budgets: Sequence[float],
     plan: Sequence[tuple[str, int, int]] = DEFAULT_PLAN,
     engines: Sequence[str] = ("dense", "vllm"),
-    gen_tokens: int = 4,  # the longest answer ("rectangle", "12") is ≤ 3 tokens + <|im_end|>
+    dense_prompts: int | None = DENSE_PROMPTS,
     device: str = "cpu",
     out: Path | None = None,
     log: Any = print,
 ) -> list[VLMQualityRow]:
-    """Accuracy and dense/vLLM agreement for every (policy, budget, task group); writes JSON + PNG."""
+    """Accuracy, measured KV and dense/vLLM agreement per (policy, budget, task group); writes JSON + PNG."""
     from transformers import AutoProcessor
 
+    from vllm_kvmm.bench.sweep import answer_tokens
     from vllm_kvmm.reference import prompt_from_messages
 
     cases = yardstick_cases(policies, budgets)
@@ -111,50 +128,63 @@ def run_vlm_quality(
     proc = AutoProcessor.from_pretrained(model)
     tok = proc.tokenizer
     examples = plan_examples(plan)
-    images = [ex.context.images() for _, ex in examples]
+    gen = [answer_tokens(tok, ex.question.answer) for _, ex in examples]
+    subset = dense_subset(len(examples), dense_prompts)
     # Every finished (engine, policy, budget) is kept next to ``out``: an interrupted run resumes, and a
     # later run with more policies or budgets computes only the new cases.
     cache = CaseCache(
         None if out is None else out.with_suffix(".cases.json"),
-        dict(model=str(model), plan=[list(p) for p in plan], gen_tokens=gen_tokens, device=device),
-    )
+        dict(model=str(model), plan=[list(p) for p in plan], gen_tokens="answer+1", device=device,
+             dense_subset=subset),
+    )  # fmt: skip
     if "vllm" in engines and (todo := cache.missing("vllm", cases)):
-        _vllm_tokens(model, proc, todo, examples, images, gen_tokens, device, log, cache)
+        _vllm_tokens(model, proc, todo, examples, gen, device, log, cache)
     if "dense" in engines and (todo := cache.missing("dense", cases)):
         import torch
 
         from vllm_kvmm.reference import DenseReference
 
         ref = DenseReference(model, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
-        refs = [
-            prompt_from_messages(proc, ex.messages(), im)
-            for (_, ex), im in zip(examples, images, strict=True)
-        ]
+        refs = {
+            i: prompt_from_messages(proc, examples[i][1].messages(), examples[i][1].context.images())
+            for i in subset
+        }
         for name, budget in todo:
             t0 = time.perf_counter()
             policy = build_policy(name, budget)
-            outs = [
-                ref.generate([r], policy, gen_tokens, granularity=BLOCK, stop_at_eos=True)[0] for r in refs
-            ]
+            outs = {
+                i: ref.generate([refs[i]], policy, gen[i], granularity=BLOCK, stop_at_eos=True)[0]
+                for i in subset
+            }
             cache.put(
                 "dense",
                 name,
                 budget,
-                {"tokens": [o.token_ids for o in outs], "kv": [o.kv_fraction for o in outs]},
-            )
-            log(f"dense {name} ρ={budget:g}: {len(refs)} prompts in {time.perf_counter() - t0:.0f} s")
-    tokens = {(e, n, b): cache.get(e, n, b)["tokens"] for e in engines for n, b in cases}
-    kv = {(n, b): cache.get("dense", n, b)["kv"] for n, b in cases if "dense" in engines}
-    rows = _rows(tok, cases, examples, engines, tokens, kv)
+                {"tokens": {str(i): o.token_ids for i, o in outs.items()},
+                 "kv": {str(i): o.kv_fraction for i, o in outs.items()}},
+            )  # fmt: skip
+            log(f"dense {name} ρ={budget:g}: {len(subset)} prompts in {time.perf_counter() - t0:.0f} s")
+    results = {(e, n, b): _by_index(cache.get(e, n, b)) for e in engines for n, b in cases}
+    rows = _rows(tok, cases, examples, engines, results)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
-            model=str(model), split="test", plan=[list(p) for p in plan], gen_tokens=gen_tokens, block=BLOCK
-        )
+            model=str(model), split="test", plan=[list(p) for p in plan], gen_tokens="answer+1",
+            block=BLOCK, dense_subset=subset,
+        )  # fmt: skip
         out.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
     log(table(rows))
     return rows
+
+
+def _by_index(case: dict[str, Any]) -> dict[int, tuple[list[int], float | None]]:
+    """``{prompt index: (tokens, kv kept)}`` of a cached case (a list: every prompt; a dict: a subset)."""
+    tokens, kv = case["tokens"], case["kv"]
+    if isinstance(tokens, list):
+        tokens = dict(enumerate(tokens))
+        kv = dict(enumerate(kv)) if isinstance(kv, list) else {}
+    return {int(i): (t, (kv or {}).get(i, (kv or {}).get(str(i)))) for i, t in tokens.items()}
 
 
 def _rows(
@@ -162,34 +192,33 @@ def _rows(
     cases: list[tuple[str, float]],
     examples: list[tuple[str, data.Example]],
     engines: Sequence[str],
-    tokens: dict[tuple[str, str, float], list[list[int]]],
-    kv: dict[tuple[str, float], list[float]],
+    results: dict[tuple[str, str, float], dict[int, tuple[list[int], float | None]]],
 ) -> list[VLMQualityRow]:
+    from vllm_kvmm.bench.sweep import wilson
+
     groups = list(dict.fromkeys(g for g, _ in examples))
     rows = []
     for name, budget in cases:
         for engine in engines:
-            got = tokens[engine, name, budget]
-            other = tokens.get(("vllm" if engine == "dense" else "dense", name, budget))
+            got = results[engine, name, budget]
+            other = results.get(("vllm" if engine == "dense" else "dense", name, budget))
+            kv_of = results.get(("vllm", name, budget), got)  # vLLM's report where it ran
             for group in [*groups, "all"]:
-                idx = [i for i, (g, _) in enumerate(examples) if group in (g, "all")]
-                right = sum(_answer(tok, got[i]) == examples[i][1].question.answer for i in idx)
-                agree = None if other is None else sum(got[i] == other[i] for i in idx) / len(idx)
+                idx = [i for i, (g, _) in enumerate(examples) if group in (g, "all") and i in got]
+                right = sum(_answer(tok, got[i][0]) == examples[i][1].question.answer for i in idx)
+                both = [i for i in idx if other is not None and i in other]
+                agree = sum(got[i][0] == other[i][0] for i in both) / len(both) if both else None
+                kvs = [kv_of[i][1] for i in idx if i in kv_of and kv_of[i][1] is not None]
+                if len(kvs) < len(idx):  # vLLM did not report every prompt: the dense measure
+                    kvs = [got[i][1] for i in idx if got[i][1] is not None]
                 task, _, n = group.partition("@")
-                frac = kv.get((name, budget))
+                lo, hi = wilson(right, len(idx))
                 rows.append(
                     VLMQualityRow(
-                        name,
-                        budget,
-                        task,
-                        int(n or 0),
-                        engine,
-                        right / len(idx),
-                        agree,
-                        len(idx),
-                        None if frac is None else sum(frac[i] for i in idx) / len(idx),
+                        name, budget, task, int(n or 0), engine, right / max(1, len(idx)), agree, len(idx),
+                        sum(kvs) / len(kvs) if kvs and len(kvs) == len(idx) else None, lo, hi,
                     )
-                )
+                )  # fmt: skip
     return rows
 
 
@@ -198,8 +227,7 @@ def _vllm_tokens(
     proc: Any,
     cases: list[tuple[str, float]],
     examples: list[tuple[str, data.Example]],
-    images: list[list[Any]],
-    gen_tokens: int,
+    gen: list[int],
     device: str,
     log: Any,
     cache: CaseCache,
@@ -208,65 +236,77 @@ def _vllm_tokens(
     from vllm import SamplingParams
 
     inputs = []
-    for (_, ex), im in zip(examples, images, strict=True):
+    for _, ex in examples:
+        im = ex.context.images()
         text = proc.apply_chat_template(ex.messages(), add_generation_prompt=True, tokenize=False)
         inputs.append({"prompt": text, "multi_modal_data": {"image": im if len(im) > 1 else im[0]}})
-    most = max(len(im) for im in images)
+    most = max(ex.n_images for _, ex in examples)
     max_len = 2048 + 64 * max(0, most - 16)
     with bench_engine(model, max_len, device, limit_mm_per_prompt={"image": most}) as llm:
         for name, budget in cases:
             t0 = time.perf_counter()
-            sp = SamplingParams(
-                max_tokens=gen_tokens, temperature=0.0, detokenize=False,
-                extra_args=request_args(name, budget),
-            )  # fmt: skip
-            res = llm.generate(inputs, sp, use_tqdm=False)
-            cache.put(
-                "vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": None}
-            )
+            sps = [
+                SamplingParams(
+                    max_tokens=g, temperature=0.0, detokenize=False, extra_args=request_args(name, budget)
+                )
+                for g in gen
+            ]
+            res = llm.generate(inputs, sps, use_tqdm=False)
+            kv = [_reported_kv(r) for r in res]
+            cache.put("vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": kv})
             log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
 
 
+def _reported_kv(out: Any) -> float | None:
+    """The prompt KV fraction the engine reports for one request (1.0 when it was not compressed)."""
+    report = (out.kv_transfer_params or {}).get("kvmm")
+    if report is None:
+        return None
+    if report["compressed"]:
+        return float(report["kv_kept"])
+    # Not compressed: the whole prompt is kept where nothing was to be evicted; otherwise the request
+    # ended in its compression step, before the report (unknown).
+    return 1.0 if report["policy"] == "full" or report["budget"] == 1.0 else None
+
+
 def table(rows: list[VLMQualityRow]) -> str:
-    """Markdown: one line per policy and budget; accuracy per task group (dense / vLLM) and agreement."""
+    """Markdown: a line per policy and budget; measured KV, overall accuracy with its interval (vLLM
+    path, or the only engine), accuracy per task group, and the dense/vLLM agreement on the subset."""
     engines = sorted({r.engine for r in rows})
-    groups = list(dict.fromkeys((r.task, r.n_images) for r in rows))
-    head = ["policy", "ρ"] + [("all" if t == "all" else f"{t} N={n}") for t, n in groups]
+    main = "vllm" if "vllm" in engines else engines[0]
+    groups = [g for g in dict.fromkeys((r.task, r.n_images) for r in rows) if g[0] != "all"]
+    head = ["policy", "ρ", "KV kept", "all (95% CI)", *[f"{t} N={n}" for t, n in groups]]
     if len(engines) > 1:
-        head.append("dense = vLLM tokens")
-    has_kv = any(r.kv is not None for r in rows)
-    if has_kv:
-        head.insert(2, "KV kept")
+        head += ["dense subset: accuracy", "dense = vLLM tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pick(name: str, budget: float, task: str, n: int, engine: str) -> VLMQualityRow:
+        return next(
+            r
+            for r in rows
+            if (r.policy, r.budget, r.task, r.n_images, r.engine) == (name, budget, task, n, engine)
+        )
+
     for name, budget in dict.fromkeys((r.policy, r.budget) for r in rows):
-        cells = [name, f"{budget:g}"]
-        if has_kv:
-            a = next(
-                r for r in rows if (r.policy, r.budget, r.task) == (name, budget, "all") and r.kv is not None
-            )
-            cells.append(f"{100 * (a.kv or 0):.0f}%")
-        for t, n in groups:
-            accs = [
-                next(
-                    r
-                    for r in rows
-                    if (r.policy, r.budget, r.task, r.n_images, r.engine) == (name, budget, t, n, e)
-                )
-                for e in engines
-            ]
-            cells.append(" / ".join(f"{100 * r.accuracy:.0f}" for r in accs))
+        a = pick(name, budget, "all", 0, main)
+        kv = "–" if a.kv is None else f"{100 * a.kv:.1f}%"
+        ci = f"{100 * a.accuracy:.1f} [{100 * (a.lo or 0):.0f}, {100 * (a.hi or 0):.0f}]"
+        cells = [
+            name,
+            f"{budget:g}",
+            kv,
+            ci,
+            *[f"{100 * pick(name, budget, t, n, main).accuracy:.0f}" for t, n in groups],
+        ]
         if len(engines) > 1:
-            a = next(
-                r for r in rows if (r.policy, r.budget, r.task, r.engine) == (name, budget, "all", "dense")
-            )
-            cells.append(f"{100 * (a.agree or 0):.0f}%")
+            d = pick(name, budget, "all", 0, "dense")
+            cells += [f"{100 * d.accuracy:.0f} ({d.prompts})", f"{100 * (d.agree or 0):.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
-    note = "(cells: " + " / ".join(engines) + " accuracy, %)" if len(engines) > 1 else "(accuracy, %)"
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + f"\n(accuracy %, {main} path; intervals: 95 % Wilson)"
 
 
 def plot(rows: list[VLMQualityRow], path: Path) -> None:
-    """Accuracy against budget, one panel per task group, one line per policy (vLLM path when present)."""
+    """Accuracy against the *measured* KV kept, one panel per task group (and all), one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,23 +314,35 @@ def plot(rows: list[VLMQualityRow], path: Path) -> None:
 
     engine = "vllm" if any(r.engine == "vllm" for r in rows) else "dense"
     groups = list(dict.fromkeys((r.task, r.n_images) for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), sharey=True, squeeze=False)
+    groups = [g for g in groups if g[0] == "all"] + [g for g in groups if g[0] != "all"]
+    cols = min(3, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), sharey=True, squeeze=False)
     full = {(r.task, r.n_images): r.accuracy for r in rows if r.policy == "full" and r.engine == engine}
-    for ax, (t, n) in zip(axes[0], groups, strict=True):
+    for ax, (t, n) in zip(axes.flat, groups, strict=False):
         for name in dict.fromkeys(r.policy for r in rows if r.policy != "full"):
             pts = sorted(
-                (r.budget, r.accuracy)
+                (r.kv if r.kv is not None else r.budget, r.accuracy, r.lo, r.hi)
                 for r in rows
                 if (r.policy, r.task, r.n_images, r.engine) == (name, t, n, engine)
             )
-            ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=name)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if t == "all":
+                err = [[y - (p[2] or y) for y, p in zip(ys, pts, strict=True)],
+                       [(p[3] or y) - y for y, p in zip(ys, pts, strict=True)]]  # fmt: skip
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=name)
+            else:
+                ax.plot(xs, ys, marker="o", ms=3, label=name)
         if (t, n) in full:
             ax.axhline(full[t, n], color="k", ls="--", lw=1, label="full")
-        ax.set_title("all tasks" if t == "all" else f"{t}, {n} image{'s' if n > 1 else ''}")
-        ax.set_xlabel("budget ρ")
+        ax.set_title("all tasks" if t == "all" else f"{t}, {n} images")
+        ax.set_xscale("log")
+        ax.set_xlabel("prompt KV kept (measured)")
         ax.set_ylim(0, 1.02)
+    for ax in axes.flat[len(groups) :]:
+        ax.axis("off")
     axes[0][0].set_ylabel(f"accuracy ({engine})")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -68,6 +68,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests: dict[str, Any] = {}
         self._block_pool: Any = None
         self._policies: dict[str, tuple[str, float | None, dict]] = {}
+        # What compression did to each request, returned with its output (``kv_transfer_params``).
+        self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
             layers = {
@@ -195,7 +197,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             st.add("compressed_requests", 1)
             st.add("prompt_tokens", n)
             st.add("kv_tokens_full", n * meta.num_layers)
-            st.add("kv_tokens_kept", meta.kept_token_layers.get(req_id, 0))
+            kept = meta.kept_token_layers.get(req_id, 0)
+            st.add("kv_tokens_kept", kept)
+            self._reports[req_id] = {"prompt_tokens": n, "kv_kept": kept / max(1, n * meta.num_layers)}
         st.add("compression_seconds", meta.seconds)
 
     def get_kv_connector_stats(self) -> KVMMStats | None:
@@ -215,18 +219,29 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         return KVMMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
-        self._forget(request.request_id)
-        return False, None
+        return False, self._forget(request.request_id)
 
     def request_finished_all_groups(
         self, request: Any, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict | None]:
-        self._forget(request.request_id)
-        return False, None
+        return False, self._forget(request.request_id)
 
-    def _forget(self, req_id: str) -> None:
+    def _forget(self, req_id: str) -> dict[str, Any] | None:
+        """Drop a request's state; returns its report for the output's ``kv_transfer_params``.
+
+        ``{"kvmm": {"policy", "budget", "compressed", "kv_kept"?}}``: the effective policy and budget, and
+        for a compressed prompt the measured fraction of its KV kept (tokens × layers). A request that
+        finishes in the very step that compressed it ends before the worker's report arrives: it says
+        ``compressed: false`` although its cache was compressed for that one step.
+        """
         self._requests.pop(req_id, None)
-        self._policies.pop(req_id, None)
+        pol = self._policies.pop(req_id, None)
+        report = self._reports.pop(req_id, None)
+        if pol is None:
+            return None
+        return {
+            "kvmm": {"policy": pol[0], "budget": pol[1], "compressed": report is not None, **(report or {})}
+        }
 
     # ---- worker side ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
