@@ -99,6 +99,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         cont_tokens=args.cont_tokens,
         gen_tokens=args.gen_tokens,
         segments=args.segments,
+        texts=args.texts.split(","),
         engines=args.engines.split(","),
         device=args.device,
         out=Path(args.out or "out/quality_text.json"),
@@ -185,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int, default=1536)
     sp.add_argument("--cont-tokens", type=int, default=256)
     sp.add_argument("--gen-tokens", type=int, default=32)
-    sp.add_argument("--segments", type=int, default=2)
+    sp.add_argument("--segments", type=int, default=2, help="text: windows per text")
+    sp.add_argument(
+        "--texts",
+        default="gpl3,python-reference,idle-help",
+        help="text: which embedded texts (vllm_kvmm.data)",
+    )
     sp.add_argument(
         "--out", default=None, help="JSON (+ PNG next to it); default out/quality_{text,vlm}.json"
     )

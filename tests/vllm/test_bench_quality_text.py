@@ -26,7 +26,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> tuple[li
     cmd = [
         sys.executable, "-m", "vllm_kvmm.cli", "bench", "quality", "--policies", "snapkv,streamingllm",
         "--budgets", "1.0,0.5", "--prompt-tokens", str(ARGS["prompt"]), "--cont-tokens", str(ARGS["cont"]),
-        "--gen-tokens", str(ARGS["gen"]), "--segments", str(ARGS["segments"]), "--out", str(out),
+        "--gen-tokens", str(ARGS["gen"]), "--segments", str(ARGS["segments"]), "--texts", "gpl3",
+        "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}

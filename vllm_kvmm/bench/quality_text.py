@@ -1,7 +1,9 @@
 """Text quality of every policy on SmolLM2 (real weights), through the dense reference and through vLLM.
 
-For each segment of the embedded long text: the first ``prompt_tokens`` tokens are the prompt (compressed
-by the policy right after prefill), the next ``cont_tokens`` the continuation. Per policy, budget and path
+For each segment of the embedded long texts (:func:`vllm_kvmm.data.long_texts`: the GPL-3, the Python
+Language Reference and IDLE's manual, ``segments`` windows of each): the first ``prompt_tokens`` tokens
+are the prompt (compressed by the policy right after prefill), the next ``cont_tokens`` the continuation.
+Per policy, budget and path
 (``dense``: the Hugging Face reference; ``vllm``: vLLM's paged cache, the policy chosen per request):
 
 * ``ppl`` and ``dppl_pct``: perplexity of the true continuation (teacher forcing) and its change vs the
@@ -33,7 +35,7 @@ from vllm_kvmm.bench.cases import (
     request_args,
     yardstick_cases,
 )
-from vllm_kvmm.data import long_text
+from vllm_kvmm.data import TEXTS, long_texts
 
 __all__ = ["QualityRow", "run_text_quality", "table", "text_segments"]
 
@@ -55,15 +57,20 @@ class QualityRow:
     max_dlogp: float | None = None
 
 
-def text_segments(tok: Any, prompt_tokens: int, cont_tokens: int, segments: int) -> list[Segment]:
-    """``segments`` windows of the embedded text, spread evenly over it."""
-    ids = tok(long_text(), add_special_tokens=False)["input_ids"]
+def text_segments(
+    tok: Any, prompt_tokens: int, cont_tokens: int, segments: int, texts: Sequence[str] = ("gpl3",)
+) -> list[Segment]:
+    """``segments`` windows of each of ``texts`` (:data:`vllm_kvmm.data.TEXTS`), spread evenly over it."""
+    out: list[Segment] = []
     span = prompt_tokens + cont_tokens
-    stride = (len(ids) - span) // max(1, segments - 1) if segments > 1 else 0
-    if len(ids) < span + stride * (segments - 1) or stride < 0:
-        raise ValueError(f"text has {len(ids)} tokens, too few for {segments} segments of {span}")
-    segs = [ids[s * stride : s * stride + span] for s in range(segments)]
-    return [(seg[:prompt_tokens], seg[prompt_tokens:]) for seg in segs]
+    for name in texts:
+        ids = tok(long_texts(name), add_special_tokens=False)["input_ids"]
+        stride = (len(ids) - span) // max(1, segments - 1) if segments > 1 else 0
+        if len(ids) < span + stride * (segments - 1) or stride < 0:
+            raise ValueError(f"text {name} has {len(ids)} tokens, too few for {segments} segments of {span}")
+        segs = [ids[s * stride : s * stride + span] for s in range(segments)]
+        out += [(seg[:prompt_tokens], seg[prompt_tokens:]) for seg in segs]
+    return out
 
 
 def run_text_quality(
@@ -73,6 +80,7 @@ def run_text_quality(
     cont_tokens: int = 256,
     gen_tokens: int = 32,
     segments: int = 2,
+    texts: Sequence[str] = TEXTS,
     engines: Sequence[str] = ("dense", "vllm"),
     device: str = "cpu",
     out: Path | None = None,
@@ -84,11 +92,11 @@ def run_text_quality(
 
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
-    segs = text_segments(tok, prompt_tokens, cont_tokens, segments)
+    segs = text_segments(tok, prompt_tokens, cont_tokens, segments, texts)
     cases = yardstick_cases(policies, budgets)  # a policy at 1.0 must reproduce full: a live identity check
     setup = dict(
         model="SmolLM2-135M-Instruct", prompt_tokens=prompt_tokens, cont_tokens=cont_tokens,
-        gen_tokens=gen_tokens, segments=segments, device=device, block=BLOCK,
+        gen_tokens=gen_tokens, segments=segments, texts=list(texts), device=device, block=BLOCK,
     )  # fmt: skip
     cache = CaseCache(None if out is None else out.with_suffix(".cases.json"), setup)
     if "vllm" in engines and (todo := cache.missing("vllm", cases)):
@@ -99,7 +107,7 @@ def run_text_quality(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
-            setup, model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", text="GPL-3 (vllm_kvmm/data)"
+            setup, model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", text="vllm_kvmm.data.long_texts"
         )
         out.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
