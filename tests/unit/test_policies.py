@@ -7,8 +7,10 @@ ALGORITHMS.md §1–§5 and the policies' docstrings.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -880,3 +882,18 @@ def test_cuda_stats_give_the_same_plan(name):
 
 def _cuda_or_none(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.cuda()
+
+
+def test_meda_paper_reproduces_the_former_default_exactly():
+    # The fixture holds what `meda` (then the paper's equations) gave at commit 49c5207; `meda-paper` must
+    # give the same layer budgets everywhere and the same kept sets at token granularity. (At block 16 the
+    # kept sets differ by the layout alone: budgets hold ρ now, docs/policies.md.)
+    from tests.unit.data.meda_paper_golden import cases
+
+    golden = json.loads((Path(__file__).parent / "data" / "meda_paper_golden.json").read_text())
+    now = cases("meda-paper")
+    assert now.keys() == golden.keys()
+    for key, rec in golden.items():
+        assert now[key]["budgets"] == rec["budgets"], key
+        if "keep" in rec:
+            assert now[key]["keep"] == rec["keep"], key
