@@ -85,7 +85,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
             budgets=[float(b) for b in args.budgets.split(",")],
             plan=parse_plan(args.tasks) if args.tasks else DEFAULT_PLAN,
             engines=args.engines.split(","),
-            dense_prompts=None if args.dense_prompts == "all" else int(args.dense_prompts),
+            primary=args.primary,
+            oracle_prompts=None if args.oracle_prompts == "all" else int(args.oracle_prompts),
             device=args.device,
             out=Path(args.out or "out/quality_vlm.json"),
         )
@@ -178,9 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
     sp.add_argument(
-        "--dense-prompts",
+        "--primary",
+        default="vllm",
+        choices=["vllm", "dense"],
+        help="--model: the engine that answers every prompt (dense: one prefill per prompt for all cases)",
+    )
+    sp.add_argument(
+        "--oracle-prompts",
         default="64",
-        help="--model: prompts the dense oracle runs (a fixed subset spread over the plan), or `all`",
+        help="--model: prompts the other engine runs (a fixed subset spread over the plan), or `all`",
     )
     sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     sp.add_argument("--prompt-tokens", type=int, default=1536)

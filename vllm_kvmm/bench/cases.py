@@ -64,7 +64,12 @@ class CaseCache:
         return self.cases[self._key(engine, policy, budget)]
 
     def put(self, engine: str, policy: str, budget: float, result: dict[str, Any]) -> None:
-        self.cases[self._key(engine, policy, budget)] = json.loads(json.dumps(result))
+        self.put_many(engine, {(policy, budget): result})
+
+    def put_many(self, engine: str, results: dict[tuple[str, float], dict[str, Any]]) -> None:
+        """Store several ``(policy, budget)`` cases of ``engine`` with one write."""
+        for (policy, budget), result in results.items():
+            self.cases[self._key(engine, policy, budget)] = json.loads(json.dumps(result))
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")

@@ -37,7 +37,7 @@ from vllm_kvmm.bench.cases import (
 )
 from vllm_kvmm.vlm import data
 
-__all__ = ["DEFAULT_PLAN", "VLMQualityRow", "plan_examples", "run_vlm_quality", "table"]
+__all__ = ["DEFAULT_PLAN", "VLMQualityRow", "answer_text", "plan_examples", "run_vlm_quality", "table"]
 
 
 # (task family, images per prompt, contexts): 320 prompts of 16 and 24 images (~1.1k and ~1.7k tokens).
@@ -51,7 +51,7 @@ DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
     ("lookup", 24, 5),
     ("find_all", 24, 10),
 )
-DENSE_PROMPTS = 64  # the dense oracle's fixed subset (every k-th prompt of the plan)
+ORACLE_PROMPTS = 64  # the second engine's fixed subset (every k-th prompt of the plan)
 
 
 @dataclass
@@ -91,15 +91,16 @@ def plan_examples(
     return out
 
 
-def _answer(tok: Any, ids: Sequence[int]) -> str:
+def answer_text(tok: Any, ids: Sequence[int]) -> str:
+    """The answer a greedy token sequence gives: decoded up to the end token, stripped, lower case."""
     ids = list(ids)
     if tok.eos_token_id in ids:
         ids = ids[: ids.index(tok.eos_token_id)]
     return tok.decode(ids, skip_special_tokens=True).strip().lower()
 
 
-def dense_subset(count: int, k: int | None) -> list[int]:
-    """Indices of the dense oracle's prompts: ``k`` spread evenly over ``count`` (all if ``k`` is None)."""
+def oracle_subset(count: int, k: int | None) -> list[int]:
+    """Indices of the oracle's prompts: ``k`` spread evenly over ``count`` (all if ``k`` is None)."""
     if k is None or k >= count:
         return list(range(count))
     return sorted({(i * count) // k for i in range(k)})
@@ -111,17 +112,25 @@ def run_vlm_quality(
     budgets: Sequence[float],
     plan: Sequence[tuple[str, int, int]] = DEFAULT_PLAN,
     engines: Sequence[str] = ("dense", "vllm"),
-    dense_prompts: int | None = DENSE_PROMPTS,
+    primary: str = "vllm",
+    oracle_prompts: int | None = ORACLE_PROMPTS,
     device: str = "cpu",
     out: Path | None = None,
     log: Any = print,
 ) -> list[VLMQualityRow]:
-    """Accuracy, measured KV and dense/vLLM agreement per (policy, budget, task group); writes JSON + PNG."""
+    """Accuracy, measured KV and dense/vLLM agreement per (policy, budget, task group); writes JSON + PNG.
+
+    ``primary`` (``vllm`` or ``dense``) answers every prompt; the other engine, if in ``engines``, the
+    fixed subset of ``oracle_prompts`` prompts. The dense reference prefills each prompt once for all its
+    cases (:meth:`~vllm_kvmm.reference.DenseReference.generate_variants`): on a CPU it is the cheaper
+    primary, and the subset's identical tokens carry its results to the served path.
+    """
     from transformers import AutoProcessor
 
     from vllm_kvmm.bench.sweep import answer_tokens
-    from vllm_kvmm.reference import prompt_from_messages
 
+    if primary not in engines:
+        raise ValueError(f"the primary engine {primary!r} is not among the engines {list(engines)}")
     cases = yardstick_cases(policies, budgets)
     for name, b in cases:
         build_policy(name, b)  # a bad name or budget fails before any model loads
@@ -129,48 +138,25 @@ def run_vlm_quality(
     tok = proc.tokenizer
     examples = plan_examples(plan)
     gen = [answer_tokens(tok, ex.question.answer) for _, ex in examples]
-    subset = dense_subset(len(examples), dense_prompts)
-    # Every finished (engine, policy, budget) is kept next to ``out``: an interrupted run resumes, and a
-    # later run with more policies or budgets computes only the new cases.
+    subset = oracle_subset(len(examples), oracle_prompts)
+    wanted = {e: (list(range(len(examples))) if e == primary else subset) for e in engines}
+    # Every finished prompt of every (engine, policy, budget) is kept next to ``out``: an interrupted run
+    # resumes, and a later run with more policies or budgets computes only the new cases.
     cache = CaseCache(
         None if out is None else out.with_suffix(".cases.json"),
-        dict(model=str(model), plan=[list(p) for p in plan], gen_tokens="answer+1", device=device,
-             dense_subset=subset),
-    )  # fmt: skip
-    if "vllm" in engines and (todo := cache.missing("vllm", cases)):
-        _vllm_tokens(model, proc, todo, examples, gen, device, log, cache)
-    if "dense" in engines and (todo := cache.missing("dense", cases)):
-        import torch
-
-        from vllm_kvmm.reference import DenseReference
-
-        ref = DenseReference(model, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
-        refs = {
-            i: prompt_from_messages(proc, examples[i][1].messages(), examples[i][1].context.images())
-            for i in subset
-        }
-        for name, budget in todo:
-            t0 = time.perf_counter()
-            policy = build_policy(name, budget)
-            outs = {
-                i: ref.generate([refs[i]], policy, gen[i], granularity=BLOCK, stop_at_eos=True)[0]
-                for i in subset
-            }
-            cache.put(
-                "dense",
-                name,
-                budget,
-                {"tokens": {str(i): o.token_ids for i, o in outs.items()},
-                 "kv": {str(i): o.kv_fraction for i, o in outs.items()}},
-            )  # fmt: skip
-            log(f"dense {name} ρ={budget:g}: {len(subset)} prompts in {time.perf_counter() - t0:.0f} s")
+        dict(model=str(model), plan=[list(p) for p in plan], gen_tokens="answer+1", device=device),
+    )
+    if "vllm" in engines and (todo := _missing(cache, "vllm", cases, wanted["vllm"])):
+        _vllm_tokens(model, proc, todo, examples, wanted["vllm"], gen, device, log, cache)
+    if "dense" in engines and (todo := _missing(cache, "dense", cases, wanted["dense"])):
+        _dense_tokens(model, proc, todo, examples, wanted["dense"], gen, device, log, cache)
     results = {(e, n, b): _by_index(cache.get(e, n, b)) for e in engines for n, b in cases}
-    rows = _rows(tok, cases, examples, engines, results)
+    rows = _rows(tok, cases, examples, engines, primary, results)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
             model=str(model), split="test", plan=[list(p) for p in plan], gen_tokens="answer+1",
-            block=BLOCK, dense_subset=subset,
+            block=BLOCK, primary=primary, oracle_subset=subset,
         )  # fmt: skip
         out.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
@@ -178,13 +164,51 @@ def run_vlm_quality(
     return rows
 
 
+def _missing(
+    cache: CaseCache, engine: str, cases: list[tuple[str, float]], indices: list[int]
+) -> list[tuple[str, float]]:
+    """The cases ``engine`` has not answered every prompt of ``indices`` for."""
+    need = {str(i) for i in indices}
+    return [c for c in cases if not cache.has(engine, *c) or not need <= set(cache.get(engine, *c)["tokens"])]
+
+
+def _dense_tokens(
+    model: Path,
+    proc: Any,
+    cases: list[tuple[str, float]],
+    examples: list[tuple[str, data.Example]],
+    indices: list[int],
+    gen: list[int],
+    device: str,
+    log: Any,
+    cache: CaseCache,
+) -> None:
+    """The dense reference, one prefill per prompt for all ``cases``; the cache is updated per prompt."""
+    import torch
+
+    from vllm_kvmm.reference import DenseReference, prompt_from_messages
+
+    ref = DenseReference(model, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
+    policies = [build_policy(n, b) for n, b in cases]
+    store = {c: cache.get("dense", *c) if cache.has("dense", *c) else {"tokens": {}, "kv": {}} for c in cases}
+    for j, i in enumerate(indices):
+        if all(str(i) in store[c]["tokens"] for c in cases):
+            continue
+        t0 = time.perf_counter()
+        ex = examples[i][1]
+        prompt = prompt_from_messages(proc, ex.messages(), ex.context.images())
+        outs = ref.generate_variants(prompt, policies, gen[i], BLOCK, stop_at_eos=True)
+        for c, o in zip(cases, outs, strict=True):
+            store[c]["tokens"][str(i)] = o.token_ids
+            store[c]["kv"][str(i)] = o.kv_fraction
+        cache.put_many("dense", store)
+        log(f"dense [{j + 1}/{len(indices)}] {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
+
+
 def _by_index(case: dict[str, Any]) -> dict[int, tuple[list[int], float | None]]:
-    """``{prompt index: (tokens, kv kept)}`` of a cached case (a list: every prompt; a dict: a subset)."""
-    tokens, kv = case["tokens"], case["kv"]
-    if isinstance(tokens, list):
-        tokens = dict(enumerate(tokens))
-        kv = dict(enumerate(kv)) if isinstance(kv, list) else {}
-    return {int(i): (t, (kv or {}).get(i, (kv or {}).get(str(i)))) for i, t in tokens.items()}
+    """``{prompt index: (tokens, kv kept)}`` of a cached case."""
+    kv = case.get("kv") or {}
+    return {int(i): (t, kv.get(i)) for i, t in case["tokens"].items()}
 
 
 def _rows(
@@ -192,6 +216,7 @@ def _rows(
     cases: list[tuple[str, float]],
     examples: list[tuple[str, data.Example]],
     engines: Sequence[str],
+    primary: str,
     results: dict[tuple[str, str, float], dict[int, tuple[list[int], float | None]]],
 ) -> list[VLMQualityRow]:
     from vllm_kvmm.bench.sweep import wilson
@@ -202,15 +227,13 @@ def _rows(
         for engine in engines:
             got = results[engine, name, budget]
             other = results.get(("vllm" if engine == "dense" else "dense", name, budget))
-            kv_of = results.get(("vllm", name, budget), got)  # vLLM's report where it ran
+            kv_of = results[primary, name, budget]  # measured on every prompt
             for group in [*groups, "all"]:
                 idx = [i for i, (g, _) in enumerate(examples) if group in (g, "all") and i in got]
-                right = sum(_answer(tok, got[i][0]) == examples[i][1].question.answer for i in idx)
+                right = sum(answer_text(tok, got[i][0]) == examples[i][1].question.answer for i in idx)
                 both = [i for i in idx if other is not None and i in other]
                 agree = sum(got[i][0] == other[i][0] for i in both) / len(both) if both else None
                 kvs = [kv_of[i][1] for i in idx if i in kv_of and kv_of[i][1] is not None]
-                if len(kvs) < len(idx):  # vLLM did not report every prompt: the dense measure
-                    kvs = [got[i][1] for i in idx if got[i][1] is not None]
                 task, _, n = group.partition("@")
                 lo, hi = wilson(right, len(idx))
                 rows.append(
@@ -227,6 +250,7 @@ def _vllm_tokens(
     proc: Any,
     cases: list[tuple[str, float]],
     examples: list[tuple[str, data.Example]],
+    indices: list[int],
     gen: list[int],
     device: str,
     log: Any,
@@ -236,11 +260,11 @@ def _vllm_tokens(
     from vllm import SamplingParams
 
     inputs = []
-    for _, ex in examples:
+    for _, ex in (examples[i] for i in indices):
         im = ex.context.images()
         text = proc.apply_chat_template(ex.messages(), add_generation_prompt=True, tokenize=False)
         inputs.append({"prompt": text, "multi_modal_data": {"image": im if len(im) > 1 else im[0]}})
-    most = max(ex.n_images for _, ex in examples)
+    most = max(examples[i][1].n_images for i in indices)
     max_len = 2048 + 64 * max(0, most - 16)
     with bench_engine(model, max_len, device, limit_mm_per_prompt={"image": most}) as llm:
         for name, budget in cases:
@@ -249,11 +273,12 @@ def _vllm_tokens(
                 SamplingParams(
                     max_tokens=g, temperature=0.0, detokenize=False, extra_args=request_args(name, budget)
                 )
-                for g in gen
+                for g in (gen[i] for i in indices)
             ]
             res = llm.generate(inputs, sps, use_tqdm=False)
-            kv = [_reported_kv(r) for r in res]
-            cache.put("vllm", name, budget, {"tokens": [list(r.outputs[0].token_ids) for r in res], "kv": kv})
+            tokens = {str(i): list(r.outputs[0].token_ids) for i, r in zip(indices, res, strict=True)}
+            kv = {str(i): _reported_kv(r) for i, r in zip(indices, res, strict=True)}
+            cache.put("vllm", name, budget, {"tokens": tokens, "kv": kv})
             log(f"vllm {name} ρ={budget:g}: {len(inputs)} prompts in {time.perf_counter() - t0:.0f} s")
 
 
@@ -269,15 +294,22 @@ def _reported_kv(out: Any) -> float | None:
     return 1.0 if report["policy"] == "full" or report["budget"] == 1.0 else None
 
 
+def _primary(rows: list[VLMQualityRow]) -> str:
+    """The engine that answered every prompt (the most prompts in the ``all`` rows)."""
+    return max((r for r in rows if r.task == "all"), key=lambda r: (r.prompts, r.engine == "vllm")).engine
+
+
 def table(rows: list[VLMQualityRow]) -> str:
-    """Markdown: a line per policy and budget; measured KV, overall accuracy with its interval (vLLM
-    path, or the only engine), accuracy per task group, and the dense/vLLM agreement on the subset."""
+    """Markdown: a line per policy and budget; measured KV, overall accuracy with its interval (primary
+    engine: every prompt), accuracy per task group, and the other engine's accuracy and agreement on the
+    oracle subset."""
     engines = sorted({r.engine for r in rows})
-    main = "vllm" if "vllm" in engines else engines[0]
+    main = _primary(rows)
     groups = [g for g in dict.fromkeys((r.task, r.n_images) for r in rows) if g[0] != "all"]
     head = ["policy", "ρ", "KV kept", "all (95% CI)", *[f"{t} N={n}" for t, n in groups]]
-    if len(engines) > 1:
-        head += ["dense subset: accuracy", "dense = vLLM tokens"]
+    other = next((e for e in engines if e != main), None)
+    if other is not None:
+        head += [f"{other} subset: accuracy", "dense = vLLM tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pick(name: str, budget: float, task: str, n: int, engine: str) -> VLMQualityRow:
@@ -298,8 +330,8 @@ def table(rows: list[VLMQualityRow]) -> str:
             ci,
             *[f"{100 * pick(name, budget, t, n, main).accuracy:.0f}" for t, n in groups],
         ]
-        if len(engines) > 1:
-            d = pick(name, budget, "all", 0, "dense")
+        if other is not None:
+            d = pick(name, budget, "all", 0, other)
             cells += [f"{100 * d.accuracy:.0f} ({d.prompts})", f"{100 * (d.agree or 0):.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n(accuracy %, {main} path; intervals: 95 % Wilson)"
@@ -312,7 +344,7 @@ def plot(rows: list[VLMQualityRow], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engine = "vllm" if any(r.engine == "vllm" for r in rows) else "dense"
+    engine = _primary(rows)
     groups = list(dict.fromkeys((r.task, r.n_images) for r in rows))
     groups = [g for g in groups if g[0] == "all"] + [g for g in groups if g[0] != "all"]
     cols = min(3, len(groups))

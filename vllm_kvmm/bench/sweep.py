@@ -77,13 +77,6 @@ def answer_tokens(tok: Any, answer: str) -> int:
     return len(tok(answer, add_special_tokens=False)["input_ids"]) + 1
 
 
-def _decode(tok: Any, ids: Sequence[int]) -> str:
-    ids = list(ids)
-    if tok.eos_token_id in ids:
-        ids = ids[: ids.index(tok.eos_token_id)]
-    return tok.decode(ids, skip_special_tokens=True).strip().lower()
-
-
 def run_sweep(
     model: Path,
     labels: Sequence[str],
@@ -97,7 +90,7 @@ def run_sweep(
     import torch
     from transformers import AutoProcessor
 
-    from vllm_kvmm.bench.quality_vlm import plan_examples
+    from vllm_kvmm.bench.quality_vlm import answer_text, plan_examples
     from vllm_kvmm.policies import make_policy
     from vllm_kvmm.reference import DenseReference, prompt_from_messages
 
@@ -127,7 +120,7 @@ def run_sweep(
             prompt, policies, answer_tokens(tok, ex.question.answer), BLOCK, stop_at_eos=True
         )
         results = {
-            n: {"answer": _decode(tok, o.token_ids), "kv": round(o.kv_fraction, 5)}
+            n: {"answer": answer_text(tok, o.token_ids), "kv": round(o.kv_fraction, 5)}
             for n, o in zip(names, outs, strict=True)
         }
         rec = {"index": i, "group": group, "answer": ex.question.answer, "results": results}
