@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
     sp.add_argument(
-        "--tasks", default=None, help="--model: task:images:contexts,... (default: 8 groups, 320 prompts)"
+        "--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups, 320 prompts)"
     )
     sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
     sp.add_argument(

@@ -897,3 +897,45 @@ def test_meda_paper_reproduces_the_former_default_exactly():
         assert now[key]["budgets"] == rec["budgets"], key
         if "keep" in rec:
             assert now[key]["keep"] == rec["keep"], key
+
+
+# ---------------------------------------------------------------------------------------------------
+# the product default `meda`
+# ---------------------------------------------------------------------------------------------------
+def test_meda_default_standardised_allocation_with_a_floor():
+    # Raw entropies 9.65 … 4.6 nats (the review's prompt shape): the paper's softmax starves the low layers,
+    # the default standardises them: budgets ∝ exp(z), no layer below ρ/2, sum exactly L·round(ρN).
+    ent = [9.65, 7.53, 7.82, 7.06, 4.65, 4.59, 4.86, 4.58]
+    n, rho = 1143, 0.2
+    pinfo = info(n, [(20, 1100)], layers=len(ent))
+    stats = cm_stats(ent)
+    b = budget_tokens(rho, n)
+    paper = MEDAPaper(budget=rho).layer_budgets(stats, pinfo)
+    ours = MEDA(budget=rho).layer_budgets(stats, pinfo)
+    assert sum(paper) == sum(ours) == len(ent) * b
+    assert min(paper) < b / 4  # the paper starves some layer
+    assert min(ours) >= b // 2 and max(ours) < n  # ours: floored, nothing clamped to the whole prompt
+    order = sorted(range(len(ent)), key=lambda i: ent[i])
+    assert [ours[i] for i in order] == sorted(ours)  # more entropy, more budget
+    # the same entropies shifted or scaled give the same budgets (only the standardised order matters)
+    assert MEDA(budget=rho).layer_budgets(cm_stats([2 * e + 5 for e in ent]), pinfo) == ours
+    # `uniform` and text-only prompts: round(ρN) everywhere, and no entropy collected
+    assert MEDA(budget=rho, allocation="uniform").layer_budgets(stats, pinfo) == [b] * len(ent)
+    text = info(n, layers=len(ent))
+    assert MEDA(budget=rho).layer_budgets([LayerStats()] * len(ent), text) == [b] * len(ent)
+    req = MEDA(budget=rho).stats_request(text)
+    assert not req.entropy and not req.cross_entropy and req.window == 32 and not req.colsum
+
+
+def test_meda_default_scores_the_question_window_with_the_text_prior():
+    # Window scoring: SnapKV's pooled last-32-query attention over the scored region, then the text bonus.
+    n = 96
+    pinfo = info(n, SPANS, layers=1, h_kv=HKV)
+    pol = MEDA(budget=0.5)
+    (st,) = collect(pol, pinfo, seed=5)
+    assert st.window is not None and st.colsum is None and st.entropy_tv is not None
+    snap = SnapKV(budget=0.5).scores([st], pinfo, 0)
+    got = pol.scores([st], pinfo, 0)
+    assert torch.equal(got, text_prior_scores(snap, pinfo.text_mask, "bonus"))
+    assert pol.recent_window(pinfo, 48) == 32 and pol.merge_spec(pinfo) is None
+    assert pol.protected(pinfo, 0).nonzero().flatten().tolist() == [0, 1, 2, 3]

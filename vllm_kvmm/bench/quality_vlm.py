@@ -1,9 +1,9 @@
 """Multimodal quality of every policy on the embedded VLM (docs/vlm.md): vLLM path, dense reference as oracle.
 
 Held-out easy-VQA tasks (:mod:`vllm_kvmm.vlm.data`, ``test`` split only; design choices are made on the
-``val`` split by :mod:`vllm_kvmm.bench.sweep`): the needle among ``N`` images, lookup of image ``k``,
-find-all (every image of a shape or colour: several answers), counting and frame order, in contexts of
-16 and 24 images. Each prompt is answered by greedy decoding (its answer's length + the end token) with
+``val`` split by :mod:`vllm_kvmm.bench.sweep`): the needle among ``N`` images, lookup of image ``k`` and
+frame order, in contexts of 16 and 24 images (find-all and counting are available with ``--tasks``).
+Each prompt is answered by greedy decoding (its answer's length + the end token) with
 the cache compressed by a policy at budget ρ right after prefill, through
 
 * ``vllm``: one vLLM engine, the policy chosen per request (``extra_args``), every prompt; and
@@ -41,15 +41,14 @@ __all__ = ["DEFAULT_PLAN", "VLMQualityRow", "answer_text", "plan_examples", "run
 
 
 # (task family, images per prompt, contexts): 320 prompts of 16 and 24 images (~1.1k and ~1.7k tokens).
+# Chosen on the val split (bench.sweep): find_all and count are left out because the full cache itself
+# answers them at 0-6 % and 50 % there; what the model cannot do cannot measure a policy.
 DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
-    ("needle", 16, 5),
-    ("lookup", 16, 5),
-    ("find_all", 16, 10),
-    ("count", 16, 10),
-    ("order", 16, 10),
-    ("needle", 24, 5),
-    ("lookup", 24, 5),
-    ("find_all", 24, 10),
+    ("needle", 16, 8),
+    ("lookup", 16, 8),
+    ("order", 16, 16),
+    ("needle", 24, 8),
+    ("lookup", 24, 8),
 )
 ORACLE_PROMPTS = 64  # the second engine's fixed subset (every k-th prompt of the plan)
 
