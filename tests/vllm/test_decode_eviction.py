@@ -178,3 +178,15 @@ def test_recycle_bin_paged_equals_dense(llm: Any, tiny_llama_dir: Path) -> None:
                     bool(now) and not bins[f + 1][0].numel() and bool(set(active[f + 1][0][0].tolist()) - now)
                 )
     assert binned and restored and purged, (binned, restored, purged)
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm"])
+def test_decode_interval_at_budget_one_schedules_no_flush(llm: Any, name: str) -> None:
+    # Budget 1.0 never compresses, so decode-time eviction is off (the policy's decode_spec is None). The
+    # scheduler used to read `decode_interval` from the raw config and schedule flushes the worker then
+    # asserted on, taking the engine down. The tokens must be vanilla's (the `full` policy's).
+    prompt = {"prompt_token_ids": _ids(41, 200)}
+    out = llm.generate([prompt, prompt], [_params(name, 1.0, 2 * INTERVAL + 3), greedy(2 * INTERVAL + 3)])
+    assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
+    assert len(out[0].outputs[0].token_ids) == 2 * INTERVAL + 3
+    assert out[0].kv_transfer_params["kvmm"] == {"policy": name, "budget": 1.0, "compressed": False}

@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from vllm_kvmm.config import KVPolicyArgs, PolicyError
+from vllm_kvmm.policies import PromptInfo, make_policy
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
@@ -68,6 +69,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests: dict[str, Any] = {}
         self._block_pool: Any = None
         self._policies: dict[str, tuple[str, float | None, dict]] = {}
+        self._intervals: dict[str, int | None] = {}  # decode-time eviction cadence, from decode_spec
         # What compression did to each request, returned with its output (``kv_transfer_params``).
         self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
@@ -122,7 +124,12 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             self._policies[request.request_id] = ("full", 1.0, {})
             return
         try:
-            self._policies[request.request_id] = request_policy_args(extra, self.settings)
+            pol = request_policy_args(extra, self.settings)
+            self._policies[request.request_id] = pol
+            # Resolved once, from the policy itself (the worker asks the same decode_spec): the raw config's
+            # `decode_interval` is not enough, a policy that cannot compress (budget 1) never flushes.
+            spec = make_policy(*pol).decode_spec(PromptInfo.text_only(request.num_prompt_tokens, 1, 1))
+            self._intervals[request.request_id] = None if spec is None else spec.interval
         except PolicyError as e:
             # The API layer rejects bad values with HTTP 400 first; if one still gets here (offline use
             # with hand-built SamplingParams), serve the request uncompressed rather than fail the engine.
@@ -141,7 +148,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             n_prompt = req.num_prompt_tokens
             before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)
             end = before + n_sched
-            interval = pol[2].get("decode_interval")
+            interval = self._intervals.get(req_id)
             if before >= n_prompt:  # decoding
                 if interval is not None:
                     meta.decoding[req_id] = end
@@ -236,6 +243,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         """
         self._requests.pop(req_id, None)
         pol = self._policies.pop(req_id, None)
+        self._intervals.pop(req_id, None)
         report = self._reports.pop(req_id, None)
         if pol is None:
             return None
