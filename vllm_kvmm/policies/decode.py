@@ -57,6 +57,16 @@ class FlushPlan:
         return self.keep.shape[1]
 
 
+def flush_tail_start(length: int, recent: int, granularity: int = 1) -> int:
+    """Where a flush's kept tail starts: the block boundary at or below ``length − recent``.
+
+    The one formula the planner, the dense reference and the vLLM worker share (the tail is never evicted,
+    so all three must agree on where it begins).
+    """
+    g = max(1, granularity)
+    return g * ((length - min(max(recent, 0), length)) // g)
+
+
 def plan_flush(
     spec: DecodeSpec,
     positions: torch.Tensor,
@@ -77,8 +87,7 @@ def plan_flush(
     """
     h, s = positions.shape
     g = max(1, granularity)
-    recent = min(max(spec.recent, 0), length)
-    tail_start = g * ((length - recent) // g)
+    tail_start = flush_tail_start(length, spec.recent, g)
     in_prefix = positions < tail_start  # [H, S]
     n_prefix = int(in_prefix[0].sum())
     if not bool((in_prefix.sum(1) == n_prefix).all()):

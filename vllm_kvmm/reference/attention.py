@@ -170,7 +170,7 @@ class DenseKVRun:
     # ---- decode-time eviction ----------------------------------------------------------------------
     def flush(self, specs: Sequence[Any], capacity: torch.Tensor, granularity: int) -> None:
         """Re-select every layer's stored tokens (docs/decode-eviction.md); ``capacity``: ``[B, L]``."""
-        from vllm_kvmm.policies.decode import plan_flush
+        from vllm_kvmm.policies.decode import flush_tail_start, plan_flush
 
         new_gen = self.generated - self.flushed_at
         record: list[list[torch.Tensor]] = []
@@ -193,7 +193,7 @@ class DenseKVRun:
                 # The recycle bin's tokens are stored outside attention; they go between the slots older
                 # than the new tail and the tail, the order plan_flush expects.
                 bk, bv, bp, bs_ = self.bins.get((layer, b), (k[:, :0], v[:, :0], pos[:, :0], score[:, :0]))
-                tail_start = granularity * ((length - min(spec.recent, length)) // granularity)
+                tail_start = flush_tail_start(length, spec.recent, granularity)
                 m = int((pos[0] < tail_start).sum())
                 k = torch.cat([k[:, :m], bk, k[:, m:]], 1)
                 v = torch.cat([v[:, :m], bv, v[:, m:]], 1)

@@ -22,6 +22,7 @@ from vllm_kvmm.policies import (
     LayerPlan,
     PromptInfo,
     apply_plan,
+    flush_tail_start,
     plan_compression,
     plan_flush,
 )
@@ -350,7 +351,7 @@ class WorkerState:
                 bk, bv = self.paged.read(
                     cache, torch.tensor([row[i] for i in bins], dtype=torch.long), bin_pos.shape[1]
                 )
-                tail_start = bs * ((length - min(spec.recent, length)) // bs)
+                tail_start = flush_tail_start(length, spec.recent, bs)
                 m = int((pos[0] < tail_start).sum())
                 k = torch.cat([k[:, :m], bk.transpose(0, 1).to(k.device), k[:, m:]], 1)
                 v = torch.cat([v[:, :m], bv.transpose(0, 1).to(v.device), v[:, m:]], 1)
