@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,6 +57,8 @@ class KVPolicyArgs(BaseModel):
                 budget = float(budget)  # CLI strings
             except (TypeError, ValueError):
                 raise PolicyError(f"kv budget must be a number in (0, 1], got {budget!r}") from None
+        if budget is not None and not math.isfinite(budget):
+            raise PolicyError(f"kv budget must be a number in (0, 1], got {budget!r}")
         try:
             args = cls(policy=policy, budget=budget, config=config)
         except ValidationError as e:

@@ -88,6 +88,9 @@ def test_request_args_checks() -> None:
         ({"kv_budget": "half"}, "got 'half'"),
         ({"kv_policy": "lookm", "kv_policy_config": "{nope"}, "kv-policy-config is not valid JSON"),
         ({"kv_budgett": 0.5}, r"unknown KV-policy request argument\(s\) \['kv_budgett'\]"),
+        ({"kv_policy": "meda", "kv_budget": None}, r"got null; leave it out for the default"),
+        ({"kv_policy": "meda", "kv_budget": float("nan")}, r"number in \(0, 1\], got nan"),
+        ({"kv_budget": float("nan")}, r"number in \(0, 1\], got nan"),
     ]:
         with pytest.raises(ValueError, match=msg):
             check_request_args(bad)
@@ -127,6 +130,14 @@ def test_http_middleware_rejects_before_the_app() -> None:
     good = json.dumps({"model": "m", "vllm_xargs": {"kv_policy": "meda", "kv_budget": 0.2}}).encode()
     status, body, seen = _asgi(KVPolicyRequestCheck, good)
     assert (status, body, seen) == (200, b"ok", good)  # the app got the whole body, untouched
+    # the documented object form of kv_policy_config reaches vLLM as the string its scalar-only xargs take
+    obj = {"model": "m", "vllm_xargs": {"kv_policy": "meda", "kv_policy_config": {"sink_tokens": 2}}}
+    status, body, seen = _asgi(KVPolicyRequestCheck, json.dumps(obj).encode())
+    assert (status, body) == (200, b"ok") and seen is not None
+    assert json.loads(json.loads(seen)["vllm_xargs"]["kv_policy_config"]) == {"sink_tokens": 2}
+    bad = json.dumps({"model": "m", "vllm_xargs": {"kv_policy": "meda", "kv_policy_config": {"sink": 2}}})
+    status, body, seen = _asgi(KVPolicyRequestCheck, bad.encode())
+    assert status == 400 and seen is None and "sink" in json.loads(body)["error"]["message"]
 
 
 def test_cli_flags_listed_and_validated() -> None:

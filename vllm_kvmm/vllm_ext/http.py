@@ -36,7 +36,7 @@ class KVPolicyRequestCheck:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        error = _check(body)
+        error, body = _check(body)
         if error is not None:
             payload = json.dumps(
                 {"error": {"message": error, "type": "BadRequestError", "param": "vllm_xargs", "code": 400}}
@@ -60,18 +60,26 @@ class KVPolicyRequestCheck:
         await self.app(scope, replay, send)
 
 
-def _check(body: bytes) -> str | None:
+def _check(body: bytes) -> tuple[str | None, bytes]:
+    """``(error, body for the app)``: the 400 message of malformed policy arguments, or ``None``.
+
+    vLLM accepts only scalars as ``vllm_xargs`` values, so a ``kv_policy_config`` given as the JSON object
+    the docs show is rewritten into its string form here, before vLLM's own validation sees it.
+    """
     try:
         data = json.loads(body or b"{}")
     except ValueError:
-        return None  # not ours to judge: vLLM answers malformed JSON itself
+        return None, body  # not ours to judge: vLLM answers malformed JSON itself
     xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
     if xargs is None:
-        return None
+        return None, body
     if not isinstance(xargs, dict):
-        return f"vllm_xargs must be an object, got {type(xargs).__name__}"
+        return f"vllm_xargs must be an object, got {type(xargs).__name__}", body
     try:
         check_request_args(xargs)
     except ValueError as e:
-        return str(e)
-    return None
+        return str(e), body
+    if isinstance(xargs.get("kv_policy_config"), dict):
+        xargs["kv_policy_config"] = json.dumps(xargs["kv_policy_config"])
+        return None, json.dumps(data).encode()
+    return None, body

@@ -31,6 +31,8 @@ def check_request_args(extra: dict[str, Any] | None) -> None:
         return
     if "kv_policy_config" in extra and "kv_policy" not in extra:
         raise ValueError("kv_policy_config needs kv_policy: name the policy its fields belong to")
+    if "kv_budget" in extra and extra["kv_budget"] is None:
+        raise ValueError("kv_budget must be a number in (0, 1], got null; leave it out for the default")
     try:
         if "kv_policy" in extra:
             KVPolicyArgs.parse(extra["kv_policy"], extra.get("kv_budget"), extra.get("kv_policy_config"))
