@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats_parser(sp)
     sp.set_defaults(func=lambda args: 0 if run_stats(args) else 1)
+    from vllm_kvmm.bench.sweep import build_parser as sweep_parser
+    from vllm_kvmm.bench.sweep import run as run_sweep
+
+    sp = bench.add_parser(
+        "sweep", help="design sweep on the VLM's validation split: policy variants, one prefill per prompt"
+    )
+    sweep_parser(sp)
+    sp.set_defaults(func=run_sweep)
     return p
 
 

@@ -79,3 +79,21 @@ def test_an_unknown_label_fails_with_the_policy_list() -> None:
 
     with pytest.raises(PolicyError, match="unknown KV policy 'meda-papr'; choose one of: meda"):
         build_policy("meda-papr", 0.2)
+
+
+def test_wilson_interval_and_sweep_summary() -> None:
+    from vllm_kvmm.bench.sweep import summarise, wilson
+
+    # textbook values (z = 1.96)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    records = [
+        {"group": "a", "answer": "1", "results": {"x@0.1": {"answer": "1", "kv": 0.1}}},
+        {"group": "a", "answer": "2", "results": {"x@0.1": {"answer": "3", "kv": 0.12}}},
+        {"group": "b", "answer": "4", "results": {"x@0.1": {"answer": "4", "kv": 0.08}}},
+    ]
+    rows = {r["group"]: r for r in summarise(records, ["x@0.1"])}
+    assert (rows["a"]["right"], rows["a"]["prompts"], rows["b"]["accuracy"]) == (1, 2, 1.0)
+    assert rows["all"]["right"] == 2 and rows["all"]["kv"] == pytest.approx(0.1)
+    assert rows["all"]["variant"] == "x" and rows["all"]["budget"] == 0.1

@@ -172,21 +172,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from vllm_kvmm.bench.quality_vlm import parse_plan
-    from vllm_kvmm.vlm.assemble import ensure_vlm
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(p: argparse.ArgumentParser) -> None:
+    """The sweep's flags (``vllm-kvmm bench sweep`` and ``python -m vllm_kvmm.bench.sweep``)."""
     p.add_argument("--model", default="vlm", help="'vlm' (the embedded VLM) or a model folder")
     p.add_argument("--variants", default=",".join(GRID), help=f"comma-separated, from: {', '.join(GRID)}")
     p.add_argument("--budgets", default="0.1,0.05")
     p.add_argument("--tasks", default=None, help="task:images:contexts,... (default: DEFAULT_PLAN)")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--out", default="out/sweep_val.json")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    from vllm_kvmm.bench.quality_vlm import parse_plan
+    from vllm_kvmm.vlm.assemble import ensure_vlm
+
     labels = [x for x in a.variants.split(",") if x]
     if unknown := [x for x in labels if x not in GRID]:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(GRID)}")
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(GRID)}")
     run_sweep(
         ensure_vlm() if a.model == "vlm" else Path(a.model),
         labels,
@@ -195,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         a.split,
         Path(a.out),
     )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_parser(p)
+    run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
