@@ -52,11 +52,11 @@ def test_interpreted_run_times_both_paths_and_they_agree(tmp_path):
     rows = {(r["policy"], r["kernels"]): r for r in meta["rows"]}
     policies = ("snapkv", "pyramidkv", "h2o", "lookm", "meda", "hae")
     assert set(rows) == {(p, k) for p in policies for k in ("torch", "triton")}
-    wants = {"snapkv": "window", "h2o": "colsum", "meda": "colsum+cross_entropy", "hae": "t2v"}
+    wants = {"snapkv": "window", "h2o": "colsum", "meda": "window+cross_entropy", "hae": "t2v"}
     for policy, stats in wants.items():
         assert rows[policy, "torch"]["statistics"] == stats
     for p in policies:
         assert rows[p, "torch"]["max_rel_dev_vs_torch"] is None
         assert rows[p, "triton"]["max_rel_dev_vs_torch"] < 1e-5
         assert rows[p, "triton"]["ms_per_layer"] > 0
-    assert "| meda | colsum+cross_entropy | triton |" in proc.stdout
+    assert "| meda | window+cross_entropy | triton |" in proc.stdout
