@@ -82,6 +82,8 @@ def test_full_and_budget_one_equal_vanilla(setup: dict[str, Any]) -> None:
     [
         ("meda", 0.5),
         ("meda", 0.25),
+        ("meda-paper", 0.25),
+        ("meda-released", 0.25),
         ("lookm", 0.5),
         ("lookm", 0.25),
         ("snapkv", 0.25),

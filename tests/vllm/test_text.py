@@ -94,9 +94,24 @@ def test_budget_one_equals_vanilla(kvmm: Any, vanilla: list[list[int]], name: st
     assert token_ids(out) == vanilla
 
 
-# Every registered policy (HAE never evicts text at prefill: its text-only prompts are not compressed, and
-# tests/vllm/test_multimodal.py covers it with images).
-@pytest.mark.parametrize("name", [n for n in policy_names() if n not in ("full", "hae")])
+# Policies that never evict text at prefill (HAE prunes vision tokens only; meda-released keeps all text as
+# its released code does): their text-only prompts are not compressed, and tests/vllm/test_multimodal.py
+# covers them with images.
+TEXT_KEEPING = ("hae", "meda-released")
+
+
+@pytest.mark.parametrize("name", TEXT_KEEPING)
+def test_text_keeping_policies_leave_text_prompts_whole(
+    kvmm: Any, vanilla: list[list[int]], name: str
+) -> None:
+    outs = kvmm.generate(_prompts(), greedy(NEW, kv_policy=name, kv_budget=0.25))
+    assert token_ids(outs) == vanilla
+    for out in outs:
+        report = out.kv_transfer_params["kvmm"]
+        assert (report["policy"], report["budget"], report["compressed"]) == (name, 0.25, False)
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n != "full" and n not in TEXT_KEEPING])
 @pytest.mark.parametrize("budget", [0.5, 0.25])
 def test_paged_equals_dense(
     kvmm: Any, reference: DenseReference, vanilla: list[list[int]], name: str, budget: float
