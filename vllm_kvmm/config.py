@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vllm_kvmm.policies import KVPolicy, PolicyError, make_policy, policy_names
+from vllm_kvmm.policies import KVPolicy, PolicyError, PromptInfo, make_policy, policy_names
 
-__all__ = ["KVPolicyArgs", "PolicyError"]
+__all__ = ["REQUEST_ARGS", "KVPolicyArgs", "PolicyError", "ResolvedPolicy", "resolve_request"]
+
+# Per-request overrides, as ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
+XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_config"
+REQUEST_ARGS = (XARG_POLICY, XARG_BUDGET, XARG_CONFIG)
 
 
 class KVPolicyArgs(BaseModel):
@@ -65,3 +70,80 @@ class KVPolicyArgs(BaseModel):
             msg = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
             raise PolicyError(msg) from None
         return args.build()
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """One request's policy, validated and resolved once, at admission, then passed on and never re-parsed.
+
+    Plain and picklable: it travels from the scheduler to the workers inside each prefill job.
+    ``budget`` is the effective one (the policy's default filled in); ``config`` the policy's own fields;
+    ``decode_interval`` the decode-time eviction cadence that the policy's ``decode_spec`` gives for this
+    prompt (``None``: it never flushes, e.g. H2O at budget 1), read by the scheduler and the worker alike.
+    """
+
+    name: str
+    budget: float | None
+    config: dict[str, Any] = field(default_factory=dict)
+    decode_interval: int | None = None
+
+    @classmethod
+    def of(cls, policy: KVPolicy, num_prompt_tokens: int) -> ResolvedPolicy:
+        spec = policy.decode_spec(PromptInfo.text_only(max(1, num_prompt_tokens), 1, 1))
+        config = policy.model_dump(exclude={"budget"})
+        return cls(policy.name, policy.budget, config, None if spec is None else spec.interval)
+
+    @property
+    def compresses(self) -> bool:
+        return self.name != "full"
+
+    def build(self) -> KVPolicy:
+        return make_policy(self.name, self.budget, self.config)
+
+
+FULL = ResolvedPolicy("full", 1.0)
+
+
+class PolicyDefaults(Protocol):
+    """The engine-wide defaults a request overrides (``KVMMSettings``, ``KVPolicyArgs``)."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def budget(self) -> float | None: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+
+def resolve_request(
+    extra: dict[str, Any] | None, default: PolicyDefaults | None, num_prompt_tokens: int = 1
+) -> ResolvedPolicy:
+    """The policy of one request: the engine's ``default`` overridden by its ``extra_args``.
+
+    The one validator of per-request arguments: the API process calls it with ``default=None`` (it does
+    not know the engine's policy; a budget-only override is then range-checked), the scheduler with the
+    engine's settings. Raises :class:`PolicyError` with a message fit for an HTTP 400 body.
+    """
+    extra = extra or {}
+    unknown = sorted(k for k in extra if k.startswith("kv_") and k not in REQUEST_ARGS)
+    if unknown:
+        raise PolicyError(f"unknown KV-policy request argument(s) {unknown}; use {sorted(REQUEST_ARGS)}")
+    if XARG_CONFIG in extra and XARG_POLICY not in extra:
+        raise PolicyError("kv_policy_config needs kv_policy: name the policy its fields belong to")
+    if XARG_BUDGET in extra and extra[XARG_BUDGET] is None:
+        raise PolicyError("kv_budget must be a number in (0, 1], got null; leave it out for the default")
+    if XARG_POLICY in extra:
+        # A policy named without a budget runs at its own default budget, not the engine's; the engine's
+        # policy named again keeps the engine's configuration unless the request gives its own.
+        name, budget = extra[XARG_POLICY], extra.get(XARG_BUDGET)
+        inherited = default.config if default is not None and name == default.policy else None
+        config = extra.get(XARG_CONFIG, inherited)
+    elif default is None:
+        budget = extra.get(XARG_BUDGET)
+        ok = isinstance(budget, int | float) and not isinstance(budget, bool) and 0 < budget <= 1
+        if budget is not None and not ok:
+            raise PolicyError(f"kv_budget must be a number in (0, 1], got {budget!r}")
+        return FULL  # nothing more to check without the engine's policy
+    else:
+        name, budget, config = default.policy, extra.get(XARG_BUDGET, default.budget), default.config
+    return ResolvedPolicy.of(KVPolicyArgs.parse(name, budget, config), num_prompt_tokens)

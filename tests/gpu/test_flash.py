@@ -105,7 +105,9 @@ def runs(model_dir: Path) -> dict[str, Any]:
     lines = dict(x.split("=", 1) for x in res.stdout.splitlines() if x.startswith(("BACKEND=", "TOKENS=")))
     assert "TOKENS" in lines, res.stdout[-2000:] + res.stderr[-3000:]
     llm = _llm(model_dir, **vllm_kvmm.engine_args("full"))
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     cfg = llm.llm_engine.vllm_config.compilation_config
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     return dict(
@@ -206,7 +208,8 @@ def test_paged_agrees_with_dense_on_gpu(
     )
     same_idx = total_idx = same_tok = 0
     for out, r in zip(outs, refs, strict=True):
-        plans = next(v for k, v in worker_state().plan_history.items() if k.startswith(f"{out.request_id}-"))
+        recorded = worker_state().recorder.plans.items()
+        plans = next(v for k, v in recorded if k.startswith(f"{out.request_id}-"))
         for a, b in zip(plans, r.plans, strict=True):
             assert (a.tail_start, a.prefix_keep) == (b.tail_start, b.prefix_keep)  # budgets are exact
             same_idx += sum(
@@ -243,7 +246,7 @@ def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict, b
     from vllm_kvmm.vllm_ext.worker import worker_state
 
     state = worker_state()
-    state.flush_history.clear()
+    state.recorder.flushes.clear()
     engine.add_request("dec", _prompts()[1], params)
     sched = engine.engine_core.engine_core.scheduler
     peak, out = 0, None
@@ -270,7 +273,7 @@ def test_decode_eviction_on_gpu(runs: dict[str, Any], name: str, config: dict, b
             engine.step()
     finally:
         state.force_piecewise = False
-    hist = {k.split("-")[0]: v for k, v in state.flush_history.items() if k.startswith(("dec", "ref"))}
+    hist = {k.split("-")[0]: v for k, v in state.recorder.flushes.items() if k.startswith(("dec", "ref"))}
     same = total = 0
     for flush_a, flush_b in zip(hist["dec"], hist["ref"], strict=True):
         for a, b in zip(flush_a, flush_b, strict=True):

@@ -33,7 +33,9 @@ def llm(tiny_llama_dir: Path) -> Any:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
     engine = make_llm(str(tiny_llama_dir), "full", num_gpu_blocks_override=4 * 64, max_model_len=1024)
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     yield engine
     shutdown(engine)
 
@@ -71,7 +73,7 @@ def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: s
     )
     for i, ref in enumerate(refs):
         assert out[f"{name}{i}"] == ref.token_ids
-        mine = next(v for k, v in worker_state().flush_history.items() if k.startswith(f"{name}{i}-"))
+        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"{name}{i}-"))
         assert len(mine) == len(ref.flush_positions) == 4
         for a, b in zip(mine, ref.flush_positions, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
@@ -163,8 +165,8 @@ def test_recycle_bin_paged_equals_dense(llm: Any, tiny_llama_dir: Path) -> None:
     binned = restored = purged = 0
     for i, ref in enumerate(refs):
         assert out[f"bin{i}"] == ref.token_ids
-        key = next(k for k in worker_state().flush_history if k.startswith(f"bin{i}-"))
-        active, bins = worker_state().flush_history[key], worker_state().bin_history[key]
+        key = next(k for k in worker_state().recorder.flushes if k.startswith(f"bin{i}-"))
+        active, bins = worker_state().recorder.flushes[key], worker_state().recorder.bins[key]
         assert len(active) == len(ref.flush_positions) == 5
         for a, b, c, d in zip(active, ref.flush_positions, bins, ref.flush_bins, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

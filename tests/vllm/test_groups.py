@@ -23,7 +23,9 @@ def llm(tiny_llama_dir: Path) -> Any:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
     engine = LLM(model=str(tiny_llama_dir), **BASE, **vllm_kvmm.engine_args("full", groups=2))
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     yield engine
     shutdown(engine)
 
@@ -51,6 +53,6 @@ def test_paged_equals_dense_with_groups(llm: Any, tiny_llama_dir: Path, name: st
     )
     for out, ref in zip(outs, refs, strict=True):
         assert list(out.outputs[0].token_ids) == ref.token_ids
-        plans = plans_by_output_id(worker_state().plan_history, out.request_id)
+        plans = plans_by_output_id(worker_state().recorder.plans, out.request_id)
         assert_same_kept_sets(plans, ref.plans)
         assert plans[0].num_kept == plans[1].num_kept and plans[2].num_kept == plans[3].num_kept

@@ -42,7 +42,9 @@ def llm(tiny_llama_dir: Path) -> Any:
         max_num_batched_tokens=64,
         max_num_seqs=4,
     )
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     yield engine
     shutdown(engine)
 
@@ -92,7 +94,7 @@ def test_chunked_prefill_equals_dense(llm: Any, reference: DenseReference) -> No
         0
     ]
     assert out["chunked"] == ref.token_ids
-    assert_same_kept_sets(plans_by_output_id(worker_state().plan_history, "chunked"), ref.plans)
+    assert_same_kept_sets(plans_by_output_id(worker_state().recorder.plans, "chunked"), ref.plans)
     _assert_clean(llm)
 
 

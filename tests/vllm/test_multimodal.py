@@ -57,7 +57,9 @@ def setup(
     van = token_ids(vanilla.generate(inputs, greedy(NEW)))
     shutdown(vanilla)
     llm = make_llm(str(model_dir), "full", **kw)
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     refs_in = [prompt_from_messages(processor, m, imgs) for m, imgs in _cases(images)]
     yield dict(llm=llm, vanilla=van, inputs=inputs, ref=DenseReference(model_dir), ref_in=refs_in)
     shutdown(llm)
@@ -99,4 +101,4 @@ def test_paged_equals_dense(setup: dict[str, Any], name: str, budget: float) -> 
     for out, ref in zip(outs, refs, strict=True):
         assert list(out.outputs[0].token_ids) == ref.token_ids
         assert any(not p.is_identity for p in ref.plans)
-        assert_same_kept_sets(plans_by_output_id(worker_state().plan_history, out.request_id), ref.plans)
+        assert_same_kept_sets(plans_by_output_id(worker_state().recorder.plans, out.request_id), ref.plans)

@@ -44,7 +44,9 @@ def kvmm(engine_factory: Any, tiny_llama_dir: Path, vanilla: list[list[int]]) ->
     from vllm_kvmm.vllm_ext.worker import worker_state
 
     llm = engine_factory(str(tiny_llama_dir), "full")
-    worker_state().keep_plans = True
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder
+
+    worker_state().recorder = PlanRecorder()
     return llm
 
 
@@ -128,7 +130,8 @@ def test_paged_equals_dense(
         assert list(out.outputs[0].token_ids) == ref.token_ids
         if any(not p.is_identity for p in ref.plans):
             compressed += 1
-            assert_same_kept_sets(plans_by_output_id(worker_state().plan_history, out.request_id), ref.plans)
+            mine = plans_by_output_id(worker_state().recorder.plans, out.request_id)
+            assert_same_kept_sets(mine, ref.plans)
             # the output says what compression did: effective policy and budget, the KV actually kept
             report = out.kv_transfer_params["kvmm"]
             assert (report["policy"], report["budget"], report["compressed"]) == (name, budget, True)
@@ -158,7 +161,7 @@ def test_groups_with_the_same_view_share_one_metadata_build(
     monkeypatch.setattr(CPUAttentionMetadataBuilder, "build", counting)
     out = kvmm.generate(_prompts()[:1], greedy(6, kv_policy="snapkv", kv_budget=0.5))
     assert len(out[0].outputs[0].token_ids) == 6
-    plans = plans_by_output_id(worker_state().plan_history, out[0].request_id)
+    plans = plans_by_output_id(worker_state().recorder.plans, out[0].request_id)
     views = {(p.prefix_keep, p.tail_start) for p in plans}
     assert len(plans) == 4 and len(views) <= 2
     assert calls == 1 + 5 * len(views)  # one prefill step + five decode steps, one build per layout

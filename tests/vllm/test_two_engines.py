@@ -21,15 +21,15 @@ def test_second_engine_is_refused_and_the_first_keeps_serving(tiny_llama_dir: Pa
     first = make_llm(str(tiny_llama_dir), "snapkv", 0.5)
     try:
         before = first.generate(prompt, greedy(4), use_tqdm=False)[0].outputs[0].token_ids
-        caches = dict(worker_state().kv_caches)
+        caches = dict(worker_state().engine.kv_caches)
         with pytest.raises(RuntimeError, match="a second engine with a KV policy in this process"):
             make_llm(str(tiny_llama_dir), "snapkv", 0.5)
-        assert worker_state().kv_caches.keys() == caches.keys()
-        assert all(worker_state().kv_caches[n] is t for n, t in caches.items())  # still the first's
+        assert worker_state().engine.kv_caches.keys() == caches.keys()
+        assert all(worker_state().engine.kv_caches[n] is t for n, t in caches.items())  # still the first's
         assert first.generate(prompt, greedy(4), use_tqdm=False)[0].outputs[0].token_ids == before
     finally:
         shutdown(first)
-    assert worker_state().kv_caches == {}  # released with the engine
+    assert worker_state().engine.kv_caches == {}  # released with the engine
     second = make_llm(str(tiny_llama_dir), "snapkv", 0.5)
     try:
         assert second.generate(prompt, greedy(4), use_tqdm=False)[0].outputs[0].token_ids == before

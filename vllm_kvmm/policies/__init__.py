@@ -10,7 +10,7 @@ from vllm_kvmm.policies.base import (
     layout,
     plan_compression,
 )
-from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, flush_tail_start, plan_flush
+from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, StoredSlots, flush_tail_start, plan_flush
 from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
@@ -41,6 +41,7 @@ __all__ = [
     "PyramidKV",
     "RecycleBin",
     "SnapKV",
+    "StoredSlots",
     "StreamingLLM",
     "apply_plan",
     "budget_tokens",

@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from vllm_kvmm.ops import complement, select_topk
+from vllm_kvmm.ops import complement, decode_scores, select_topk
 
-__all__ = ["DecodeSpec", "FlushPlan", "plan_flush"]
+__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "flush_tail_start", "plan_flush"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +117,51 @@ def plan_flush(
         rest = complement(head, n_prefix) if k < n_prefix else head[:, :0]
         binned = rest if rest.shape[1] < max(1, spec.bin_size) else rest[:, :0]  # full bin: purge it
     return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k, binned=binned)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSlots:
+    """One layer's stored tokens of one request at a flush, in the slot order :func:`plan_flush` expects.
+
+    ``k``, ``v``: ``[H_kv, S, d]``; ``pos``: ``[H_kv, S]`` true positions; ``score``: ``[H_kv, S]`` float64
+    (CPU). Built the same way by the dense reference and the vLLM worker (:meth:`with_bin`,
+    :meth:`rescored`), so that both plan from identical inputs.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor
+
+    def with_bin(self, binned: StoredSlots | None, length: int, recent: int, granularity: int) -> StoredSlots:
+        """The recycle bin's slots (stored outside attention) inserted between the slots older than the
+        new tail and the tail."""
+        if binned is None or binned.pos.shape[1] == 0:
+            return self
+        m = int((self.pos[0] < flush_tail_start(length, recent, granularity)).sum())
+
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a[:, :m], b.to(a.device), a[:, m:]], 1)
+
+        b = binned
+        return StoredSlots(cat(self.k, b.k), cat(self.v, b.v), cat(self.pos, b.pos), cat(self.score, b.score))
+
+    def rescored(
+        self, spec: DecodeSpec, queries: torch.Tensor, q_positions: torch.Tensor, scale: float
+    ) -> StoredSlots:
+        """Scores after the ``W`` decode queries ``[H, W, d]`` since the last flush: ``s ← decay^W·s + Σ_w
+        decay^(W−1−w)·a_w`` (binned slots are scored as if active: they are stored, so q·k is at hand)."""
+        w = queries.shape[1]
+        weights = spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
+        fresh = decode_scores(queries, self.k, self.pos, q_positions, scale, weights).cpu()
+        return StoredSlots(self.k, self.v, self.pos, self.score * spec.decay**w + fresh)
+
+    def take(self, idx: torch.Tensor) -> StoredSlots:
+        """The slots ``idx`` ``[H_kv, n]`` of every head."""
+        kv_idx = idx.to(self.k.device)[..., None].expand(-1, -1, self.k.shape[2])
+        return StoredSlots(
+            torch.gather(self.k, 1, kv_idx),
+            torch.gather(self.v, 1, kv_idx),
+            torch.gather(self.pos, 1, idx),
+            torch.gather(self.score, 1, idx),
+        )

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vllm_kvmm.ops import StatsAccumulator, StatsRequest, decode_scores
+from vllm_kvmm.ops import StatsAccumulator, StatsRequest
+from vllm_kvmm.policies.decode import StoredSlots, plan_flush
 
 __all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "activate", "kvmm_attention"]
 
@@ -77,7 +78,7 @@ class DenseKVRun:
         self.flushed_at = 0  # ``generated`` at the last flush
         self.flush_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, K] positions
         # Recycle bin per (layer, sample): keys, values, positions, scores of binned slots [H_kv, n, ...].
-        self.bins: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.bins: dict[tuple[int, int], StoredSlots] = {}  # (layer, row) -> HAE's recycle bin
         self.bin_history: list[list[list[torch.Tensor]]] = []  # [flush][layer][b] -> [H_kv, n] positions
 
     # ---- phases ------------------------------------------------------------------------------
@@ -170,7 +171,6 @@ class DenseKVRun:
     # ---- decode-time eviction ----------------------------------------------------------------------
     def flush(self, specs: Sequence[Any], capacity: torch.Tensor, granularity: int) -> None:
         """Re-select every layer's stored tokens (docs/decode-eviction.md); ``capacity``: ``[B, L]``."""
-        from vllm_kvmm.policies.decode import flush_tail_start, plan_flush
 
         new_gen = self.generated - self.flushed_at
         record: list[list[torch.Tensor]] = []
@@ -190,33 +190,17 @@ class DenseKVRun:
                 pos = torch.cat([self.cache_pos[layer][b, :, :valid], new_pos], 1)
                 fresh = torch.zeros(k.shape[0], new_gen, dtype=torch.float64)
                 score = torch.cat([self.cache_score[layer][b, :, :valid], fresh], 1)
-                # The recycle bin's tokens are stored outside attention; they go between the slots older
-                # than the new tail and the tail, the order plan_flush expects.
-                bk, bv, bp, bs_ = self.bins.get((layer, b), (k[:, :0], v[:, :0], pos[:, :0], score[:, :0]))
-                tail_start = flush_tail_start(length, spec.recent, granularity)
-                m = int((pos[0] < tail_start).sum())
-                k = torch.cat([k[:, :m], bk, k[:, m:]], 1)
-                v = torch.cat([v[:, :m], bv, v[:, m:]], 1)
-                pos = torch.cat([pos[:, :m], bp, pos[:, m:]], 1)
-                score = torch.cat([score[:, :m], bs_, score[:, m:]], 1)
-                # Binned slots are scored as if active (they are stored, so q·k is at hand).
-                w = queries.shape[2]
-                weights = spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
-                score = score * spec.decay**w
-                score += decode_scores(queries[b], k, pos, new_pos[0], self.scales[layer], weights).cpu()
+                # The same assembly as the vLLM worker's: the recycle bin between the slots older than the
+                # new tail and the tail, then the decayed scores of this interval's queries.
+                slots = StoredSlots(k, v, pos, score)
+                slots = slots.with_bin(self.bins.get((layer, b)), length, spec.recent, granularity)
+                slots = slots.rescored(spec, queries[b], new_pos[0], self.scales[layer])
                 cap = spec.capacity if spec.capacity is not None else int(capacity[b, layer])
-                plan = plan_flush(spec, pos, score, length, cap, granularity)
-
-                def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                    return torch.gather(
-                        x, 1, idx[..., None].expand(-1, -1, x.shape[2]) if x.dim() == 3 else idx
-                    )
-
+                plan = plan_flush(spec, slots.pos, slots.score, length, cap, granularity)
                 if plan.binned is not None:
-                    idx = plan.binned
-                    self.bins[(layer, b)] = (take(k, idx), take(v, idx), take(pos, idx), take(score, idx))
-                idx = plan.keep
-                per_b.append((take(k, idx), take(v, idx), take(pos, idx), take(score, idx)))
+                    self.bins[(layer, b)] = slots.take(plan.binned)
+                kept = slots.take(plan.keep)
+                per_b.append((kept.k, kept.v, kept.pos, kept.score))
             width = max(x[0].shape[1] for x in per_b)
             ck = per_b[0][0].new_zeros(len(specs), per_b[0][0].shape[0], width, per_b[0][0].shape[2])
             cv = torch.zeros_like(ck)
@@ -233,7 +217,7 @@ class DenseKVRun:
             record.append([x[2] for x in per_b])
             bins.append(
                 [
-                    self.bins[(layer, b)][2] if (layer, b) in self.bins else per_b[b][2][:, :0]
+                    self.bins[(layer, b)].pos if (layer, b) in self.bins else per_b[b][2][:, :0]
                     for b in range(len(specs))
                 ]
             )

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.spec import CompressSpec
-from vllm_kvmm.vllm_ext.worker import compact_metadata, worker_state
+from vllm_kvmm.vllm_ext.worker import compact_metadata, compact_view, observe, view_signature, worker_state
 
 __all__ = ["CompactViewBuilder", "StatsObservingImpl"]
 
@@ -20,7 +21,7 @@ __all__ = ["CompactViewBuilder", "StatsObservingImpl"]
 class CompactViewBuilder:
     """Gives the stock kernel, per compressed request, ``row[0:keep] ++ row[tail:]`` and its length.
 
-    Subclasses set up ``worker_state().paged`` (their cache layout) in ``make_paged_kv``.
+    Subclasses set up ``worker_state().engine.paged`` (their cache layout) in ``make_paged_kv``.
     """
 
     def __init__(
@@ -32,20 +33,16 @@ class CompactViewBuilder:
             # Each compressing group's view differs: never reuse another group's metadata (vanilla groups
             # keep the stock behaviour).
             self.supports_update_block_table = False
-        state = worker_state()
-        if self.group is not None and state.paged is None:
-            state.paged = self.make_paged_kv(kv_cache_spec)
+        engine = worker_state().engine
+        if self.group is not None and engine.paged is None:
+            engine.paged = self.make_paged_kv(kv_cache_spec)
         # Full CUDA graphs replay the addresses captured at warm-up: a compressing group then hands the
         # kernel its view in buffers of its own that never move (allocated at the first build, which
         # precedes capture), refilled every step.
-        self.persistent = self.group is not None and bool(getattr(self, "use_full_cuda_graph", False))
-        self._rows = max(vllm_config.scheduler_config.max_num_seqs, self._capture_size(vllm_config))
+        self.persistent = self.group is not None and internals.uses_full_cuda_graph(self)
+        self._rows = max(vllm_config.scheduler_config.max_num_seqs, internals.capture_size(vllm_config))
         self._table: torch.Tensor | None = None
         self._seq_lens: torch.Tensor | None = None
-
-    @staticmethod
-    def _capture_size(vllm_config: Any) -> int:
-        return int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0)
 
     def make_paged_kv(self, kv_cache_spec: Any) -> Any:
         raise NotImplementedError
@@ -55,12 +52,12 @@ class CompactViewBuilder:
         if self.group is None:
             return super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
         state = worker_state()
-        state.note_rows(cm.query_start_loc_cpu, getattr(cm, "_seq_lens_cpu", None))
-        signature = state.view_signature(self.group)
+        state.note_rows(cm.query_start_loc_cpu, internals.seq_lens_cpu(cm))
+        signature = view_signature(state, self.group)
         # Groups whose rows are compacted alike need the same metadata but their own block ids: build it
         # once per step and swap the table in (vLLM does the same across groups of one spec).
         key = (type(self), common_prefix_len, signature)
-        shared = state.shared_metadata(key)
+        shared = state.rows.metadata.get(key)
         if shared is not None:
             metadata, index = shared
             table = cm.block_table_tensor if index is None else torch.gather(cm.block_table_tensor, 1, index)
@@ -68,10 +65,10 @@ class CompactViewBuilder:
             return self._persist(metadata) if self.persistent else metadata
         index = None
         if signature:
-            view = state.compact_view(signature, cm.block_table_tensor, cm.seq_lens)
+            view = compact_view(signature, cm.block_table_tensor, cm.seq_lens, state.engine.block_size)
             cm, index = compact_metadata(cm, view), view.index
         metadata = super().build(common_prefix_len, cm, fast_build)  # type: ignore[misc]
-        state.share_metadata(key, (metadata, index))
+        state.rows.metadata[key] = (metadata, index)
         return self._persist(metadata) if self.persistent else metadata
 
     def _persist(self, metadata: Any) -> Any:
@@ -89,8 +86,8 @@ class CompactViewBuilder:
         changes: dict[str, Any] = dict(
             block_table=self._table[:n, :width], seq_lens=self._seq_lens[: lens.shape[0]]
         )
-        schedule = getattr(metadata, "scheduler_metadata", None)
-        own = getattr(self, "scheduler_metadata", None)
+        schedule = internals.metadata_schedule(metadata)
+        own = internals.builder_schedule(self)
         if schedule is not None and own is not None and schedule.data_ptr() != own.data_ptr():
             # Built by another group's builder (shared metadata): copy its schedule into ours.
             k = schedule.shape[0]
@@ -122,11 +119,12 @@ class StatsObservingImpl:
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
         state = worker_state()
-        if attn_metadata is None:
+        if attn_metadata is None or layer.layer_name not in state.engine.layers:
             return out
-        state.record_queries(layer.layer_name, query)
+        state.queries.record(layer.layer_name, query)
         if state.jobs or state.decoding:
-            state.observe(
+            observe(
+                state,
                 layer.layer_name,
                 query[: attn_metadata.num_actual_tokens],
                 kv_cache,

@@ -23,38 +23,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from vllm_kvmm.config import KVPolicyArgs, PolicyError
-from vllm_kvmm.policies import PromptInfo, make_policy
+from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request
+from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
-from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
+from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import managers
-from vllm_kvmm.vllm_ext.worker import LayerRef, worker_state
+from vllm_kvmm.vllm_ext.worker import EngineLayout, LayerRef, worker_state
 
 logger = init_logger(__name__)
 
-__all__ = ["KVMMConnector", "request_policy_args"]
-
-XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_config"
-
-
-def request_policy_args(
-    extra_args: dict[str, Any] | None, settings: KVMMSettings
-) -> tuple[str, float | None, dict]:
-    """The policy of one request: the engine default, overridden by ``vllm_xargs`` (validated).
-
-    Raises :class:`PolicyError` with a message fit for an HTTP 400 body.
-    """
-    extra = extra_args or {}
-    name = extra.get(XARG_POLICY, settings.policy)
-    if XARG_POLICY in extra and XARG_BUDGET not in extra:
-        budget = None  # a new policy at its own default budget, not the engine's
-    else:
-        budget = extra.get(XARG_BUDGET, settings.budget)
-    config = extra.get(XARG_CONFIG, settings.config if name == settings.policy else {})
-    policy = KVPolicyArgs.parse(name, budget, config)
-    return policy.name, policy.budget, policy.model_dump(exclude={"budget"})
+__all__ = ["KVMMConnector"]
 
 
 class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
@@ -68,8 +48,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         # scheduler side
         self._requests: dict[str, Any] = {}
         self._block_pool: Any = None
-        self._policies: dict[str, tuple[str, float | None, dict]] = {}
-        self._intervals: dict[str, int | None] = {}  # decode-time eviction cadence, from decode_spec
+        self._policies: dict[str, ResolvedPolicy] = {}
         # What compression did to each request, returned with its output (``kv_transfer_params``).
         self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
@@ -93,11 +72,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
 
                 all_reduce = tensor_model_parallel_all_reduce
             # Decode-sized steps (every CUDA-graph capture size included) keep their queries in buffers.
-            capture = vllm_config.compilation_config.max_cudagraph_capture_size or 0
-            rows = max(vllm_config.scheduler_config.max_num_seqs, capture)
-            worker_state().configure(
-                layers, spec.block_size, spec.num_kv_heads, tp, all_reduce, query_rows=rows
-            )
+            rows = max(vllm_config.scheduler_config.max_num_seqs, internals.capture_size(vllm_config))
+            engine = EngineLayout(layers, spec.block_size, spec.num_kv_heads, tp, all_reduce)
+            worker_state().configure(engine, query_rows=rows)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -117,24 +94,23 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
 
     def on_new_request(self, request: Any) -> None:
         self._requests[request.request_id] = request
-        extra = getattr(request.sampling_params, "extra_args", None) if request.sampling_params else None
-        if getattr(request, "resumable", False):
+        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+        if request.resumable:
             # Streaming-input sessions grow their prompt under the same id after a first prefill; a
             # compressed prefix cannot take more prompt tokens behind it. Served uncompressed.
-            self._policies[request.request_id] = ("full", 1.0, {})
+            self._policies[request.request_id] = FULL
             return
         try:
-            pol = request_policy_args(extra, self.settings)
-            self._policies[request.request_id] = pol
-            # Resolved once, from the policy itself (the worker asks the same decode_spec): the raw config's
-            # `decode_interval` is not enough, a policy that cannot compress (budget 1) never flushes.
-            spec = make_policy(*pol).decode_spec(PromptInfo.text_only(request.num_prompt_tokens, 1, 1))
-            self._intervals[request.request_id] = None if spec is None else spec.interval
+            # Resolved once, here: the worker builds its policy from this, and the decode cadence the
+            # scheduler schedules flushes by is the one the worker's policy has.
+            self._policies[request.request_id] = resolve_request(
+                extra, self.settings, request.num_prompt_tokens
+            )
         except PolicyError as e:
             # The API layer rejects bad values with HTTP 400 first; if one still gets here (offline use
             # with hand-built SamplingParams), serve the request uncompressed rather than fail the engine.
             logger.error("kvmm: request %s: %s; serving it without compression", request.request_id, e)
-            self._policies[request.request_id] = ("full", 1.0, {})
+            self._policies[request.request_id] = FULL
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = KVMMStepMeta()
@@ -143,12 +119,12 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             req = self._requests.get(req_id)
             pol = self._policies.get(req_id)
-            if req is None or pol is None or pol[0] == "full":
+            if req is None or pol is None or not pol.compresses:
                 continue
             n_prompt = req.num_prompt_tokens
             before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)
             end = before + n_sched
-            interval = self._intervals.get(req_id)
+            interval = pol.decode_interval
             if before >= n_prompt:  # decoding
                 if interval is not None:
                     meta.decoding[req_id] = end
@@ -165,9 +141,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 num_prompt_tokens=n_prompt,
                 q_start=before,
                 num_new=num_new,
-                policy=pol[0],
-                budget=pol[1],
-                config=pol[2],
+                policy=pol,
                 vision=_vision_runs(req),
                 completes=completes,
                 block_ids=block_ids,
@@ -179,12 +153,12 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def _block_ids(self, req_id: str) -> list[list[int]]:
         """The request's logical block row in every group (null blocks included, by position)."""
         return [
-            [b.block_id for b in m.req_to_blocks[req_id]]
+            [b.block_id for b in internals.req_blocks(m, req_id)]
             for _, m in sorted(managers(self._block_pool).items())
         ]
 
     def update_connector_output(self, connector_output: Any) -> None:
-        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, KVMMWorkerMeta):
             return
         mgrs = managers(self._block_pool)
@@ -243,13 +217,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         """
         self._requests.pop(req_id, None)
         pol = self._policies.pop(req_id, None)
-        self._intervals.pop(req_id, None)
         report = self._reports.pop(req_id, None)
         if pol is None:
             return None
-        return {
-            "kvmm": {"policy": pol[0], "budget": pol[1], "compressed": report is not None, **(report or {})}
-        }
+        said = {"policy": pol.name, "budget": pol.budget, "compressed": report is not None}
+        return {"kvmm": {**said, **(report or {})}}
 
     # ---- worker side ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -294,7 +266,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
 def _vision_runs(request: Any) -> list[tuple[int, int]]:
     """``(offset, length)`` runs of embedded multimodal tokens, from the request's placeholder ranges."""
     runs: list[tuple[int, int]] = []
-    for f in getattr(request, "mm_features", None) or ():
+    for f in request.mm_features:
         pos = f.mm_position
         if pos.is_embed is None:
             runs.append((pos.offset, pos.length))

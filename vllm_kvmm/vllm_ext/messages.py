@@ -7,12 +7,13 @@ they hold ints, strings and lists only — never tensors or vLLM objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
+
+from vllm_kvmm.config import ResolvedPolicy
 
 __all__ = ["CompressedGroup", "FlushJob", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
 
@@ -24,15 +25,14 @@ class PrefillJob:
     ``q_start``/``num_new``: positions ``[q_start, q_start + num_new)`` are computed this step.
     ``vision``: ``(offset, length)`` runs of vision tokens in the prompt (from the placeholder ranges).
     ``block_ids``: per KV-cache group, the request's block ids (only when ``completes``).
+    ``policy``: resolved once when the request arrived (validated, decode cadence fixed).
     """
 
     req_id: str
     num_prompt_tokens: int
     q_start: int
     num_new: int
-    policy: str
-    budget: float | None
-    config: dict[str, Any]
+    policy: ResolvedPolicy
     vision: list[tuple[int, int]]
     completes: bool
     block_ids: list[list[int]] | None = None

@@ -23,6 +23,7 @@ import json
 import os
 from typing import Any
 
+from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
 
 __all__ = ["apply_patches", "check_vllm_internals", "engine_overrides"]
@@ -44,7 +45,7 @@ def _mark(fn: Any) -> Any:
 
 
 def check_vllm_internals() -> None:
-    """Raise if any internal we patch or call moved (names and signatures of vLLM 0.26.0)."""
+    """Raise if any internal we patch, call or read moved (names and signatures of vLLM 0.26.0), naming it."""
     import inspect
 
     from vllm.engine.arg_utils import EngineArgs
@@ -71,6 +72,7 @@ def check_vllm_internals() -> None:
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):
         problems.append("Platform.register_custom_kv_cache_specs is gone")
+    problems += internals.check_reads()
     if problems:
         raise RuntimeError("vllm-kvmm: vLLM internals moved: " + "; ".join(problems))
 
@@ -106,7 +108,7 @@ def _patch_row_order() -> None:
     def _build_attention_metadata(
         self: Any, num_tokens: int, num_reqs: int, *args: Any, **kwargs: Any
     ) -> Any:
-        worker_state().new_step(list(self.input_batch.req_ids[:num_reqs]))
+        worker_state().new_step(internals.step_req_ids(self, num_reqs))
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata)
@@ -155,7 +157,7 @@ def _patch_platform_hook() -> None:
 
 # ---- 4. CLI and engine configuration -------------------------------------------------------------
 def _add_flags(parser: Any) -> None:
-    if any("--kv-policy" in a.option_strings for a in parser._actions):
+    if internals.has_cli_flag(parser, "--kv-policy"):
         return
     from vllm_kvmm.policies import policy_names
 
@@ -223,13 +225,12 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
         "data_parallel_size": "data parallelism",
     }
     for field, what in unsupported.items():
-        if (getattr(engine_args, field, 1) or 1) > 1:
-            raise ValueError(
-                f"vllm-kvmm: --kv-policy does not support {what} yet ({field}={getattr(engine_args, field)})"
-            )
-    if getattr(engine_args, "enable_dbo", False):
+        value = getattr(engine_args, field)  # EngineArgs fields (internals.READS checks them)
+        if (value or 1) > 1:
+            raise ValueError(f"vllm-kvmm: --kv-policy does not support {what} yet ({field}={value})")
+    if engine_args.enable_dbo:
         raise ValueError("vllm-kvmm: --kv-policy does not support dual-batch overlap (--enable-dbo) yet")
-    if str(getattr(engine_args, "kv_cache_dtype", "auto")) != "auto":
+    if str(engine_args.kv_cache_dtype) != "auto":
         dtype = engine_args.kv_cache_dtype
         raise ValueError(
             f"vllm-kvmm: --kv-policy needs an unquantised KV cache; got --kv-cache-dtype {dtype}"
@@ -237,7 +238,7 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda():
-        backend = getattr(engine_args, "attention_backend", None)
+        backend = engine_args.attention_backend
         if backend is not None and getattr(backend, "name", str(backend)) != "FLASH_ATTN":
             raise ValueError(f"vllm-kvmm: --kv-policy runs on the FLASH_ATTN backend on GPU, not {backend}")
         out["attention_backend"] = "FLASH_ATTN"
@@ -251,7 +252,7 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
         # default is 128 tokens) round small per-layer budgets away; 16 is the GPU default anyway.
         out["block_size"] = DEFAULT_BLOCK_SIZE
     ktc = engine_args.kv_transfer_config
-    if ktc is not None and getattr(ktc, "kv_connector", None) not in (None, CONNECTOR_NAME):
+    if ktc is not None and ktc.kv_connector not in (None, CONNECTOR_NAME):
         raise ValueError(
             f"vllm-kvmm: --kv-policy cannot be combined with the KV connector {ktc.kv_connector!r}"
         )

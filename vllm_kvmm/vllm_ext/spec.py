@@ -16,6 +16,8 @@ from typing import Any
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_kvmm.vllm_ext import internals
+
 __all__ = ["CompressManager", "CompressSpec", "managers", "register_specs"]
 
 
@@ -61,21 +63,23 @@ class CompressManager(FullAttentionManager):
         Blocks already null (an earlier release) are skipped, so repeated or overlapping calls are safe —
         unlike ``_remove_blocks_in_range``, which stops at the first null block.
         """
-        blocks = self.req_to_blocks.get(request_id)
+        blocks = internals.req_blocks(self, request_id)
         if not blocks:
             return 0
+        null = internals.null_block(self)
         freed = []
         for i in sorted(set(logical), reverse=True):
-            if i < len(blocks) and blocks[i] is not self._null_block:
+            if i < len(blocks) and blocks[i] is not null:
                 freed.append(blocks[i])
-                blocks[i] = self._null_block
+                blocks[i] = null
         if freed:
             self.block_pool.free_blocks(freed)
         return len(freed)
 
     def num_held_blocks(self, request_id: str) -> int:
         """Real (non-null) blocks the request holds in this group."""
-        return sum(b is not self._null_block for b in self.req_to_blocks.get(request_id, ()))
+        null = internals.null_block(self)
+        return sum(b is not null for b in internals.req_blocks(self, request_id))
 
 
 def register_specs() -> None:

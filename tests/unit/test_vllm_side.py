@@ -1,0 +1,247 @@
+"""The vLLM side without an engine: the manager, the compact view, the connector's scheduler half, the
+contract check. Toy specs and a real vLLM block pool; expected block ids worked out by hand.
+
+BlockPool(10) keeps block 0 as its null block and hands out 1, 2, ... in order; freed blocks without a
+hash (no prefix caching) go to the front of the free queue, in the order they were freed.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.core.block_pool import BlockPool
+
+from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request
+from vllm_kvmm.policies import make_policy
+from vllm_kvmm.vllm_ext import internals
+from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMWorkerMeta
+from vllm_kvmm.vllm_ext.settings import KVMMSettings
+from vllm_kvmm.vllm_ext.spec import CompressManager, CompressSpec
+from vllm_kvmm.vllm_ext.worker import RequestState, WorkerState, compact_view, view_signature
+
+BS = 16
+
+
+def _pool_and_managers(groups: int = 1, blocks: int = 10) -> tuple[BlockPool, list[CompressManager]]:
+    pool = BlockPool(num_gpu_blocks=blocks, enable_caching=False, hash_block_size=BS)
+    mgrs = [
+        CompressManager(
+            CompressSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.float32, group_index=g),
+            block_pool=pool,
+            enable_caching=False,
+            kv_cache_group_id=g,
+            scheduler_block_size=BS,
+        )
+        for g in range(groups)
+    ]
+    return pool, mgrs
+
+
+def _ids(mgr: CompressManager, req: str) -> list[int]:
+    return [b.block_id for b in internals.req_blocks(mgr, req)]
+
+
+# ---- the manager ---------------------------------------------------------------------------------
+def test_release_blocks_frees_exact_ids_and_keeps_positions() -> None:
+    pool, (mgr,) = _pool_and_managers()
+    assert [b.block_id for b in mgr.allocate_new_blocks("a", 64, 64)] == [1, 2, 3, 4]
+    assert [b.block_id for b in mgr.allocate_new_blocks("b", 32, 32)] == [5, 6]
+    assert pool.get_num_free_blocks() == 3
+    assert mgr.release_blocks("a", [1, 2]) == 2
+    assert _ids(mgr, "a") == [1, 0, 0, 4]  # null placeholders keep logical block i at tokens [16i, 16i+16)
+    assert mgr.num_held_blocks("a") == 2
+    assert pool.get_num_free_blocks() == 5
+    # Released blocks go back to the pool and are reused first (released from the back: 3, then 2).
+    assert [b.block_id for b in mgr.allocate_new_blocks("c", 80, 80)] == [3, 2, 7, 8, 9]
+    # Releasing again (overlapping, out of range) frees only what is still held.
+    assert mgr.release_blocks("a", [1, 2, 3, 7]) == 1
+    assert _ids(mgr, "a") == [1, 0, 0, 0]
+    assert mgr.release_blocks("nobody", [0]) == 0
+    for r in ("a", "b", "c"):
+        mgr.free(r)
+    assert pool.get_num_free_blocks() == 9  # every block but the null block
+
+
+# ---- the compact view ------------------------------------------------------------------------------
+def test_compact_view_gathers_live_blocks_then_the_tail() -> None:
+    table = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]])
+    seq_lens = torch.tensor([70, 50, 75], dtype=torch.int32)
+    # row 0 keeps block 0 then reads from block 3; row 2 keeps blocks 0 and 2, tail from 4
+    view = compact_view(((0, (0,), 3), (2, (0, 2), 4)), table, seq_lens, BS)
+    assert view.table.tolist() == [[10, 13, 14, 14, 14], [20, 21, 22, 23, 24], [30, 32, 34, 34, 34]]
+    assert view.seq_lens.tolist() == [70 - 2 * BS, 50, 75 - 2 * BS]
+    assert view.seq_lens.dtype == torch.int32
+    assert view.shift.tolist() == [32, 0, 32]
+    # the same index compacts another group's table with the same view
+    other = table + 100
+    assert torch.gather(other, 1, view.index)[0].tolist() == [110, 113, 114, 114, 114]
+
+
+def test_view_signature_lists_only_rows_compacted_in_that_group() -> None:
+    state = WorkerState()
+    state.new_step(["x", "y", "z"])
+    policy = make_policy("snapkv", 0.5)
+    from vllm_kvmm.policies import PromptInfo
+
+    info = PromptInfo.text_only(64, 2, 2)
+    state.requests["y"] = RequestState(policy=policy, info=info, compact={0: ((0, 1), 3)})
+    state.requests["z"] = RequestState(policy=policy, info=info, compact={1: ((0,), 2)})
+    assert view_signature(state, 0) == ((1, (0, 1), 3),)
+    assert view_signature(state, 1) == ((2, (0,), 2),)
+    assert view_signature(state, 2) == ()
+
+
+# ---- one resolver for every path -------------------------------------------------------------------
+def test_resolve_request_once_with_the_decode_cadence() -> None:
+    engine = KVMMSettings(policy="h2o", budget=0.5, config={"decode_interval": 16})
+    assert resolve_request(None, engine, 100) == ResolvedPolicy(
+        "h2o", 0.5, make_policy("h2o", 0.5, {"decode_interval": 16}).model_dump(exclude={"budget"}), 16
+    )
+    # At budget 1 H2O never evicts, so no flush cadence: the scheduler must not schedule flushes.
+    assert resolve_request({"kv_budget": 1.0}, engine, 100).decode_interval is None
+    # Another policy named alone runs at its own default budget, without the engine's configuration.
+    snap = resolve_request({"kv_policy": "snapkv"}, engine, 100)
+    assert (snap.name, snap.budget, snap.decode_interval) == ("snapkv", make_policy("snapkv").budget, None)
+    # The API process (no engine default) checks the same things with the same messages.
+    assert resolve_request({}, None) == FULL
+    for bad, msg in [
+        ({"kv_budget": None}, "kv_budget must be a number in (0, 1], got null"),
+        ({"kv_budget": float("nan")}, "kv_budget must be a number in (0, 1], got nan"),
+        ({"kv_policy_config": {}}, "kv_policy_config needs kv_policy"),
+        ({"kv_polcy": "meda"}, "unknown KV-policy request argument(s) ['kv_polcy']"),
+        ({"kv_policy": "nope"}, "unknown KV policy 'nope'"),
+    ]:
+        with pytest.raises(PolicyError) as e:
+            resolve_request(bad, None)
+        assert msg in str(e.value)
+
+
+# ---- the connector's scheduler half ------------------------------------------------------------------
+def _connector(policy: str, budget: float, **config: Any) -> tuple[Any, BlockPool, list[CompressManager]]:
+    from vllm_kvmm.vllm_ext.connector import KVMMConnector
+
+    settings = KVMMSettings(policy=policy, budget=budget, config=config)
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=object(),
+        additional_config=settings.to_additional_config(),
+        cache_config=SimpleNamespace(block_size=BS),
+    )
+    conn = KVMMConnector(vllm_config, KVConnectorRole.SCHEDULER)
+    pool, mgrs = _pool_and_managers(groups=2, blocks=20)
+    conn.bind_gpu_block_pool(pool)
+    return conn, pool, mgrs
+
+
+def _request(req_id: str, n: int, extra: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(
+        request_id=req_id,
+        sampling_params=SimpleNamespace(extra_args=extra),
+        resumable=False,
+        num_prompt_tokens=n,
+        num_computed_tokens=0,
+        num_preemptions=0,
+        mm_features=[],
+    )
+
+
+def _step(conn: Any, scheduled: dict[str, int], finished: tuple[str, ...] = ()) -> Any:
+    out = SimpleNamespace(
+        finished_req_ids=set(finished), preempted_req_ids=set(), num_scheduled_tokens=scheduled
+    )
+    return conn.build_connector_meta(out)
+
+
+def test_scheduler_metadata_chunks_completion_and_flush_cadence() -> None:
+    conn, _pool, mgrs = _connector("h2o", 0.5, decode_interval=16)
+    a = _request("a", 40)
+    conn.on_new_request(a)
+    for m in mgrs:
+        m.allocate_new_blocks("a", 40, 40)
+    meta = _step(conn, {"a": 32})  # first chunk
+    job = meta.jobs["a"]
+    assert (job.q_start, job.num_new, job.completes, job.block_ids) == (0, 32, False, None)
+    assert job.policy.name == "h2o" and job.policy.decode_interval == 16
+    a.num_computed_tokens = 32
+    job = _step(conn, {"a": 8}).jobs["a"]  # last chunk: the block rows of both groups travel with it
+    assert (job.q_start, job.num_new, job.completes, job.end) == (32, 8, True, 40)
+    assert job.block_ids == [[1, 2, 3], [4, 5, 6]]  # group 0 allocated first, then group 1, one pool
+    a.num_computed_tokens = 40
+    meta = _step(conn, {"a": 1})
+    assert meta.decoding == {"a": 41} and meta.flushes == {} and meta.jobs == {}
+    a.num_computed_tokens = 55
+    meta = _step(conn, {"a": 1})  # the 16th generated token: flush
+    assert meta.flushes["a"].length == 56 and meta.flushes["a"].block_ids == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_scheduler_schedules_no_flush_when_the_policy_cannot_evict() -> None:
+    conn, _, _mgrs = _connector("h2o", 0.5, decode_interval=16)
+    a = _request("a", 40, {"kv_budget": 1.0})  # budget 1: H2O keeps everything, decode_spec is None
+    conn.on_new_request(a)
+    a.num_computed_tokens = 55
+    meta = _step(conn, {"a": 1})
+    assert meta.decoding == {} and meta.flushes == {}
+
+
+def test_worker_report_frees_blocks_unless_stale_and_reaches_the_output() -> None:
+    conn, pool, mgrs = _connector("snapkv", 0.25)
+    a, b = _request("a", 64), _request("b", 64)
+    for r in (a, b):
+        conn.on_new_request(r)
+        for m in mgrs:
+            m.allocate_new_blocks(r.request_id, 64, 64)
+    free0 = pool.get_num_free_blocks()
+    b.num_preemptions = 1  # b was preempted after the worker compressed it: its report is stale
+    meta = KVMMWorkerMeta(
+        compressed={
+            "a": [CompressedGroup(0, 1, 3, 32, (1, 2)), CompressedGroup(1, 1, 3, 32, (1, 2))],
+            "b": [CompressedGroup(0, 1, 3, 32, (1, 2))],
+        },
+        prompt_tokens={"a": 64, "b": 64},
+        kept_token_layers={"a": 64, "b": 64},
+        epochs={"a": 0, "b": 0},
+        num_layers=2,
+    )
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=meta))
+    assert pool.get_num_free_blocks() == free0 + 4
+    assert _ids(mgrs[0], "a")[1:3] == [0, 0] and _ids(mgrs[0], "b")[1:3] != [0, 0]
+    _, params = conn.request_finished(a, [])
+    assert params == {
+        "kvmm": {"policy": "snapkv", "budget": 0.25, "compressed": True, "prompt_tokens": 64, "kv_kept": 0.5}
+    }
+    _, params = conn.request_finished(b, [])
+    assert params == {"kvmm": {"policy": "snapkv", "budget": 0.25, "compressed": False}}
+    assert conn._requests == {} and conn._policies == {}
+
+
+# ---- the contract check ----------------------------------------------------------------------------------
+def test_contract_check_names_a_renamed_internal() -> None:
+    assert internals.check_reads() == []  # this vLLM has every attribute we read
+
+    def renamed(target: str) -> set[str]:
+        owner, _attr = target.split(".", 1)
+        real = {a.split(".", 1)[1] for a in internals.READS if a.startswith(owner + ".")}
+        return real - {"_seq_lens_cpu"} | {"_seq_lens_on_cpu"}  # as if vLLM renamed one field
+
+    assert internals.check_reads(renamed) == ["CommonAttentionMetadata._seq_lens_cpu is gone"]
+
+
+def test_start_up_refuses_when_vllm_moved_an_internal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_kvmm.vllm_ext import patches
+
+    real = internals._targets()
+    fake = dict(real)
+    fake["SingleTypeKVCacheManager.req_to_blocks"] = lambda: (
+        real["SingleTypeKVCacheManager.req_to_blocks"]() - {"req_to_blocks"}
+    )
+    monkeypatch.setattr(internals, "_targets", lambda: fake)
+    with pytest.raises(
+        RuntimeError, match=r"vLLM internals moved: SingleTypeKVCacheManager\.req_to_blocks is gone"
+    ):
+        patches.check_vllm_internals()

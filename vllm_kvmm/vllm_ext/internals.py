@@ -1,0 +1,232 @@
+"""Every read of a vLLM internal outside our patches, in one place, and the contract that checks them.
+
+vLLM has no public API for what these functions read. Each one names its target in :data:`READS`;
+:func:`check_reads` (run at start-up by ``patches.check_vllm_internals`` and by
+``tests/vllm/test_patches.py``) verifies that every target still exists on vLLM 0.26.0's classes, so an
+upgrade that renames one refuses to start with the attribute's name instead of degrading silently.
+No function here falls back to a default when an attribute is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "READS",
+    "builder_schedule",
+    "capture_size",
+    "check_reads",
+    "has_cli_flag",
+    "metadata_schedule",
+    "null_block",
+    "replace_common_metadata",
+    "req_blocks",
+    "seq_lens_cpu",
+    "step_req_ids",
+    "uses_full_cuda_graph",
+]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _init_assigns(cls: type) -> set[str]:
+    """Attributes ``cls.__init__`` assigns on ``self`` (read from its source: vLLM sets these there)."""
+    src = inspect.getsource(cls.__init__)
+    return {
+        line.split("self.", 1)[1].split("=")[0].split(":")[0].strip()
+        for line in src.splitlines()
+        if line.strip().startswith("self.") and "=" in line
+    }
+
+
+def _targets() -> dict[str, Callable[[], set[str]]]:
+    """``"Owner.attribute"`` → what the owner provides in this vLLM (imported lazily)."""
+
+    def common() -> set[str]:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        return _fields(CommonAttentionMetadata)
+
+    def flash_builder() -> set[str]:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+        return _init_assigns(FlashAttentionMetadataBuilder)
+
+    def flash_metadata() -> set[str]:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+        return _fields(FlashAttentionMetadata)
+
+    def compilation() -> set[str]:
+        from vllm.config import CompilationConfig
+
+        return set(dir(CompilationConfig)) | _fields(CompilationConfig)
+
+    def runner() -> set[str]:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return _init_assigns(GPUModelRunner)
+
+    def input_batch() -> set[str]:
+        from vllm.v1.worker.gpu_input_batch import InputBatch
+
+        return set(dir(InputBatch)) | _init_assigns(InputBatch)
+
+    def manager() -> set[str]:
+        from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+        return _init_assigns(SingleTypeKVCacheManager)
+
+    def block_pool() -> set[str]:
+        from vllm.v1.core.block_pool import BlockPool
+
+        return _init_assigns(BlockPool)
+
+    def request() -> set[str]:
+        from vllm.v1.request import Request
+
+        return _init_assigns(Request)
+
+    def connector_output() -> set[str]:
+        from vllm.v1.outputs import KVConnectorOutput
+
+        return _fields(KVConnectorOutput)
+
+    def engine_args() -> set[str]:
+        from vllm.engine.arg_utils import EngineArgs
+
+        return _fields(EngineArgs)
+
+    def parser() -> set[str]:
+        import argparse
+
+        return _init_assigns(argparse.ArgumentParser) | _init_assigns(argparse._ActionsContainer)
+
+    return {
+        "CommonAttentionMetadata._seq_lens_cpu": common,
+        "CommonAttentionMetadata._num_computed_tokens_cpu": common,
+        "FlashAttentionMetadataBuilder.use_full_cuda_graph": flash_builder,
+        "FlashAttentionMetadataBuilder.scheduler_metadata": flash_builder,
+        "FlashAttentionMetadata.scheduler_metadata": flash_metadata,
+        "CompilationConfig.max_cudagraph_capture_size": compilation,
+        "GPUModelRunner.input_batch": runner,
+        "InputBatch.req_ids": input_batch,
+        "SingleTypeKVCacheManager.req_to_blocks": manager,
+        "SingleTypeKVCacheManager.block_pool": manager,
+        "BlockPool.null_block": block_pool,
+        "Request.resumable": request,
+        "Request.mm_features": request,
+        "Request.sampling_params": request,
+        "KVConnectorOutput.kv_connector_worker_meta": connector_output,
+        "ArgumentParser._actions": parser,
+        # Engine arguments a policy checks or sets (patches.engine_overrides).
+        **{
+            f"EngineArgs.{f}": engine_args
+            for f in (
+                "enable_prefix_caching",
+                "pipeline_parallel_size",
+                "decode_context_parallel_size",
+                "data_parallel_size",
+                "enable_dbo",
+                "kv_cache_dtype",
+                "attention_backend",
+                "block_size",
+                "kv_transfer_config",
+                "speculative_config",
+                "logits_processors",
+            )
+        },
+    }
+
+
+# The private or version-specific attributes we read, each checked by :func:`check_reads`.
+READS: tuple[str, ...] = tuple(_targets())
+
+
+def check_reads(provided: Callable[[str], set[str]] | None = None) -> list[str]:
+    """The targets in :data:`READS` that vLLM no longer provides (empty: all there).
+
+    ``provided(owner_dot_attr)`` → the owner's attributes; the default asks vLLM (tests pass a fake).
+    """
+    targets = _targets()
+    look = provided or (lambda name: targets[name]())
+    cache: dict[str, set[str]] = {}
+    missing = []
+    for name in READS:
+        owner, attr = name.split(".", 1)
+        if owner not in cache:
+            cache[owner] = look(name)
+        if attr not in cache[owner]:
+            missing.append(f"{name} is gone")
+    return missing
+
+
+# ---- the reads ---------------------------------------------------------------------------------------
+def seq_lens_cpu(cm: Any) -> torch.Tensor | None:
+    """The CPU copy of the step's sequence lengths, when the runner made one (never a device read)."""
+    return cm._seq_lens_cpu
+
+
+def replace_common_metadata(cm: Any, table: torch.Tensor, seq_lens: torch.Tensor, shift: torch.Tensor) -> Any:
+    """``cm`` with another block table and lengths, its CPU copies kept consistent (shortened by
+    ``shift`` per row; the computed-token copy is dropped: vLLM derives it from the lengths on demand)."""
+    changes: dict[str, Any] = dict(block_table_tensor=table, seq_lens=seq_lens)
+    if cm._seq_lens_cpu is not None:
+        changes["_seq_lens_cpu"] = cm._seq_lens_cpu - shift[: cm._seq_lens_cpu.shape[0]].to(torch.long)
+    if cm._num_computed_tokens_cpu is not None:
+        changes["_num_computed_tokens_cpu"] = None
+    return cm.replace(**changes)
+
+
+def uses_full_cuda_graph(builder: Any) -> bool:
+    """Whether a metadata builder replays full CUDA graphs (FlashAttention's builder says so; the CPU
+    builder has no graphs)."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    return isinstance(builder, FlashAttentionMetadataBuilder) and bool(builder.use_full_cuda_graph)
+
+
+def builder_schedule(builder: Any) -> torch.Tensor | None:
+    """The FlashAttention builder's persistent scheduler-metadata buffer (``None``: it has none)."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    return builder.scheduler_metadata if isinstance(builder, FlashAttentionMetadataBuilder) else None
+
+
+def metadata_schedule(metadata: Any) -> torch.Tensor | None:
+    """FlashAttention metadata's scheduler metadata (``None`` for other backends' metadata)."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    return metadata.scheduler_metadata if isinstance(metadata, FlashAttentionMetadata) else None
+
+
+def capture_size(vllm_config: Any) -> int:
+    """The largest CUDA-graph capture size (0: none)."""
+    return int(vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+
+
+def step_req_ids(runner: Any, num_reqs: int) -> list[str]:
+    """The request id of each row of this step's batch, in row order."""
+    return list(runner.input_batch.req_ids[:num_reqs])
+
+
+def req_blocks(manager: Any, req_id: str) -> list[Any]:
+    """A request's logical block row in one KV-cache group (the manager's own list: edits stick)."""
+    return manager.req_to_blocks.get(req_id, [])
+
+
+def null_block(manager: Any) -> Any:
+    """The placeholder block standing for a logical block that holds nothing (the pool's, public)."""
+    return manager.block_pool.null_block
+
+
+def has_cli_flag(parser: Any, flag: str) -> bool:
+    """Whether an argparse parser already defines ``flag`` (our flags are added once)."""
+    return any(flag in a.option_strings for a in parser._actions)

@@ -1,0 +1,59 @@
+"""The worker side of compression: one :class:`WorkerState` per worker process, driven by vLLM's hooks.
+
+Modules, one job each:
+
+* ``state.py`` — the engine's layout (layers, caches, parallelism), the live compressing requests, and
+  this step's jobs and rows; starts and ends each step.
+* ``stats.py`` — prefill queries into each request's statistics accumulators during attention; decode
+  queries kept for decode-time scores (in persistent buffers that CUDA graphs replay).
+* ``compaction.py`` — after a prompt's last chunk: plan every layer, move the kept KV, report freed blocks.
+* ``flush.py`` — decode-time eviction: re-select, move, report freed blocks.
+* ``view.py`` — the compact block table and lengths attention reads for compressed requests.
+* ``recorder.py`` — every plan made, for tests and benchmarks (off unless set).
+
+**The hooks of one engine step, in the order vLLM 0.26 calls them** (``GPUModelRunner.execute_model``;
+the CPU runner inherits it):
+
+1. ``KVMMConnector.handle_preemptions(meta)`` → :meth:`WorkerState.drop` the finished and preempted
+   requests; set ``eager_attention`` if a prefill job needs statistics (read in step 2).
+2. ``CudagraphDispatcher.dispatch`` (patch 5) → no FULL graph when ``eager_attention``.
+3. ``GPUModelRunner._build_attention_metadata`` (patch 2) → :meth:`WorkerState.new_step` (row →
+   request id), then per KV-cache group ``CompactViewBuilder.build`` → :meth:`WorkerState.note_rows`,
+   :func:`view_signature`, :func:`compact_view` (built once per distinct view, shared by groups).
+4. Entering the forward: ``bind_connector_metadata(meta)`` → :meth:`WorkerState.begin_step` (this step's
+   prefill jobs, decoding rows and flushes; a request's first job creates its state).
+5. The forward, per attention layer: ``StatsObservingImpl.forward`` runs the stock kernel, then
+   ``QueryBuffers.record`` and :func:`observe`.
+6. Leaving the forward: ``wait_for_save`` → :meth:`WorkerState.after_forward` (:func:`compress` the
+   prompts whose last chunk ran, then :func:`flush`); ``build_connector_worker_meta`` →
+   :meth:`WorkerState.take_output`, which the scheduler's ``update_connector_output`` turns into freed
+   blocks before its next ``schedule()``.
+
+Because step 3 precedes step 4, a request compressed in step *t* reads its compact view from step
+*t + 1* on, and the view of step *t* still covers the whole prompt (which it still holds).
+"""
+
+from vllm_kvmm.vllm_ext.worker.compaction import compress
+from vllm_kvmm.vllm_ext.worker.flush import flush
+from vllm_kvmm.vllm_ext.worker.recorder import PlanRecorder
+from vllm_kvmm.vllm_ext.worker.requests import LayerRef, RequestState
+from vllm_kvmm.vllm_ext.worker.state import EngineLayout, WorkerState, worker_state
+from vllm_kvmm.vllm_ext.worker.stats import QueryBuffers, observe
+from vllm_kvmm.vllm_ext.worker.view import CompactView, compact_metadata, compact_view, view_signature
+
+__all__ = [
+    "CompactView",
+    "EngineLayout",
+    "LayerRef",
+    "PlanRecorder",
+    "QueryBuffers",
+    "RequestState",
+    "WorkerState",
+    "compact_metadata",
+    "compact_view",
+    "compress",
+    "flush",
+    "observe",
+    "view_signature",
+    "worker_state",
+]

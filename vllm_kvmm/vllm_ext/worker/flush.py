@@ -1,0 +1,96 @@
+"""Decode-time eviction at a flush (docs/decode-eviction.md): re-select, compact, report freed blocks.
+
+The planning is the dense reference's (:class:`~vllm_kvmm.policies.StoredSlots`,
+:func:`~vllm_kvmm.policies.plan_flush`); this module reads the stored slots out of the paged cache and
+writes the kept ones into the blocks they came from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_kvmm.policies import StoredSlots, plan_flush
+from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
+from vllm_kvmm.vllm_ext.worker.requests import RequestState
+
+if TYPE_CHECKING:
+    from vllm_kvmm.vllm_ext.worker.state import WorkerState
+
+__all__ = ["flush"]
+
+
+def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
+    """Re-select every layer's stored tokens, compact them into live (and bin) blocks, report the rest.
+
+    Stored slots, in the order :func:`plan_flush` expects: the view's slots older than the new tail
+    (live blocks, then absorbed old-tail tokens), the recycle bin's slots (bin blocks, outside the
+    view), then the new tail (in place).
+    """
+    engine, spec = state.engine, st.decode
+    assert spec is not None and engine.paged is not None
+    bs, length = engine.block_size, job.length
+    report: dict[int, CompressedGroup] = {}
+    for name, ref in engine.layers.items():
+        live, tail = st.compact[ref.group]
+        bins = st.bin_blocks.get(ref.group, ())
+        layer = ref.index
+        pos, score = st.positions[layer], st.scores[layer]
+        h = pos.shape[0]
+        tail_pos = torch.arange(int(pos[0, -1]) + 1, length).expand(h, -1)  # decoded since last flush
+        pos = torch.cat([pos, tail_pos], 1)
+        score = torch.cat([score, torch.zeros(tail_pos.shape, dtype=torch.float64)], 1)
+        n_view = len(live) * bs + length - tail * bs
+        if pos.shape[1] != n_view:
+            raise RuntimeError(f"kvmm: {job.req_id} layer {layer}: {pos.shape[1]} positions, {n_view} slots")
+        row = job.block_ids[ref.group]
+        cache = engine.kv_caches[name]
+        ids = [row[i] for i in [*live, *range(tail, -(-length // bs))]]
+        k, v = engine.paged.read(cache, torch.tensor(ids, dtype=torch.long), n_view)  # [S, H_kv, d]
+        slots = StoredSlots(k.transpose(0, 1), v.transpose(0, 1), pos, score)
+        bin_pos = st.bin_positions.get(layer)
+        if bin_pos is not None and bin_pos.shape[1]:
+            bin_ids = torch.tensor([row[i] for i in bins], dtype=torch.long)
+            bk, bv = engine.paged.read(cache, bin_ids, bin_pos.shape[1])
+            binned = StoredSlots(bk.transpose(0, 1), bv.transpose(0, 1), bin_pos, st.bin_scores[layer])
+            slots = slots.with_bin(binned, length, spec.recent, bs)
+        buffered = st.queries.pop(layer, [])
+        if buffered:
+            q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
+            slots = slots.rescored(
+                spec, q, torch.tensor([x[1] for x in buffered]), state.queries.scales[name]
+            )
+        cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
+        plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs)
+        new_tail = plan.tail_start // bs
+        if new_tail < tail:
+            raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
+        binned_idx = plan.binned if plan.binned is not None else plan.keep[:, :0]
+        # Physical blocks for the new prefix and bin, taken from those whose contents were just read.
+        candidates = [*live, *bins, *range(tail, new_tail)]
+        n_live, n_bin = plan.prefix_keep // bs, -(-binned_idx.shape[1] // bs)
+        new_live, new_bins = candidates[:n_live], candidates[n_live : n_live + n_bin]
+        freed = tuple(candidates[n_live + n_bin :])
+        for idx, blocks in ((plan.keep[:, : plan.prefix_keep], new_live), (binned_idx, new_bins)):
+            n = idx.shape[1]
+            if n:
+                moved = slots.take(idx)
+                j = torch.arange(n)
+                dst = torch.tensor([row[i] for i in blocks], dtype=torch.long)[j // bs] * bs + j % bs
+                engine.paged.write(cache, dst, moved.k.transpose(0, 1), moved.v.transpose(0, 1))
+        # Positions and scores only (the keys and values were written above).
+        st.positions[layer] = torch.gather(slots.pos, 1, plan.keep)
+        st.scores[layer] = torch.gather(slots.score, 1, plan.keep)
+        st.bin_positions[layer] = torch.gather(slots.pos, 1, binned_idx)
+        st.bin_scores[layer] = torch.gather(slots.score, 1, binned_idx)
+        st.compact[ref.group] = (tuple(new_live), new_tail)
+        st.bin_blocks[ref.group] = tuple(new_bins)
+        report[ref.group] = CompressedGroup(ref.group, len(new_live), new_tail, plan.num_kept, freed)
+    groups = [g for g in report.values() if g.freed]
+    if groups:
+        state.out.compressed[job.req_id] = groups
+        state.out.epochs[job.req_id] = job.epoch
+        state.out.flushed.add(job.req_id)
+    if state.recorder is not None:
+        state.recorder.flushed(job.req_id, st, engine.num_layers)

@@ -1,0 +1,137 @@
+"""Statistics during the forward: prefill queries into each request's accumulators, decode queries kept.
+
+Called by the attention backend after the stock kernel has written this step's keys, once per layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm_kvmm.ops import StatsAccumulator
+
+if TYPE_CHECKING:
+    from vllm_kvmm.vllm_ext.worker.state import WorkerState
+
+__all__ = ["QueryBuffers", "observe"]
+
+
+def observe(
+    state: WorkerState,
+    layer_name: str,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    md: Any,
+    heads: int,
+    scale: float,
+) -> None:
+    """Feed this layer's queries of every compressing request in prefill to its accumulators.
+
+    ``query``: ``[num_tokens, H, d]`` post-RoPE. Keys are read back from the paged cache, where the
+    backend has just written this step's tokens. Decode rows of decode-evicting requests keep their last
+    query for the next flush (steps too large for the persistent buffers, see :class:`QueryBuffers`).
+    """
+    engine = state.engine
+    if not (state.jobs or state.decoding) or layer_name not in engine.layers:
+        return
+    ref = engine.layers[layer_name]
+    state.queries.scales[layer_name] = scale
+    # The step's row offsets and lengths from the CPU copies (a read of the device tensors here would
+    # stall every layer on the GPU); the device tensors only where vLLM gave no CPU copy.
+    qsl = state.rows.qsl if state.rows.qsl is not None else md.query_start_loc.tolist()
+    seq_lens = state.rows.seq_lens if state.rows.seq_lens is not None else md.seq_lens.tolist()
+    for row, req_id in enumerate(state.rows.req_ids):
+        st = state.requests.get(req_id)
+        if st is None:
+            continue
+        if req_id in state.decoding:  # buffer this decode query for the next flush's scores
+            if st.positions and not state.queries.buffered:
+                q = query[qsl[row] : qsl[row + 1]][-1].clone()
+                st.queries.setdefault(ref.index, []).append((q, state.decoding[req_id] - 1))
+            continue
+        job = state.jobs.get(req_id)
+        if job is None:
+            continue
+        request = st.policy.stats_request(st.info)
+        if not request.wants_layer(ref.index):
+            continue
+        n_q = qsl[row + 1] - qsl[row]
+        q_start = seq_lens[row] - n_q
+        # A recomputed (preempted) request may prefill past its prompt in one step: the statistics
+        # cover prompt queries only, the later rows are its earlier output tokens.
+        if q_start != job.q_start or n_q < job.num_new:
+            raise RuntimeError(
+                f"kvmm: request {req_id} row {row} computes [{q_start}, {q_start + n_q}) but the "
+                f"scheduler planned prompt tokens [{job.q_start}, {job.q_start + job.num_new})"
+            )
+        seq_len = q_start + job.num_new
+        acc = st.accs.get(ref.index)
+        if acc is None:
+            acc = st.accs[ref.index] = StatsAccumulator(
+                request,
+                st.info.num_tokens,
+                heads,
+                engine.num_kv_heads,
+                st.info.vision_mask,
+                scale,
+                all_reduce=engine.all_reduce,
+                world=engine.tp_world,
+            )
+        n_blocks = -(-seq_len // engine.block_size)
+        k, _ = engine.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
+        acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
+
+
+class QueryBuffers:
+    """Decode queries for decode-time scores, capture-safe.
+
+    Every step of at most ``rows`` tokens copies each layer's queries into a persistent buffer
+    (:meth:`record`, inside a replayed CUDA graph too), and :meth:`take` picks the decoding rows out after
+    the forward. Larger steps never replay a full graph (capture sizes are at most ``rows``), so their
+    decode rows are taken in Python during the forward (:func:`observe`).
+    """
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, float] = {}  # softmax scale per layer, for decode scores
+        self.buffered = False  # this step's decode queries are in the buffers
+
+    def step_tokens(self, n: int) -> None:
+        self.buffered = 0 < n <= self.rows
+
+    def record(self, layer_name: str, query: torch.Tensor) -> None:
+        """Copy a decode-sized step's queries ``[n, H, d]`` into this layer's persistent buffer.
+
+        Runs in every forward, so a CUDA graph captured with it repeats the copy on replay.
+        """
+        n = query.shape[0]
+        if n > self.rows:
+            return
+        buf = self.bufs.get(layer_name)
+        if buf is None:
+            shape = (self.rows, *query.shape[1:])
+            buf = self.bufs[layer_name] = torch.empty(shape, dtype=query.dtype, device=query.device)
+        buf[:n].copy_(query)
+
+    def take(self, state: WorkerState) -> None:
+        """This step's decode queries of decode-evicting requests, out of the persistent buffers."""
+        if not self.buffered:
+            return
+        assert state.rows.qsl is not None
+        rows = [
+            (row, req_id)
+            for row, req_id in enumerate(state.rows.req_ids)
+            if req_id in state.decoding and (st := state.requests.get(req_id)) is not None and st.positions
+        ]
+        if not rows or not self.bufs:
+            return
+        dev = next(iter(self.bufs.values())).device
+        index = torch.tensor([state.rows.qsl[row + 1] - 1 for row, _ in rows], device=dev)
+        for name, buf in self.bufs.items():
+            layer = state.engine.layers[name].index
+            picked = buf.index_select(0, index)  # [rows, H, d], a copy: the buffer is rewritten next step
+            for i, (_, req_id) in enumerate(rows):
+                queries = state.requests[req_id].queries.setdefault(layer, [])
+                queries.append((picked[i], state.decoding[req_id] - 1))
