@@ -224,8 +224,7 @@ def test_worker_report_frees_blocks_unless_stale_and_reaches_the_output() -> Non
 def test_contract_check_names_a_renamed_internal() -> None:
     assert internals.check_reads() == []  # this vLLM has every attribute we read
 
-    def renamed(target: str) -> set[str]:
-        owner, _attr = target.split(".", 1)
+    def renamed(owner: str) -> set[str]:
         real = {a.split(".", 1)[1] for a in internals.READS if a.startswith(owner + ".")}
         return real - {"_seq_lens_cpu"} | {"_seq_lens_on_cpu"}  # as if vLLM renamed one field
 
@@ -235,12 +234,12 @@ def test_contract_check_names_a_renamed_internal() -> None:
 def test_start_up_refuses_when_vllm_moved_an_internal(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm_kvmm.vllm_ext import patches
 
-    real = internals._targets()
-    fake = dict(real)
-    fake["SingleTypeKVCacheManager.req_to_blocks"] = lambda: (
-        real["SingleTypeKVCacheManager.req_to_blocks"]() - {"req_to_blocks"}
-    )
-    monkeypatch.setattr(internals, "_targets", lambda: fake)
+    real = internals._provided
+
+    def moved(owner: str) -> set[str]:  # as if vLLM renamed the manager's req_to_blocks
+        return real(owner) - {"req_to_blocks"} if owner == "SingleTypeKVCacheManager" else real(owner)
+
+    monkeypatch.setattr(internals, "_provided", moved)
     with pytest.raises(
         RuntimeError, match=r"vLLM internals moved: SingleTypeKVCacheManager\.req_to_blocks is gone"
     ):

@@ -10,6 +10,7 @@ No function here falls back to a default when an attribute is missing.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -32,137 +33,98 @@ __all__ = [
 ]
 
 
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+# Where each class we read from lives.
+_OWNERS: dict[str, str] = {
+    "CommonAttentionMetadata": "vllm.v1.attention.backend",
+    "FlashAttentionMetadataBuilder": "vllm.v1.attention.backends.flash_attn",
+    "FlashAttentionMetadata": "vllm.v1.attention.backends.flash_attn",
+    "CompilationConfig": "vllm.config",
+    "GPUModelRunner": "vllm.v1.worker.gpu_model_runner",
+    "InputBatch": "vllm.v1.worker.gpu_input_batch",
+    "SingleTypeKVCacheManager": "vllm.v1.core.single_type_kv_cache_manager",
+    "BlockPool": "vllm.v1.core.block_pool",
+    "Request": "vllm.v1.request",
+    "KVConnectorOutput": "vllm.v1.outputs",
+    "EngineArgs": "vllm.engine.arg_utils",
+    "ArgumentParser": "argparse",
+}
+
+# The private or version-specific attributes we read, each checked by :func:`check_reads`.
+READS: tuple[str, ...] = (
+    "CommonAttentionMetadata._seq_lens_cpu",
+    "CommonAttentionMetadata._num_computed_tokens_cpu",
+    "FlashAttentionMetadataBuilder.use_full_cuda_graph",
+    "FlashAttentionMetadataBuilder.scheduler_metadata",
+    "FlashAttentionMetadata.scheduler_metadata",
+    "CompilationConfig.max_cudagraph_capture_size",
+    "GPUModelRunner.input_batch",
+    "InputBatch.req_ids",
+    "SingleTypeKVCacheManager.req_to_blocks",
+    "SingleTypeKVCacheManager.block_pool",
+    "BlockPool.null_block",
+    "Request.resumable",
+    "Request.mm_features",
+    "Request.sampling_params",
+    "KVConnectorOutput.kv_connector_worker_meta",
+    "ArgumentParser._actions",
+    # Engine arguments a policy checks or sets (patches.engine_overrides).
+    *(
+        f"EngineArgs.{f}"
+        for f in (
+            "enable_prefix_caching",
+            "pipeline_parallel_size",
+            "decode_context_parallel_size",
+            "data_parallel_size",
+            "enable_dbo",
+            "kv_cache_dtype",
+            "attention_backend",
+            "block_size",
+            "kv_transfer_config",
+            "speculative_config",
+            "logits_processors",
+        )
+    ),
+)
 
 
 def _init_assigns(cls: type) -> set[str]:
-    """Attributes ``cls.__init__`` assigns on ``self`` (read from its source: vLLM sets these there)."""
-    src = inspect.getsource(cls.__init__)
-    return {
-        line.split("self.", 1)[1].split("=")[0].split(":")[0].strip()
-        for line in src.splitlines()
-        if line.strip().startswith("self.") and "=" in line
-    }
+    """Attributes an ``__init__`` along ``cls``'s MRO assigns on ``self`` (read from its source: vLLM sets
+    these there). Generated ``__init__`` methods have no source; their dataclass fields cover them."""
+    out: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        try:
+            src = inspect.getsource(klass.__init__)
+        except (OSError, TypeError):
+            continue
+        out |= {
+            line.split("self.", 1)[1].split("=")[0].split(":")[0].strip()
+            for line in src.splitlines()
+            if line.strip().startswith("self.") and "=" in line
+        }
+    return out
 
 
-def _targets() -> dict[str, Callable[[], set[str]]]:
-    """``"Owner.attribute"`` → what the owner provides in this vLLM (imported lazily)."""
-
-    def common() -> set[str]:
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
-        return _fields(CommonAttentionMetadata)
-
-    def flash_builder() -> set[str]:
-        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
-
-        return _init_assigns(FlashAttentionMetadataBuilder)
-
-    def flash_metadata() -> set[str]:
-        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
-
-        return _fields(FlashAttentionMetadata)
-
-    def compilation() -> set[str]:
-        from vllm.config import CompilationConfig
-
-        return set(dir(CompilationConfig)) | _fields(CompilationConfig)
-
-    def runner() -> set[str]:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-        return _init_assigns(GPUModelRunner)
-
-    def input_batch() -> set[str]:
-        from vllm.v1.worker.gpu_input_batch import InputBatch
-
-        return set(dir(InputBatch)) | _init_assigns(InputBatch)
-
-    def manager() -> set[str]:
-        from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-
-        return _init_assigns(SingleTypeKVCacheManager)
-
-    def block_pool() -> set[str]:
-        from vllm.v1.core.block_pool import BlockPool
-
-        return _init_assigns(BlockPool)
-
-    def request() -> set[str]:
-        from vllm.v1.request import Request
-
-        return _init_assigns(Request)
-
-    def connector_output() -> set[str]:
-        from vllm.v1.outputs import KVConnectorOutput
-
-        return _fields(KVConnectorOutput)
-
-    def engine_args() -> set[str]:
-        from vllm.engine.arg_utils import EngineArgs
-
-        return _fields(EngineArgs)
-
-    def parser() -> set[str]:
-        import argparse
-
-        return _init_assigns(argparse.ArgumentParser) | _init_assigns(argparse._ActionsContainer)
-
-    return {
-        "CommonAttentionMetadata._seq_lens_cpu": common,
-        "CommonAttentionMetadata._num_computed_tokens_cpu": common,
-        "FlashAttentionMetadataBuilder.use_full_cuda_graph": flash_builder,
-        "FlashAttentionMetadataBuilder.scheduler_metadata": flash_builder,
-        "FlashAttentionMetadata.scheduler_metadata": flash_metadata,
-        "CompilationConfig.max_cudagraph_capture_size": compilation,
-        "GPUModelRunner.input_batch": runner,
-        "InputBatch.req_ids": input_batch,
-        "SingleTypeKVCacheManager.req_to_blocks": manager,
-        "SingleTypeKVCacheManager.block_pool": manager,
-        "BlockPool.null_block": block_pool,
-        "Request.resumable": request,
-        "Request.mm_features": request,
-        "Request.sampling_params": request,
-        "KVConnectorOutput.kv_connector_worker_meta": connector_output,
-        "ArgumentParser._actions": parser,
-        # Engine arguments a policy checks or sets (patches.engine_overrides).
-        **{
-            f"EngineArgs.{f}": engine_args
-            for f in (
-                "enable_prefix_caching",
-                "pipeline_parallel_size",
-                "decode_context_parallel_size",
-                "data_parallel_size",
-                "enable_dbo",
-                "kv_cache_dtype",
-                "attention_backend",
-                "block_size",
-                "kv_transfer_config",
-                "speculative_config",
-                "logits_processors",
-            )
-        },
-    }
-
-
-# The private or version-specific attributes we read, each checked by :func:`check_reads`.
-READS: tuple[str, ...] = tuple(_targets())
+def _provided(owner: str) -> set[str]:
+    """What ``owner`` provides in this vLLM: members, dataclass fields, attributes set in ``__init__``."""
+    cls = getattr(importlib.import_module(_OWNERS[owner]), owner)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return set(dir(cls)) | fields | _init_assigns(cls)
 
 
 def check_reads(provided: Callable[[str], set[str]] | None = None) -> list[str]:
     """The targets in :data:`READS` that vLLM no longer provides (empty: all there).
 
-    ``provided(owner_dot_attr)`` → the owner's attributes; the default asks vLLM (tests pass a fake).
+    ``provided(owner)`` → the owner class's attributes; the default asks vLLM (tests pass a fake).
     """
-    targets = _targets()
-    look = provided or (lambda name: targets[name]())
+    look = provided or _provided
     cache: dict[str, set[str]] = {}
     missing = []
     for name in READS:
         owner, attr = name.split(".", 1)
         if owner not in cache:
-            cache[owner] = look(name)
+            cache[owner] = look(owner)
         if attr not in cache[owner]:
             missing.append(f"{name} is gone")
     return missing
