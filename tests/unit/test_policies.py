@@ -491,9 +491,9 @@ def test_streamingllm_sinks_and_recent():
     pinfo = info(20, [(5, 15)])
     (plan,) = plan_compression(StreamingLLM(budget=0.5), [None], pinfo)
     assert kept(plan) == [[0, 1, 2, 3, *range(14, 20)]] * 2
-    (plan,) = plan_compression(StreamingLLM(budget=0.5, sinks=0), [None], pinfo)
+    (plan,) = plan_compression(StreamingLLM(budget=0.5, sink_tokens=0), [None], pinfo)
     assert kept(plan) == [list(range(10, 20))] * 2
-    (plan,) = plan_compression(StreamingLLM(budget=0.1, sinks=4), [None], pinfo)  # B = 2 < sinks
+    (plan,) = plan_compression(StreamingLLM(budget=0.1, sink_tokens=4), [None], pinfo)  # B = 2 < sinks
     assert kept(plan) == [[0, 1, 2, 3]] * 2
 
 

@@ -6,16 +6,18 @@ from vllm_kvmm.policies.base import (
     MergeSpec,
     PromptInfo,
     apply_plan,
+    block_tail_start,
     budget_tokens,
     layout,
     plan_compression,
 )
-from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, StoredSlots, flush_tail_start, plan_flush
+from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, StoredSlots, plan_flush
 from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
 from vllm_kvmm.policies.lookm import LookM
 from vllm_kvmm.policies.meda import MEDA, MEDAPaper, MEDAReleased
+from vllm_kvmm.policies.parts import DecodeCadence, Merging, Sinks
 from vllm_kvmm.policies.pyramidkv import PyramidKV
 from vllm_kvmm.policies.registry import POLICIES, PolicyError, make_policy, policy_names
 from vllm_kvmm.policies.snapkv import SnapKV
@@ -27,6 +29,7 @@ __all__ = [
     "MEDA",
     "POLICIES",
     "BinEvent",
+    "DecodeCadence",
     "DecodeSpec",
     "FlushPlan",
     "Full",
@@ -36,16 +39,18 @@ __all__ = [
     "MEDAPaper",
     "MEDAReleased",
     "MergeSpec",
+    "Merging",
     "PolicyError",
     "PromptInfo",
     "PyramidKV",
     "RecycleBin",
+    "Sinks",
     "SnapKV",
     "StoredSlots",
     "StreamingLLM",
     "apply_plan",
+    "block_tail_start",
     "budget_tokens",
-    "flush_tail_start",
     "layout",
     "make_policy",
     "plan_compression",

@@ -39,6 +39,7 @@ __all__ = [
     "MergeSpec",
     "PromptInfo",
     "apply_plan",
+    "block_tail_start",
     "layout",
     "plan_compression",
 ]
@@ -178,6 +179,16 @@ def budget_tokens(ratio: float, n: int) -> int:
     return min(n, max(0, math.floor(ratio * n + 0.5)))
 
 
+def block_tail_start(length: int, recent: int, granularity: int = 1) -> int:
+    """Where a kept tail starts: the block boundary at or below ``length − recent``.
+
+    The one formula prefill's :func:`layout`, decode flushes, the dense reference and the vLLM worker
+    share (the tail is never evicted, so all of them must agree on where it begins).
+    """
+    g = max(1, granularity)
+    return g * ((length - min(max(recent, 0), length)) // g)
+
+
 def layout(
     n: int,
     recent: int,
@@ -221,7 +232,7 @@ def layout(
         prefix = min(tail_start, max(lo, g * math.floor((target - tail) / g + 0.5)))
         return prefix, tail + prefix - target
 
-    tail_start = g * ((n - recent) // g)
+    tail_start = block_tail_start(n, recent, g)
     prefix, over = fit(tail_start)
     while over > g / 2 and tail_start + g <= last:
         shorter, over2 = fit(tail_start + g)

@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 
 from vllm_kvmm.ops import complement, decode_scores, select_topk
+from vllm_kvmm.policies.base import block_tail_start
 
-__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "flush_tail_start", "plan_flush"]
+__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "plan_flush"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +58,6 @@ class FlushPlan:
         return self.keep.shape[1]
 
 
-def flush_tail_start(length: int, recent: int, granularity: int = 1) -> int:
-    """Where a flush's kept tail starts: the block boundary at or below ``length − recent``.
-
-    The one formula the planner, the dense reference and the vLLM worker share (the tail is never evicted,
-    so all three must agree on where it begins).
-    """
-    g = max(1, granularity)
-    return g * ((length - min(max(recent, 0), length)) // g)
-
-
 def plan_flush(
     spec: DecodeSpec,
     positions: torch.Tensor,
@@ -87,7 +78,7 @@ def plan_flush(
     """
     h, s = positions.shape
     g = max(1, granularity)
-    tail_start = flush_tail_start(length, spec.recent, g)
+    tail_start = block_tail_start(length, spec.recent, g)
     in_prefix = positions < tail_start  # [H, S]
     n_prefix = int(in_prefix[0].sum())
     if not bool((in_prefix.sum(1) == n_prefix).all()):
@@ -138,7 +129,7 @@ class StoredSlots:
         new tail and the tail."""
         if binned is None or binned.pos.shape[1] == 0:
             return self
-        m = int((self.pos[0] < flush_tail_start(length, recent, granularity)).sum())
+        m = int((self.pos[0] < block_tail_start(length, recent, granularity)).sum())
 
         def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat([a[:, :m], b.to(a.device), a[:, m:]], 1)

@@ -17,16 +17,14 @@ from pydantic import Field
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
 from vllm_kvmm.policies.decode import DecodeSpec
+from vllm_kvmm.policies.parts import DecodeCadence
 
 
-class H2O(KVPolicy):
+class H2O(DecodeCadence, KVPolicy):
     name: ClassVar[str] = "h2o"
     summary: ClassVar[str] = "heavy hitters by accumulated attention + recent window (H2O)"
 
     recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens")
-    decode_interval: int | None = Field(
-        None, ge=1, description="evict while decoding, every this many tokens (None: prefill only)"
-    )
 
     def stats_request(self, info: PromptInfo) -> StatsRequest:
         return StatsRequest(colsum=True)
@@ -34,11 +32,9 @@ class H2O(KVPolicy):
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)
 
-    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
-        if self.decode_interval is None or not self.compresses:
-            return None
+    def decode_rule(self, info: PromptInfo, interval: int) -> DecodeSpec:
         recent = self.recent_window(info, budget_tokens(self.budget, info.num_tokens))
-        return DecodeSpec("score", self.decode_interval, recent)
+        return DecodeSpec("score", interval, recent)
 
     def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
         st = stats[layer]

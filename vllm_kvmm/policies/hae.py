@@ -33,11 +33,12 @@ from pydantic import Field
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
 from vllm_kvmm.policies.decode import DecodeSpec
+from vllm_kvmm.policies.parts import DecodeCadence
 
 __all__ = ["HAE", "BinEvent", "RecycleBin"]
 
 
-class HAE(KVPolicy):
+class HAE(DecodeCadence, KVPolicy):
     name: ClassVar[str] = "hae"
     summary: ClassVar[str] = (
         "first-layer text→vision pruning broadcast to all layers + decode recycle bin (HAE)"
@@ -54,9 +55,6 @@ class HAE(KVPolicy):
     )
     protect_recent: int = Field(16, ge=0, description="decode: most recent tokens never binned")
     decay: float = Field(1.0, gt=0.0, le=1.0, description="decode: score decay per step")
-    decode_interval: int | None = Field(
-        None, ge=1, description="run the recycle bin while decoding, every this many tokens (None: off)"
-    )
 
     def model_post_init(self, context: object) -> None:
         if self.threshold is not None and self.budget != 1.0:
@@ -109,13 +107,13 @@ class HAE(KVPolicy):
             s = s + self._dap_keep(st, info).float() * (1.0 + float(s.max()))
         return s.expand(info.num_kv_heads, -1)
 
-    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
-        if self.decode_interval is None:
-            return None
+    def decodes(self) -> bool:
+        # The recycle bin has its own budget (``decode_budget``): it runs even when prefill keeps all.
+        return True
+
+    def decode_rule(self, info: PromptInfo, interval: int) -> DecodeSpec:
         capacity = None if self.decode_budget is None else self.decode_capacity(0, info.num_tokens)
-        return DecodeSpec(
-            "bin", self.decode_interval, self.protect_recent, capacity=capacity, bin_size=self.bin_size
-        )
+        return DecodeSpec("bin", interval, self.protect_recent, capacity=capacity, bin_size=self.bin_size)
 
     def decode_capacity(self, num_prompt_kept: int, num_prompt: int) -> int:
         """Active tokens a request may hold while decoding (default: what prefill kept)."""

@@ -1,6 +1,6 @@
 """``streamingllm``: attention sinks plus a sliding window (Xiao et al., ICLR 2024).
 
-Keeps the first ``sinks`` tokens and the most recent ``B − sinks``. Positions are NOT re-assigned
+Keeps the first ``sink_tokens`` tokens and the most recent ``B − sink_tokens``. Positions are NOT re-assigned
 (the original's pos-shift re-rotates keys; we store keys post-RoPE and never re-rotate), which is what
 KVCache-Factory's prefill variant does too.
 """
@@ -14,28 +14,20 @@ import torch
 from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats
-from vllm_kvmm.policies.base import KVPolicy, PromptInfo
+from vllm_kvmm.policies.base import PromptInfo
 from vllm_kvmm.policies.decode import DecodeSpec
+from vllm_kvmm.policies.parts import DecodeCadence, Sinks
 
 
-class StreamingLLM(KVPolicy):
+class StreamingLLM(Sinks, DecodeCadence):
     name: ClassVar[str] = "streamingllm"
     summary: ClassVar[str] = "attention sinks + most recent tokens, no scoring (StreamingLLM)"
 
-    sinks: int = Field(4, ge=0, description="leading tokens always kept")
-    decode_interval: int | None = Field(
-        None, ge=1, description="slide the window while decoding, every this many tokens (None: prefill only)"
-    )
+    sink_tokens: int = Field(4, ge=0, description="leading tokens always kept (attention sinks)")
 
-    def decode_spec(self, info: PromptInfo) -> DecodeSpec | None:
-        if self.decode_interval is None or not self.compresses:
-            return None
-        return DecodeSpec("window", self.decode_interval, recent=0, sinks=self.sinks)
-
-    def protected(self, info: PromptInfo, layer: int) -> torch.Tensor:
-        mask = torch.zeros(info.num_tokens, dtype=torch.bool)
-        mask[: self.sinks] = True
-        return mask
+    def decode_rule(self, info: PromptInfo, interval: int) -> DecodeSpec:
+        # The window slides: the sinks and the newest tokens stay, whatever their scores.
+        return DecodeSpec("window", interval, recent=0, sinks=self.sink_tokens)
 
     def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
         # Later tokens rank higher, so the prefix keeps its most recent tokens.

@@ -9,7 +9,8 @@ import torch
 from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
-from vllm_kvmm.policies.base import KVPolicy, MergeSpec, PromptInfo, budget_tokens
+from vllm_kvmm.policies.base import PromptInfo, budget_tokens
+from vllm_kvmm.policies.parts import Merging, Sinks, union
 
 TextPrior = Literal["bonus", "keep_all", "none"]
 
@@ -33,29 +34,16 @@ def text_prior_scores(colsum: torch.Tensor, text_mask: torch.Tensor, prior: Text
     return scores + bonus * text_mask.to(device=scores.device, dtype=scores.dtype).unsqueeze(0)
 
 
-class TextPriorPolicy(KVPolicy):
+class TextPriorPolicy(Sinks, Merging):
     """Accumulated attention with a text prior, a recent window, and nearest-key merging of the evicted.
 
     Subclasses set the defaults of their paper (LOOK-M: pivot merge, 1:1 split; MEDA: average, 3:1).
+    Attention sinks (:class:`Sinks`, 0 by default) are beyond the papers.
     """
 
     recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of a layer's budget for recent")
     text_prior: TextPrior = "bonus"
     merge: Literal["pivot", "average", "weighted", "none"] = "pivot"
-    merge_keys: bool = Field(True, description="merge keys too (False is safer with M-RoPE models)")
-    similarity_filter: bool = Field(False, description="released code's merge filter (mean best sim)")
-    misaligned_source: bool = Field(False, description="reproduce the released MEDA code's merge index bug")
-    sink_tokens: int = Field(
-        0,
-        ge=0,
-        description="beyond the papers: the first tokens every layer keeps (attention sink); a layer whose "
-        "budget has no room for them keeps one more block",
-    )
-
-    def model_post_init(self, context: object) -> None:
-        if self.misaligned_source and not self.similarity_filter:
-            msg = "misaligned_source reproduces a bug of the filtered merge; set similarity_filter"
-            raise ValueError(f"{self.name}: {msg}")
 
     @property
     def over_budget(self) -> str | None:
@@ -72,25 +60,10 @@ class TextPriorPolicy(KVPolicy):
         return budget_tokens(self.recent_fraction, budget)
 
     def protected(self, info: PromptInfo, layer: int) -> torch.Tensor | None:
-        prot = info.text_mask if self.text_prior == "keep_all" else None
-        if self.sink_tokens:
-            # Protected rather than scored: under the paged layout a small layer's budget can round to its
-            # recent blocks alone, where no score would save the sink (docs/notes/meda_review_2026-11-23.md).
-            sink = torch.arange(info.num_tokens) < self.sink_tokens
-            prot = sink if prot is None else prot | sink
-        return prot
+        keep_text = info.text_mask if self.text_prior == "keep_all" else None
+        return union(keep_text, super().protected(info, layer))
 
     def scores(self, stats: Sequence[LayerStats | None], info: PromptInfo, layer: int) -> torch.Tensor:
         st = stats[layer]
         assert st is not None and st.colsum is not None
         return text_prior_scores(st.colsum, info.text_mask, self.text_prior)
-
-    def merge_spec(self, info: PromptInfo) -> MergeSpec | None:
-        if self.merge == "none":
-            return None
-        return MergeSpec(
-            self.merge,
-            merge_keys=self.merge_keys,
-            similarity_filter=self.similarity_filter,
-            misaligned_source=self.misaligned_source,
-        )
