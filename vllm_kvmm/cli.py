@@ -242,6 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep_parser(sp)
     sp.set_defaults(func=run_sweep)
+    from vllm_kvmm.bench.decode import build_parser as decode_parser
+    from vllm_kvmm.bench.decode import run as run_decode
+
+    sp = bench.add_parser(
+        "decode", help="long generations: throughput and KV held, vanilla vs decode-time eviction (SmolLM2)"
+    )
+    decode_parser(sp)
+    sp.set_defaults(func=run_decode)
+    from vllm_kvmm.bench.overhead import build_parser as overhead_parser
+    from vllm_kvmm.bench.overhead import run as run_overhead
+
+    sp = bench.add_parser(
+        "overhead", help="per-step decode overhead vs vanilla: a 32-layer tiny Llama, batch 1, any device"
+    )
+    overhead_parser(sp)
+    sp.set_defaults(func=run_overhead)
+    from vllm_kvmm.bench.profile_decode import build_parser as profile_parser
+    from vllm_kvmm.bench.profile_decode import run as run_profile
+
+    sp = bench.add_parser(
+        "profile-decode", help="GPU: batch-1 ms/token and a cProfile of decode steps, vanilla vs policies"
+    )
+    profile_parser(sp)
+    sp.set_defaults(func=run_profile)
     return p
 
 

@@ -5,18 +5,21 @@ tokens, each generating ``out`` tokens (story-generation shape: output ≫ promp
 configuration: output tokens/s over the whole run, and the KV blocks held (peak and mean over engine
 steps, sampled from the scheduler's block pool), so the memory claim is measured, not derived.
 
-    python -m vllm_kvmm.bench.decode                       # SmolLM2 (real weights) on this machine
-    python -m vllm_kvmm.bench.decode --model DIR --dtype bfloat16 --prompt 1024 --out 4096   # GPU
+    vllm-kvmm bench decode                       # SmolLM2 (real weights) on this machine
+    vllm-kvmm bench decode --model DIR --dtype bfloat16 --prompt 1024 --out 4096   # GPU
+
+(``python -m vllm_kvmm.bench.decode`` takes the same flags.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
+
+from vllm_kvmm.bench.child import add_child_flag, report, run_child
 
 
 def _child(cfg: dict) -> None:
@@ -55,24 +58,33 @@ def _child(cfg: dict) -> None:
         config=cfg["name"], tokens_per_s=round(produced / dt, 1), seconds=round(dt, 1), steps=steps,
         peak_layer_pages=max(held) * per_block, mean_layer_pages=round(sum(held) / len(held) * per_block, 1),
     )  # fmt: skip
-    print("RESULT " + json.dumps(res), flush=True)
+    report(res)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--requests", type=int, default=4)
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--out", type=int, default=768)
-    ap.add_argument("--budget", type=float, default=0.25)
-    ap.add_argument("--interval", type=int, default=16)
-    ap.add_argument("--eager", action="store_true", default=True)
-    ap.add_argument("--child", default=None)
-    a = ap.parse_args()
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's flags (``vllm-kvmm bench decode`` and ``python -m vllm_kvmm.bench.decode``)."""
+    p = p or argparse.ArgumentParser(
+        prog="vllm-kvmm bench decode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens per request")
+    p.add_argument("--out", type=int, default=768, help="output tokens per request")
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--interval", type=int, default=16, help="decode tokens between flushes")
+    p.add_argument("--eager", action="store_true", default=True)
+    add_child_flag(p)
+    return p
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the benchmark parsed into ``a``; 1 if a configuration failed."""
     if a.child:
         _child(json.loads(a.child))
-        return
+        return 0
     from transformers import AutoConfig
 
     from vllm_kvmm.models.smollm2 import ensure_smollm2
@@ -89,18 +101,14 @@ def main() -> None:
         dict(base, name="hae+recycle-bin", policy="hae", budget=None,
              config={**dec, "decode_budget": a.budget, "bin_size": 64}),
     ]  # fmt: skip
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    rows = []
+    rows, failed = [], 0
     for cfg in configs:
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvmm.bench.decode", "--child", json.dumps(cfg)],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{cfg['name']}: failed\n{proc.stderr[-3000:]}", flush=True)
+        res = run_child("vllm_kvmm.bench.decode", cfg, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, tail=3000)
+        if res.result is None:
+            failed += 1
+            print(f"{cfg['name']}: failed\n{res.error}", flush=True)
             continue
-        rows.append(json.loads(line[7:]))
+        rows.append(res.result)
         print(json.dumps(rows[-1]), flush=True)
     van = next((r for r in rows if r["config"] == "vanilla"), None)
     if van:
@@ -110,7 +118,13 @@ def main() -> None:
             cells = [r["config"], r["tokens_per_s"], f"{r['tokens_per_s'] / van['tokens_per_s']:.2f}x",
                      r["peak_layer_pages"], r["mean_layer_pages"]]  # fmt: skip
             print("| " + " | ".join(str(c) for c in cells) + " |")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vllm_kvmm.bench.decode``: the same as ``vllm-kvmm bench decode``."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

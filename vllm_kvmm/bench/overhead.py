@@ -5,7 +5,9 @@ A 32-layer tiny random Llama (one KV-cache group per layer under a policy), one 
 process. On a small model the step is mostly fixed cost, which is what this isolates: metadata for 32
 groups, the compact view, the statistics hooks.
 
-    python -m vllm_kvmm.bench.overhead            # vanilla, full, snapkv@0.25, meda@0.25
+    vllm-kvmm bench overhead            # vanilla, full, snapkv@0.25, meda@0.25
+
+(``python -m vllm_kvmm.bench.overhead`` takes the same flags.)
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from vllm_kvmm.bench.child import add_child_flag, report, run_child
 
-def _child(model: str, policy: str | None, budget: float | None) -> None:
+
+def _child(cfg: dict) -> None:
     from vllm import LLM, SamplingParams
 
     import vllm_kvmm
 
     kw: dict = dict(
-        model=model, enforce_eager=True, dtype="float32", max_model_len=2048, block_size=16, seed=0
+        model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=2048, block_size=16, seed=0
     )
-    if policy:
-        kw.update(vllm_kvmm.engine_args(policy, budget))
+    if cfg["policy"]:
+        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
     llm = LLM(**kw)
     prompt = [{"prompt_token_ids": list(range(100, 1100))}]
 
@@ -39,48 +43,60 @@ def _child(model: str, policy: str | None, budget: float | None) -> None:
 
     run(4)
     best = min((run(129) - run(1)) / 128 for _ in range(3))
-    print("RESULT " + json.dumps({"ms_per_token": round(1000 * best, 3)}), flush=True)
+    report({"ms_per_token": round(1000 * best, 3)})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="vanilla,full,snapkv@0.25,meda@0.25")
-    ap.add_argument("--child", nargs=3, default=None)
-    a = ap.parse_args()
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's flags (``vllm-kvmm bench overhead`` and ``python -m vllm_kvmm.bench.overhead``)."""
+    p = p or argparse.ArgumentParser(
+        prog="vllm-kvmm bench overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--configs",
+        default="vanilla,full,snapkv@0.25,meda@0.25",
+        help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET]",
+    )
+    add_child_flag(p)
+    return p
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the benchmark parsed into ``a``; 1 if a configuration failed."""
     if a.child:
-        model, policy, budget = a.child
-        _child(model, None if policy == "-" else policy, None if budget == "-" else float(budget))
-        return
+        _child(json.loads(a.child))
+        return 0
     from vllm_kvmm.models import build_tiny_llama, load_smollm2_tokenizer
 
     home = Path(os.environ.get("VLLM_KVMM_HOME", Path.home() / ".cache" / "vllm-kvmm"))
     model = build_tiny_llama(
         home / "bench" / "tiny-llama-32", num_layers=32, seed=0, tokenizer=load_smollm2_tokenizer()
     )
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    rows = []
+    rows, failed = [], 0
     for cfg in a.configs.split(","):
         name, _, budget = cfg.partition("@")
-        policy = None if name == "vanilla" else name
-        args = [str(model), policy or "-", budget or "-"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvmm.bench.overhead", "--child", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{cfg}: failed\n{proc.stderr[-2000:]}")
+        child = dict(model=str(model), policy=None if name == "vanilla" else name,
+                     budget=float(budget) if budget else None)  # fmt: skip
+        res = run_child("vllm_kvmm.bench.overhead", child, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, tail=2000)
+        if res.result is None:
+            failed += 1
+            print(f"{cfg}: failed\n{res.error}")
             continue
-        rows.append((cfg, json.loads(line[7:])["ms_per_token"]))
+        rows.append((cfg, res.result["ms_per_token"]))
         print(f"{cfg}: {rows[-1][1]} ms/token", flush=True)
     base = dict(rows).get("vanilla")
     if base:
         print("\n| config | decode ms/token | vs vanilla |\n|---|---|---|")
         for cfg, ms in rows:
             print(f"| {cfg} | {ms} | {ms / base:.3f}x |")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vllm_kvmm.bench.overhead``: the same as ``vllm-kvmm bench overhead``."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

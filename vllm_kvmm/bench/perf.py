@@ -34,13 +34,13 @@ import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from vllm_kvmm.bench.archs import write_model
+from vllm_kvmm.bench.child import add_child_flag, report, run_child
 
 __all__ = ["main", "plot"]
 
@@ -164,7 +164,7 @@ def _child(cfg: dict[str, Any]) -> None:
         max_concurrency=total_blocks // max(per_request, 1), peak_running=max(running),
         compression_s_per_request=round(comp / cfg["n"], 4), kv_groups=len(groups),
     )  # fmt: skip
-    print("RESULT " + json.dumps(res), flush=True)
+    report(res)
 
 
 def _configs(a: argparse.Namespace, model: Any) -> list[dict[str, Any]]:
@@ -259,7 +259,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--model-root", default="out/models")
     p.add_argument("--json", default="out/perf.json")
     p.add_argument("--plot-only", default=None, help="draw the PNG of an existing result file and exit")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_child_flag(p)
     return p
 
 
@@ -274,27 +274,20 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(f"wrote {png}" if ok else "matplotlib is not installed")
         return 0 if ok else 1
     model = write_model(Path(a.model_root), a.arch, images=a.images > 0, scale=a.scale)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     rows = []
     from tqdm import tqdm
 
     failed: list[dict[str, str]] = []
     for cfg in tqdm(_configs(a, model), desc="configurations", disable=None):
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "vllm_kvmm.bench.perf", "--child", json.dumps(cfg)],
-                capture_output=True, text=True, env=env, timeout=a.config_timeout,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            failed.append(dict(config=cfg["name"], error=f"did not finish in {a.config_timeout} s"))
-            print(json.dumps(failed[-1]), flush=True)
+        res = run_child("vllm_kvmm.bench.perf", cfg, timeout=a.config_timeout)
+        if res.result is None:
+            failed.append(dict(config=cfg["name"], error=str(res.error)))
+            if res.returncode is None:  # timed out: the error is one line
+                print(json.dumps(failed[-1]), flush=True)
+            else:
+                print(f"{cfg['name']}: failed\n{res.error}", flush=True)
             continue
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            failed.append(dict(config=cfg["name"], error=(proc.stdout + proc.stderr)[-4000:]))
-            print(f"{cfg['name']}: failed\n{failed[-1]['error']}", flush=True)
-            continue
-        rows.append(json.loads(line[7:]))
+        rows.append(res.result)
         print(json.dumps(rows[-1]), flush=True)
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,23 +3,24 @@
 Runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so one profile sees the scheduler, the
 model runner and our hooks. Each configuration runs in its own subprocess (a clean GPU)::
 
-    python -m vllm_kvmm.bench.profile_decode --configs vanilla,full,snapkv --ctx 4096 --out out/profile
+    vllm-kvmm bench profile-decode --configs vanilla,full,snapkv --ctx 4096 --out out/profile
 
-Prints, per configuration, the batch-1 ms/token and the functions with the largest own time during
-``--steps`` decode steps; writes the full ``pstats`` dumps under ``--out``.
+(``python -m vllm_kvmm.bench.profile_decode`` takes the same flags.) Prints, per configuration, the
+batch-1 ms/token; writes under ``--out`` the full ``pstats`` dump, the functions with the largest own
+and cumulative time during ``--steps`` decode steps (``NAME.txt``) and the child's output (``NAME.log``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_kvmm.bench.archs import write_model
+from vllm_kvmm.bench.child import add_child_flag, report, run_child
 
 
 def _child(cfg: dict) -> None:
@@ -68,39 +69,55 @@ def _child(cfg: dict) -> None:
     stats.sort_stats("cumulative").print_stats(45)
     (out / f"{cfg['name']}.txt").write_text(buf.getvalue())
     ms = 1000 * (tt - tp) / cfg["steps"]
-    print("RESULT " + json.dumps(dict(config=cfg["name"], bs1_ms_per_tok=round(ms, 3))), flush=True)
+    report(dict(config=cfg["name"], bs1_ms_per_tok=round(ms, 3)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="vanilla,vanilla-piecewise,snapkv", help="names")
-    ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--budget", type=float, default=0.2)
-    ap.add_argument("--arch", default="llama2-7b-mha")
-    ap.add_argument("--model-root", default="out/models")
-    ap.add_argument("--out", default="out/profile")
-    ap.add_argument("--child", default=None)
-    a = ap.parse_args()
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's flags (``vllm-kvmm bench profile-decode`` and ``python -m`` this module)."""
+    p = p or argparse.ArgumentParser(
+        prog="vllm-kvmm bench profile-decode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--configs",
+        default="vanilla,vanilla-piecewise,snapkv",
+        help="comma-separated: vanilla, vanilla-piecewise (in a policy's CUDA-graph mode), policies",
+    )
+    p.add_argument("--ctx", type=int, default=4096, help="prompt tokens")
+    p.add_argument("--steps", type=int, default=128, help="decode steps timed and profiled")
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--arch", default="llama2-7b-mha", help="llama2-7b-mha | qwen2-7b-gqa (dummy weights)")
+    p.add_argument("--model-root", default="out/models")
+    p.add_argument("--out", default="out/profile", help="folder for the .pstats, .txt and .log files")
+    add_child_flag(p)
+    return p
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the benchmark parsed into ``a``; 1 if a configuration failed."""
     if a.child:
         _child(json.loads(a.child))
-        return
+        return 0
     model = write_model(Path(a.model_root), a.arch, images=False).path
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    failed = 0
     for name in a.configs.split(","):
         cfg = dict(
             name=name, policy=None if name.startswith("vanilla") else name, model=str(model), ctx=a.ctx,
             steps=a.steps, budget=a.budget, out=a.out,
         )  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvmm.bench.profile_decode", "--child", json.dumps(cfg)],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
+        res = run_child("vllm_kvmm.bench.profile_decode", cfg, tail=2000)
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        print(line[7:] if line else json.dumps(dict(config=name, error=proc.stderr[-2000:])), flush=True)
+        (Path(a.out) / f"{name}.log").write_text(res.output)
+        failed += res.result is None
+        print(json.dumps(res.result if res.ok else dict(config=name, error=res.error)), flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vllm_kvmm.bench.profile_decode``: the same as ``vllm-kvmm bench profile-decode``."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
