@@ -220,6 +220,45 @@ def test_worker_report_frees_blocks_unless_stale_and_reaches_the_output() -> Non
     assert conn._requests == {} and conn._policies == {}
 
 
+def test_a_contained_failure_stops_flushes_is_counted_and_reaches_the_output() -> None:
+    conn, _pool, mgrs = _connector("h2o", 0.5, decode_interval=16)
+    a, b = _request("a", 40), _request("b", 40)
+    for r in (a, b):
+        conn.on_new_request(r)
+        for m in mgrs:
+            m.allocate_new_blocks(r.request_id, 40, 40)
+    b.num_preemptions = 1  # b's failure report is from before its preemption: stale, ignored
+    meta = KVMMWorkerMeta(
+        failed={"a": "flush: ValueError: boom", "b": "compression: ValueError: old"},
+        epochs={"a": 0, "b": 0},
+        durations=[0.25, 0.5],
+    )
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=meta))
+    stats = conn.get_kv_connector_stats()
+    assert stats is not None and stats.data["failed_compressions"] == 1
+    assert stats.data["compression_durations"] == [0.25, 0.5]
+    assert stats.reduce() == {"failed_compressions": 1, "compression_seconds": 0.0}  # lists stay out of logs
+    a.num_computed_tokens = b.num_computed_tokens = 55
+    meta = _step(conn, {"a": 1, "b": 1})  # both at their 16th generated token
+    assert set(meta.flushes) == {"b"} and set(meta.decoding) == {"b"}
+    _, params = conn.request_finished(a, [])
+    assert params == {
+        "kvmm": {"policy": "h2o", "budget": 0.5, "compressed": False, "error": "flush: ValueError: boom"}
+    }
+
+
+def test_stats_aggregate_counts_and_observations() -> None:
+    from vllm_kvmm.vllm_ext.metrics import KVMMStats
+
+    a = KVMMStats({"blocks_freed": 3, "compression_durations": [0.1]})
+    b = KVMMStats({"blocks_freed": 2, "compression_durations": [0.2, 0.3], "failed_compressions": 1})
+    assert a.aggregate(b).data == {
+        "blocks_freed": 5,
+        "compression_durations": [0.1, 0.2, 0.3],
+        "failed_compressions": 1,
+    }
+
+
 # ---- the contract check ----------------------------------------------------------------------------------
 def test_contract_check_names_a_renamed_internal() -> None:
     assert internals.check_reads() == []  # this vLLM has every attribute we read

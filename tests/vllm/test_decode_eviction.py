@@ -12,10 +12,13 @@ import torch
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown
 from tests.vllm.helpers import PreemptionCounter, block_pool, scheduler
-from vllm_kvmm.policies import make_policy
+from vllm_kvmm.policies import POLICIES, DecodeCadence, make_policy
 from vllm_kvmm.reference import DenseReference, PromptInput
 
 INTERVAL = 16
+# Every policy with a decode cadence (the DecodeCadence part), from the registry. HAE's recycle bin is
+# tested on its own below: it runs with its own decode budget and keeps text at prefill.
+DECODING = [n for n, cls in POLICIES.items() if issubclass(cls, DecodeCadence) and n != "hae"]
 
 
 def _ids(i: int, n: int) -> list[int]:
@@ -57,7 +60,7 @@ def _held(llm: Any, prefix: str) -> list[int]:
     return [mgrs[g].num_held_blocks(req) for g in sorted(mgrs)]
 
 
-@pytest.mark.parametrize("name", ["h2o", "streamingllm"])
+@pytest.mark.parametrize("name", DECODING)
 def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: str) -> None:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
@@ -182,7 +185,7 @@ def test_recycle_bin_paged_equals_dense(llm: Any, tiny_llama_dir: Path) -> None:
     assert binned and restored and purged, (binned, restored, purged)
 
 
-@pytest.mark.parametrize("name", ["h2o", "streamingllm"])
+@pytest.mark.parametrize("name", DECODING)
 def test_decode_interval_at_budget_one_schedules_no_flush(llm: Any, name: str) -> None:
     # Budget 1.0 never compresses, so decode-time eviction is off (the policy's decode_spec is None). The
     # scheduler used to read `decode_interval` from the raw config and schedule flushes the worker then

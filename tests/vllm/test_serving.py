@@ -97,7 +97,7 @@ def _metrics(base: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{base}/metrics").read().decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith("vllm_kvmm:") and "_total{" in line:
+        if line.startswith("vllm_kvmm:") and ("_total{" in line or "_count{" in line):
             out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
     return out
 
@@ -125,3 +125,5 @@ def test_serve_kv_policy(server: str, tiny_llava_dir: Path, images: list) -> Non
     assert m["vllm_kvmm:prompt_tokens_total"] == 2 * ok.usage.prompt_tokens
     assert 0 < m["vllm_kvmm:kv_token_layers_kept_total"] < m["vllm_kvmm:kv_token_layers_prompt_total"]
     assert m["vllm_kvmm:blocks_freed_total"] > 0
+    assert m["vllm_kvmm:compression_duration_seconds_count"] == 2  # one observation per compressed prompt
+    assert "vllm_kvmm:failed_compressions_total" not in m or m["vllm_kvmm:failed_compressions_total"] == 0

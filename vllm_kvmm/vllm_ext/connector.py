@@ -13,6 +13,7 @@ It moves no KV anywhere: ``kv_role="kv_producer"`` and ``get_num_new_matched_tok
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -181,7 +182,17 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             kept = meta.kept_token_layers.get(req_id, 0)
             st.add("kv_tokens_kept", kept)
             self._reports[req_id] = {"prompt_tokens": n, "kv_kept": kept / max(1, n * meta.num_layers)}
+        for req_id, why in meta.failed.items():
+            req, pol = self._requests.get(req_id), self._policies.get(req_id)
+            if req is None or pol is None or req.num_preemptions != meta.epochs.get(req_id, -1):
+                continue
+            # The worker contained a failure: no more flushes for this request (it has no decode state),
+            # and its output says what failed.
+            st.add("failed_compressions", 1)
+            self._policies[req_id] = replace(pol, decode_interval=None)
+            self._reports.setdefault(req_id, {})["error"] = why
         st.add("compression_seconds", meta.seconds)
+        st.observe("compression_durations", meta.durations)
 
     def get_kv_connector_stats(self) -> KVMMStats | None:
         if self.role != KVConnectorRole.SCHEDULER or self._stats.is_empty():
@@ -220,7 +231,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         report = self._reports.pop(req_id, None)
         if pol is None:
             return None
-        said = {"policy": pol.name, "budget": pol.budget, "compressed": report is not None}
+        said = {"policy": pol.name, "budget": pol.budget, "compressed": "kv_kept" in (report or {})}
         return {"kvmm": {**said, **(report or {})}}
 
     # ---- worker side ---------------------------------------------------------------------------

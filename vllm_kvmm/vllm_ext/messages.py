@@ -87,8 +87,11 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     kept_token_layers: dict[str, int] = field(default_factory=dict)  # Σ over layers of kept tokens
     epochs: dict[str, int] = field(default_factory=dict)
     flushed: set[str] = field(default_factory=set)  # reports from decode-time flushes, not prefills
+    # Requests whose compression or flush failed (contained: see WorkerState.contain) -> what failed.
+    failed: dict[str, str] = field(default_factory=dict)
     num_layers: int = 0
     seconds: float = 0.0
+    durations: list[float] = field(default_factory=list)  # seconds of each compression or flush
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # Tensor-parallel ranks decide identical layouts (head-averaged statistics are all-reduced before
@@ -100,6 +103,9 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         self.kept_token_layers.update(other.kept_token_layers)
         self.epochs.update(other.epochs)
         self.flushed |= other.flushed
+        for req, why in other.failed.items():
+            self.failed.setdefault(req, why)
         self.num_layers = max(self.num_layers, other.num_layers)
         self.seconds = max(self.seconds, other.seconds)
+        self.durations = self.durations or list(other.durations)
         return self

@@ -12,7 +12,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-__all__ = ["COUNTERS", "KVMMPromMetrics", "KVMMStats"]
+__all__ = ["COUNTERS", "HISTOGRAMS", "KVMMPromMetrics", "KVMMStats"]
 
 # name in the stats dict -> (Prometheus name, help)
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -26,6 +26,19 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "blocks_freed": ("vllm_kvmm:blocks_freed", "KV blocks returned to the pool by compression."),
     "compression_seconds": ("vllm_kvmm:compression_seconds", "Time spent compressing (worker side)."),
     "decode_flushes": ("vllm_kvmm:decode_flushes", "Decode-time eviction flushes."),
+    "failed_compressions": (
+        "vllm_kvmm:failed_compressions",
+        "Compressions or flushes that failed and were contained (the request went on without them).",
+    ),
+}
+
+# name in the stats dict (a list of observations) -> (Prometheus name, help, buckets)
+HISTOGRAMS: dict[str, tuple[str, str, list[float]]] = {
+    "compression_durations": (
+        "vllm_kvmm:compression_duration_seconds",
+        "Seconds of each prompt compression or decode-time flush (worker side, device-synchronised).",
+        [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+    ),
 }
 
 
@@ -39,9 +52,16 @@ class KVMMStats(KVConnectorStats):
     def add(self, key: str, value: float) -> None:
         self.data[key] = self.data.get(key, 0) + value
 
+    def observe(self, key: str, values: list[float]) -> None:
+        """Histogram observations (kept as a list until the API process observes them)."""
+        if values:
+            self.data.setdefault(key, []).extend(values)
+
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in other.data.items():
-            if isinstance(v, int | float):
+            if isinstance(v, list):
+                self.observe(k, v)
+            elif isinstance(v, int | float):
                 self.add(k, v)
         return self
 
@@ -63,8 +83,18 @@ class KVMMPromMetrics(KVConnectorPromMetrics):
             )
             for key, (name, doc) in COUNTERS.items()
         }
+        self.histograms = {
+            key: create_metric_per_engine(
+                self._histogram_cls(name=name, documentation=doc, buckets=buckets, labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for key, (name, doc, buckets) in HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, value in transfer_stats_data.items():
             if key in self.counters and value:
                 self.counters[key][engine_idx].inc(value)
+            elif key in self.histograms:
+                for x in value:
+                    self.histograms[key][engine_idx].observe(x)

@@ -2,8 +2,10 @@
 
 Modules, one job each:
 
-* ``state.py`` — the engine's layout (layers, caches, parallelism), the live compressing requests, and
-  this step's jobs and rows; starts and ends each step.
+* ``state.py`` — the live compressing requests and this step's jobs; starts and ends each step, and
+  contains failures (:meth:`WorkerState.contain`);
+* ``layout.py`` / ``requests.py`` — plain data: the engine's layers, caches and parallelism, a step's rows;
+  what the worker keeps per layer and per request.
 * ``stats.py`` — prefill queries into each request's statistics accumulators during attention; decode
   queries kept for decode-time scores (in persistent buffers that CUDA graphs replay).
 * ``compaction.py`` — after a prompt's last chunk: plan every layer, move the kept KV, report freed blocks.
@@ -28,6 +30,14 @@ the CPU runner inherits it):
    prompts whose last chunk ran, then :func:`flush`); ``build_connector_worker_meta`` →
    :meth:`WorkerState.take_output`, which the scheduler's ``update_connector_output`` turns into freed
    blocks before its next ``schedule()``.
+
+**Failures are contained per request.** An exception (or non-finite statistics) while observing,
+planning, compacting or flushing one request fails that request's compression, not the step every
+request shares: each stage writes a KV-cache group only once everything it computed for that group is
+ready, so the request keeps a consistent cache (uncompressed, or the groups done before the failure),
+is served on with it, and the scheduler hears ``failed`` (``vllm_kvmm:failed_compressions``, an
+``error`` in the request's ``kv_transfer_params``). Under tensor parallelism the error is raised as
+before: ranks must agree on every layout.
 
 Because step 3 precedes step 4, a request compressed in step *t* reads its compact view from step
 *t + 1* on, and the view of step *t* still covers the whole prompt (which it still holds).

@@ -10,59 +10,115 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vllm_kvmm.policies import LayerPlan, apply_plan, plan_compression
+from vllm_kvmm.ops import LayerStats
+from vllm_kvmm.policies import LayerPlan, MergeSpec, apply_plan, plan_compression
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, PrefillJob
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
+    from vllm_kvmm.vllm_ext.worker.layout import EngineLayout
     from vllm_kvmm.vllm_ext.worker.state import WorkerState
 
-__all__ = ["compress"]
+__all__ = ["check_finite", "compress"]
 
 
 def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
+    """Plan every layer of ``job``'s prompt, then compact group by group and report what each freed.
+
+    Failure-safe by construction (:meth:`WorkerState.contain`): nothing is written before every layer is
+    planned, and a group's cache is written only once all its layers' kept KV is computed, so a failure
+    leaves each group either untouched or fully compacted (and reported).
+    """
     engine = state.engine
     if engine.paged is None:
         raise RuntimeError("kvmm: no KV-cache accessor: the attention backend is not vllm-kvmm's")
     info, policy = st.info, st.policy
     n, bs = info.num_tokens, engine.block_size
     stats = [st.accs[i].result() if i in st.accs else None for i in range(engine.num_layers)]
-    plans = plan_compression(policy, stats, info, granularity=bs, groups=engine.layer_groups())
     st.accs.clear()
+    check_finite(stats)
+    plans = plan_compression(policy, stats, info, granularity=bs, groups=engine.layer_groups())
     if state.recorder is not None:
         state.recorder.plans[job.req_id] = plans
     merge = policy.merge_spec(info)
     assert job.block_ids is not None
-    report: dict[int, CompressedGroup] = {}
+    members: dict[int, list[tuple[str, int]]] = {}
     for name, ref in engine.layers.items():
-        plan = plans[ref.index]
-        keep, tail = plan.prefix_keep // bs, plan.tail_start // bs
-        prev = report.get(ref.group)
-        if prev is not None and (prev.keep, prev.tail) != (keep, tail):
-            raise RuntimeError(f"kvmm: layers of group {ref.group} planned different layouts")
-        report[ref.group] = CompressedGroup(ref.group, keep, tail, plan.num_kept, tuple(range(keep, tail)))
-        if st.decode is not None:
-            _start_decode_state(st, engine.num_kv_heads, ref.index, plan, stats[ref.index], job.end)
-            st.compact[ref.group] = (tuple(range(keep)), tail)
-        if plan.is_identity or keep == tail:
+        members.setdefault(ref.group, []).append((name, ref.index))
+    done: list[CompressedGroup] = []
+    kept = n * engine.num_layers
+    try:
+        for group, layers in sorted(members.items()):
+            shapes = {(plans[i].prefix_keep // bs, plans[i].tail_start // bs) for _, i in layers}
+            if len(shapes) != 1:
+                raise RuntimeError(
+                    f"kvmm: layers of group {group} planned different layouts {sorted(shapes)}"
+                )
+            ((keep, tail),) = shapes
+            ids = torch.tensor(job.block_ids[group][: -(-n // bs)], dtype=torch.long)
+            # Compute every layer of the group first, then write: a failure leaves the group untouched.
+            moves = [(name, _kept_kv(engine, name, plans[i], ids, n, merge)) for name, i in layers]
+            for name, move in moves:
+                if move is not None:
+                    engine.paged.write(engine.kv_caches[name], *move)
+            if st.decode is not None:
+                for _, i in layers:
+                    _start_decode_state(st, engine.num_kv_heads, i, plans[i], stats[i], job.end)
+            if keep < tail or st.decode is not None:
+                st.compact[group] = (tuple(range(keep)), tail)
+            if keep < tail:
+                done.append(
+                    CompressedGroup(group, keep, tail, plans[layers[0][1]].num_kept, tuple(range(keep, tail)))
+                )
+                kept -= sum(n - plans[i].num_kept for _, i in layers)
+    finally:
+        # What was compacted is reported even when a later group failed: its blocks are no longer read.
+        if done:
+            out = state.out
+            out.compressed[job.req_id] = done
+            out.prompt_tokens[job.req_id] = n
+            out.kept_token_layers[job.req_id] = kept
+            out.epochs[job.req_id] = job.epoch
+            out.num_layers = engine.num_layers
+
+
+def check_finite(stats: list[LayerStats | None]) -> None:
+    """Raise ``FloatingPointError`` naming the first statistics that hold a non-finite value.
+
+    Scores (column sums, windows, text→vision sums) must be finite; entropies may be ``nan`` by contract
+    (a map with no rows) but never infinite. One device sync for all layers.
+    """
+    named = []
+    for layer, st in enumerate(stats):
+        if st is None:
             continue
-        ids = torch.tensor(job.block_ids[ref.group][: -(-n // bs)], dtype=torch.long)
-        cache = engine.kv_caches[name]
-        k, v = engine.paged.read(cache, ids, n)  # [N, H_kv, d]
-        k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
-        # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
-        pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
-        slots = ids[pos // bs] * bs + pos % bs
-        engine.paged.write(cache, slots, k2.transpose(0, 1), v2.transpose(0, 1))
-        st.compact[ref.group] = (tuple(range(keep)), tail)
-    groups = [g for g in report.values() if g.keep < g.tail]
-    if groups:
-        out = state.out
-        out.compressed[job.req_id] = groups
-        out.prompt_tokens[job.req_id] = n
-        out.kept_token_layers[job.req_id] = sum(p.num_kept for p in plans)
-        out.epochs[job.req_id] = job.epoch
-        out.num_layers = engine.num_layers
+        for field in ("colsum", "window", "t2v_sum", "t2v_max"):
+            t = getattr(st, field)
+            if t is not None:
+                named.append((f"layer {layer} {field}", torch.isfinite(t).all()))
+        for field in ("entropy", "entropy_tv", "entropy_vt"):
+            t = getattr(st, field)
+            if t is not None:
+                named.append((f"layer {layer} {field}", ~torch.isinf(t).any()))
+    if not named or bool(torch.stack([ok.cpu() for _, ok in named]).all()):
+        return
+    bad = [name for name, ok in named if not bool(ok)]
+    raise FloatingPointError(f"non-finite statistics ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
+def _kept_kv(
+    engine: EngineLayout, name: str, plan: LayerPlan, ids: torch.Tensor, n: int, merge: MergeSpec | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(slots, keys, values)`` that compact one layer (``None``: nothing moves)."""
+    bs = engine.block_size
+    if plan.is_identity or plan.prefix_keep == plan.tail_start:
+        return None
+    k, v = engine.paged.read(engine.kv_caches[name], ids, n)  # [N, H_kv, d]
+    k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
+    # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
+    pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
+    slots = ids[pos // bs] * bs + pos % bs
+    return slots, k2.transpose(0, 1), v2.transpose(0, 1)
 
 
 def _start_decode_state(st: RequestState, h: int, layer: int, plan: LayerPlan, stats: Any, end: int) -> None:

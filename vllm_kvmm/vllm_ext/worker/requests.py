@@ -41,3 +41,6 @@ class RequestState:
     bin_blocks: dict[int, tuple[int, ...]] = field(default_factory=dict)
     bin_positions: dict[int, torch.Tensor] = field(default_factory=dict)
     bin_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Set when compression or a flush failed for this request: what failed. It is then served with what
+    # was consistently done before (nothing, if planning failed) and is not compressed or flushed again.
+    failed: str | None = None

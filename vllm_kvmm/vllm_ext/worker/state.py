@@ -8,61 +8,23 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_kvmm.policies import PromptInfo
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.worker.compaction import compress
 from vllm_kvmm.vllm_ext.worker.flush import flush
+from vllm_kvmm.vllm_ext.worker.layout import EngineLayout, StepRows
 from vllm_kvmm.vllm_ext.worker.recorder import PlanRecorder
-from vllm_kvmm.vllm_ext.worker.requests import LayerRef, RequestState
+from vllm_kvmm.vllm_ext.worker.requests import RequestState
 from vllm_kvmm.vllm_ext.worker.stats import QueryBuffers
 
 __all__ = ["EngineLayout", "StepRows", "WorkerState", "worker_state"]
 
-
-@dataclass
-class EngineLayout:
-    """What one engine registered with this process: its attention layers, caches and parallelism.
-
-    ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
-    ``paged`` reads and writes the paged cache in the attention backend's layout (set by the backend).
-    """
-
-    layers: dict[str, LayerRef] = field(default_factory=dict)
-    block_size: int = 0
-    num_kv_heads: int = 0
-    tp_world: int = 1
-    all_reduce: Any = None
-    kv_caches: dict[str, torch.Tensor] = field(default_factory=dict)
-    paged: Any = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def layer_groups(self) -> list[list[int]]:
-        """Decoder layers per KV-cache group (they share a block table, hence a layout)."""
-        out: dict[int, list[int]] = {}
-        for ref in self.layers.values():
-            out.setdefault(ref.group, []).append(ref.index)
-        return [sorted(v) for _, v in sorted(out.items())]
-
-
-@dataclass
-class StepRows:
-    """This step's rows: request id per row, query offsets and (uncompacted) lengths from the CPU copies.
-
-    ``metadata``: attention metadata already built this step, shared by groups with the same view.
-    """
-
-    req_ids: list[str] = field(default_factory=list)
-    qsl: list[int] | None = None
-    seq_lens: list[int] | None = None
-    metadata: dict[tuple, Any] = field(default_factory=dict)
+logger = init_logger(__name__)
 
 
 class WorkerState:
@@ -152,28 +114,73 @@ class WorkerState:
 
     def after_forward(self) -> None:
         """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""
-        t0 = time.perf_counter()
         if self.decoding:
             self.queries.take(self)
-        done = [j for j in self.jobs.values() if j.completes and j.req_id in self.requests]
+        done = [j for j in self.jobs.values() if j.completes and self._healthy(j.req_id)]
         for job in done:
-            compress(self, job, self.requests[job.req_id])
-        flushes = [f for f in self.flushes.values() if f.req_id in self.requests]
-        for job in flushes:
-            flush(self, job, self.requests[job.req_id])
-        if done or flushes:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # count the kernels, not just their launches
-            dt = time.perf_counter() - t0
-            self.out.seconds += dt
-            self.seconds_total += dt
+            self._timed(compress, job, "compression")
+        # A request whose compression failed may still have a flush scheduled (the scheduler learns of the
+        # failure from this step's output): it has no decode state, so it is skipped.
+        flushes = [f for f in self.flushes.values() if self._healthy(f.req_id) and self._decodes(f.req_id)]
+        for flush_job in flushes:
+            self._timed(flush, flush_job, "flush")
         self.jobs = {}
         self.flushes = {}
 
+    def _timed(self, work: Any, job: PrefillJob | FlushJob, stage: str) -> None:
+        """Run one compression or flush, time it (device-synchronised) and contain its failure."""
+        t0 = time.perf_counter()
+        try:
+            work(self, job, self.requests[job.req_id])
+        except Exception as e:
+            self.contain(job.req_id, job.epoch, stage, e)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # count the kernels, not just their launches
+        dt = time.perf_counter() - t0
+        self.out.seconds += dt
+        self.out.durations.append(dt)
+        self.seconds_total += dt
+
     def take_output(self) -> KVMMWorkerMeta | None:
-        """What this step compressed and freed, for the scheduler (``None``: nothing)."""
+        """What this step compressed, freed and failed, for the scheduler (``None``: nothing)."""
         out, self.out = self.out, KVMMWorkerMeta()
-        return out if out.compressed or out.seconds else None
+        return out if out.compressed or out.seconds or out.failed else None
+
+    # ---- failures ----------------------------------------------------------------------------
+    def _healthy(self, req_id: str) -> bool:
+        st = self.requests.get(req_id)
+        return st is not None and st.failed is None
+
+    def _decodes(self, req_id: str) -> bool:
+        return self.requests[req_id].decode is not None
+
+    def contain(self, req_id: str, epoch: int, stage: str, error: BaseException) -> None:
+        """Fail one request's compression instead of the engine step that every request shares.
+
+        Each stage changes the cache only once everything it computed for a KV-cache group is ready
+        (compaction.py, flush.py), so the request is left consistent: uncompressed if statistics or
+        planning failed, with the groups done before the failure compressed otherwise. It keeps that
+        layout, is neither compressed nor flushed again, and the scheduler hears ``failed`` (a metric,
+        and an ``error`` in the request's ``kv_transfer_params``).
+
+        Under tensor parallelism the error is raised: ranks decide layouts together, and a failure on
+        one rank alone would leave them with different caches for the same blocks.
+        """
+        if self.engine.tp_world > 1:
+            raise error
+        why = f"{stage}: {type(error).__name__}: {error}"[:500]
+        logger.error(
+            "vllm-kvmm: request %s: %s; serving it without further compression", req_id, why, exc_info=error
+        )
+        st = self.requests.get(req_id)
+        if st is not None:
+            st.failed = why
+            st.accs.clear()
+            st.decode = None
+            st.positions.clear()
+            st.queries.clear()
+        self.out.failed[req_id] = why
+        self.out.epochs.setdefault(req_id, epoch)
 
 
 _STATE: WorkerState | None = None

@@ -12,6 +12,8 @@ import torch
 from vllm_kvmm.ops import StatsAccumulator
 
 if TYPE_CHECKING:
+    from vllm_kvmm.vllm_ext.messages import PrefillJob
+    from vllm_kvmm.vllm_ext.worker.requests import RequestState
     from vllm_kvmm.vllm_ext.worker.state import WorkerState
 
 __all__ = ["QueryBuffers", "observe"]
@@ -43,7 +45,7 @@ def observe(
     seq_lens = state.rows.seq_lens if state.rows.seq_lens is not None else md.seq_lens.tolist()
     for row, req_id in enumerate(state.rows.req_ids):
         st = state.requests.get(req_id)
-        if st is None:
+        if st is None or st.failed is not None:
             continue
         if req_id in state.decoding:  # buffer this decode query for the next flush's scores
             if st.positions and not state.queries.buffered:
@@ -53,34 +55,58 @@ def observe(
         job = state.jobs.get(req_id)
         if job is None:
             continue
-        request = st.policy.stats_request(st.info)
-        if not request.wants_layer(ref.index):
-            continue
-        n_q = qsl[row + 1] - qsl[row]
-        q_start = seq_lens[row] - n_q
-        # A recomputed (preempted) request may prefill past its prompt in one step: the statistics
-        # cover prompt queries only, the later rows are its earlier output tokens.
-        if q_start != job.q_start or n_q < job.num_new:
-            raise RuntimeError(
-                f"kvmm: request {req_id} row {row} computes [{q_start}, {q_start + n_q}) but the "
-                f"scheduler planned prompt tokens [{job.q_start}, {job.q_start + job.num_new})"
-            )
-        seq_len = q_start + job.num_new
-        acc = st.accs.get(ref.index)
-        if acc is None:
-            acc = st.accs[ref.index] = StatsAccumulator(
-                request,
-                st.info.num_tokens,
-                heads,
-                engine.num_kv_heads,
-                st.info.vision_mask,
-                scale,
-                all_reduce=engine.all_reduce,
-                world=engine.tp_world,
-            )
-        n_blocks = -(-seq_len // engine.block_size)
-        k, _ = engine.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
-        acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
+        try:
+            _accumulate(state, st, job, ref.index, row, query, kv_cache, md, heads, scale, qsl, seq_lens)
+        except Exception as e:
+            # This runs inside the model's forward, shared by every request of the step: one request's
+            # failure must not end the step (the request is then served uncompressed).
+            state.contain(req_id, job.epoch, "statistics", e)
+
+
+def _accumulate(
+    state: WorkerState,
+    st: RequestState,
+    job: PrefillJob,
+    layer: int,
+    row: int,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    md: Any,
+    heads: int,
+    scale: float,
+    qsl: list[int],
+    seq_lens: list[int],
+) -> None:
+    """Feed one prefill row's queries of one layer to the request's accumulator."""
+    engine = state.engine
+    request = st.policy.stats_request(st.info)
+    if not request.wants_layer(layer):
+        return
+    n_q = qsl[row + 1] - qsl[row]
+    q_start = seq_lens[row] - n_q
+    # A recomputed (preempted) request may prefill past its prompt in one step: the statistics
+    # cover prompt queries only, the later rows are its earlier output tokens.
+    if q_start != job.q_start or n_q < job.num_new:
+        raise RuntimeError(
+            f"kvmm: request {job.req_id} row {row} computes [{q_start}, {q_start + n_q}) but the "
+            f"scheduler planned prompt tokens [{job.q_start}, {job.q_start + job.num_new})"
+        )
+    seq_len = q_start + job.num_new
+    acc = st.accs.get(layer)
+    if acc is None:
+        acc = st.accs[layer] = StatsAccumulator(
+            request,
+            st.info.num_tokens,
+            heads,
+            engine.num_kv_heads,
+            st.info.vision_mask,
+            scale,
+            all_reduce=engine.all_reduce,
+            world=engine.tp_world,
+        )
+    n_blocks = -(-seq_len // engine.block_size)
+    k, _ = engine.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
+    acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
 
 
 class QueryBuffers:

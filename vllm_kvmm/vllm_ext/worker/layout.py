@@ -1,0 +1,53 @@
+"""The engine's layout as the worker sees it, and one step's rows (plain data, no behaviour)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_kvmm.vllm_ext.worker.requests import LayerRef
+
+__all__ = ["EngineLayout", "StepRows"]
+
+
+@dataclass
+class EngineLayout:
+    """What one engine registered with this process: its attention layers, caches and parallelism.
+
+    ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
+    ``paged`` reads and writes the paged cache in the attention backend's layout (set by the backend).
+    """
+
+    layers: dict[str, LayerRef] = field(default_factory=dict)
+    block_size: int = 0
+    num_kv_heads: int = 0
+    tp_world: int = 1
+    all_reduce: Any = None
+    kv_caches: dict[str, torch.Tensor] = field(default_factory=dict)
+    paged: Any = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_groups(self) -> list[list[int]]:
+        """Decoder layers per KV-cache group (they share a block table, hence a layout)."""
+        out: dict[int, list[int]] = {}
+        for ref in self.layers.values():
+            out.setdefault(ref.group, []).append(ref.index)
+        return [sorted(v) for _, v in sorted(out.items())]
+
+
+@dataclass
+class StepRows:
+    """This step's rows: request id per row, query offsets and (uncompacted) lengths from the CPU copies.
+
+    ``metadata``: attention metadata already built this step, shared by groups with the same view.
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    qsl: list[int] | None = None
+    seq_lens: list[int] | None = None
+    metadata: dict[tuple, Any] = field(default_factory=dict)
