@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vllm_kvmm.policies import KVPolicy, PolicyError, PromptInfo, make_policy, policy_names
 
-__all__ = ["REQUEST_ARGS", "KVPolicyArgs", "PolicyError", "ResolvedPolicy", "resolve_request"]
+__all__ = [
+    "REQUEST_ARGS",
+    "KVPolicyArgs",
+    "OverrideRules",
+    "PolicyError",
+    "ResolvedPolicy",
+    "resolve_request",
+]
 
 # Per-request overrides, as ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
 XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_config"
@@ -104,6 +111,41 @@ class ResolvedPolicy:
 FULL = ResolvedPolicy("full", 1.0)
 
 
+@dataclass(frozen=True)
+class OverrideRules:
+    """What a client may override per request (``vllm serve --kv-overrides``, ``--kv-budget-min/max``).
+
+    ``any``: policy, budget and config; ``budget``: the budget only, within ``[budget_min, budget_max]``;
+    ``none``: nothing, every request runs the engine's policy. The bounds apply to any budget a request
+    names. A refusal says which flag would allow it.
+    """
+
+    allow: Literal["any", "budget", "none"] = "any"
+    budget_min: float = 0.0
+    budget_max: float = 1.0
+
+    def check(self, extra: dict[str, Any]) -> None:
+        named = [k for k in REQUEST_ARGS if k in extra]
+        if not named:
+            return
+        if self.allow == "none":
+            raise PolicyError(
+                f"per-request KV-policy overrides are off on this server (--kv-overrides none); drop {named}"
+            )
+        if self.allow == "budget" and (XARG_POLICY in extra or XARG_CONFIG in extra):
+            raise PolicyError(
+                "this server lets requests set only kv_budget (--kv-overrides budget); kv_policy and "
+                "kv_policy_config need --kv-overrides any"
+            )
+        budget = extra.get(XARG_BUDGET)
+        numeric = isinstance(budget, int | float) and not isinstance(budget, bool) and math.isfinite(budget)
+        if numeric and not self.budget_min <= budget <= self.budget_max:
+            raise PolicyError(
+                f"kv_budget {budget:g} is outside this server's bounds [{self.budget_min:g}, "
+                f"{self.budget_max:g}] (--kv-budget-min / --kv-budget-max)"
+            )
+
+
 class PolicyDefaults(Protocol):
     """The engine-wide defaults a request overrides (``KVMMSettings``, ``KVPolicyArgs``)."""
 
@@ -116,13 +158,17 @@ class PolicyDefaults(Protocol):
 
 
 def resolve_request(
-    extra: dict[str, Any] | None, default: PolicyDefaults | None, num_prompt_tokens: int = 1
+    extra: dict[str, Any] | None,
+    default: PolicyDefaults | None,
+    num_prompt_tokens: int = 1,
+    rules: OverrideRules | None = None,
 ) -> ResolvedPolicy:
     """The policy of one request: the engine's ``default`` overridden by its ``extra_args``.
 
     The one validator of per-request arguments: the API process calls it with ``default=None`` (it does
     not know the engine's policy; a budget-only override is then range-checked), the scheduler with the
-    engine's settings. Raises :class:`PolicyError` with a message fit for an HTTP 400 body.
+    engine's settings. ``rules``: the operator's limits on overrides (``None``: any override). Raises
+    :class:`PolicyError` with a message fit for an HTTP 400 body.
     """
     extra = extra or {}
     unknown = sorted(k for k in extra if k.startswith("kv_") and k not in REQUEST_ARGS)
@@ -132,6 +178,8 @@ def resolve_request(
         raise PolicyError("kv_policy_config needs kv_policy: name the policy its fields belong to")
     if XARG_BUDGET in extra and extra[XARG_BUDGET] is None:
         raise PolicyError("kv_budget must be a number in (0, 1], got null; leave it out for the default")
+    if rules is not None:
+        rules.check(extra)
     if XARG_POLICY in extra:
         # A policy named without a budget runs at its own default budget, not the engine's; the engine's
         # policy named again keeps the engine's configuration unless the request gives its own.

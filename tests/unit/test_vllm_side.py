@@ -123,6 +123,51 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
         assert msg in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "allow,extra,msg",
+    [
+        (
+            "none",
+            {"kv_budget": 0.5},
+            "overrides are off on this server (--kv-overrides none); drop ['kv_budget']",
+        ),
+        ("budget", {"kv_policy": "full"}, "only kv_budget (--kv-overrides budget); kv_policy and"),
+        ("budget", {"kv_budget": 0.05}, "kv_budget 0.05 is outside this server's bounds [0.1, 0.8]"),
+        ("any", {"kv_policy": "snapkv", "kv_budget": 0.9}, "kv_budget 0.9 is outside this server's bounds"),
+    ],
+)
+def test_override_rules_refuse_with_the_flag_that_allows(allow: str, extra: dict, msg: str) -> None:
+    engine = KVMMSettings(policy="snapkv", budget=0.3, overrides=allow, budget_min=0.1, budget_max=0.8)
+    for default in (engine, None):  # the scheduler (engine known) and the API process alike
+        with pytest.raises(PolicyError) as e:
+            resolve_request(extra, default, 100, engine.rules)
+        assert msg in str(e.value)
+
+
+def test_override_rules_allow_what_they_say() -> None:
+    engine = KVMMSettings(policy="snapkv", budget=0.3, overrides="budget", budget_min=0.1, budget_max=0.8)
+    assert resolve_request({"kv_budget": 0.1}, engine, 100, engine.rules).budget == 0.1
+    assert resolve_request({"other": 1}, engine, 100, engine.rules).budget == 0.3  # no override named
+    with pytest.raises(ValueError, match=r"--kv-budget-min 0\.9 exceeds --kv-budget-max 0\.5"):
+        KVMMSettings(policy="snapkv", budget_min=0.9, budget_max=0.5)
+
+
+def test_a_refused_override_at_admission_runs_the_engine_policy_not_full() -> None:
+    from vllm_kvmm.vllm_ext.connector import KVMMConnector
+
+    settings = KVMMSettings(policy="snapkv", budget=0.3, overrides="none")
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=object(),
+        additional_config=settings.to_additional_config(),
+        cache_config=SimpleNamespace(block_size=BS),
+    )
+    conn = KVMMConnector(vllm_config, KVConnectorRole.SCHEDULER)
+    req = _request("a", 64, {"kv_policy": "full"})  # offline use: nothing checked it before admission
+    conn.on_new_request(req)
+    _, params = conn.request_finished(req, [])
+    assert params == {"kvmm": {"policy": "snapkv", "budget": 0.3, "compressed": False}}
+
+
 # ---- the connector's scheduler half ------------------------------------------------------------------
 def _connector(policy: str, budget: float, **config: Any) -> tuple[Any, BlockPool, list[CompressManager]]:
     from vllm_kvmm.vllm_ext.connector import KVMMConnector

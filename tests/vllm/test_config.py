@@ -142,7 +142,8 @@ def test_http_middleware_rejects_before_the_app() -> None:
 
 def test_cli_flags_listed_and_validated() -> None:
     helped = subprocess.run([VLLM, "serve", "--help=vllm-kvmm"], capture_output=True, text=True, timeout=300)
-    assert "--kv-policy" in helped.stdout and "--kv-budget" in helped.stdout
+    for flag in ("--kv-policy", "--kv-budget", "--kv-overrides", "--kv-budget-min", "--kv-budget-max"):
+        assert flag in helped.stdout
     bad = subprocess.run(
         [VLLM, "serve", "some-model", "--kv-policy", "meda", "--kv-budget", "1.5"],
         capture_output=True,
@@ -180,3 +181,23 @@ def test_policy_config_needs_a_policy() -> None:
 
     with pytest.raises(ValueError, match="kv_policy_config needs kv_policy"):
         check_request_args({"kv_policy_config": '{"window": 8}'})
+
+
+def test_http_check_applies_the_servers_override_rules() -> None:
+    from vllm_kvmm.config import OverrideRules
+    from vllm_kvmm.vllm_ext.http import KVPolicyRequestCheck
+    from vllm_kvmm.vllm_ext.validation import set_override_rules
+
+    set_override_rules(OverrideRules("budget", 0.1, 0.8))
+    try:
+        refused = json.dumps({"model": "m", "vllm_xargs": {"kv_policy": "full"}}).encode()
+        status, body, seen = _asgi(KVPolicyRequestCheck, refused)
+        assert status == 400 and seen is None
+        assert (
+            "kv_policy and kv_policy_config need --kv-overrides any" in json.loads(body)["error"]["message"]
+        )
+        allowed = json.dumps({"model": "m", "vllm_xargs": {"kv_budget": 0.5}}).encode()
+        status, _, seen = _asgi(KVPolicyRequestCheck, allowed)
+        assert status == 200 and seen == allowed
+    finally:
+        set_override_rules(None)

@@ -105,13 +105,16 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             # Resolved once, here: the worker builds its policy from this, and the decode cadence the
             # scheduler schedules flushes by is the one the worker's policy has.
             self._policies[request.request_id] = resolve_request(
-                extra, self.settings, request.num_prompt_tokens
+                extra, self.settings, request.num_prompt_tokens, self.settings.rules
             )
         except PolicyError as e:
-            # The API layer rejects bad values with HTTP 400 first; if one still gets here (offline use
-            # with hand-built SamplingParams), serve the request uncompressed rather than fail the engine.
-            logger.error("kvmm: request %s: %s; serving it without compression", request.request_id, e)
-            self._policies[request.request_id] = FULL
+            # The API layer rejects bad or refused values with HTTP 400 first; if one still gets here
+            # (offline use with hand-built SamplingParams), serve the request under the engine's own
+            # policy — never uncompressed, which would bypass the operator's memory plan.
+            logger.error("kvmm: request %s: %s; serving it with the engine's policy", request.request_id, e)
+            self._policies[request.request_id] = resolve_request(
+                None, self.settings, request.num_prompt_tokens
+            )
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = KVMMStepMeta()

@@ -25,6 +25,7 @@ from typing import Any
 
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
+from vllm_kvmm.vllm_ext.validation import set_override_rules
 
 __all__ = ["apply_patches", "check_vllm_internals", "engine_overrides"]
 
@@ -180,6 +181,19 @@ def _add_flags(parser: Any) -> None:
     group.add_argument(
         "--kv-groups", type=_positive_int, default=None, help="KV-cache groups (default: one per layer)"
     )
+    group.add_argument(
+        "--kv-overrides",
+        choices=("any", "budget", "none"),
+        default="any",
+        help="what a request may override through vllm_xargs: policy, budget and config (any), the budget "
+        "only (budget), or nothing (none); refused overrides get an HTTP 400",
+    )
+    group.add_argument(
+        "--kv-budget-min", type=_budget, default=None, help="lowest kv_budget a request may ask for"
+    )
+    group.add_argument(
+        "--kv-budget-max", type=_budget, default=None, help="highest kv_budget a request may ask for"
+    )
 
 
 def _budget(text: str) -> float:
@@ -270,7 +284,10 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
     """Carry ``--kv-*`` flags into ``additional_config`` (and the HTTP check into ``vllm serve``)."""
     policy = getattr(args, "kv_policy", None)
     if policy is None:
-        if settings_from_vllm_config(engine_args) is not None and hasattr(args, "middleware"):
+        given = settings_from_vllm_config(engine_args)
+        if given is not None:
+            set_override_rules(given.rules)
+        if given is not None and hasattr(args, "middleware"):
             args.middleware = [
                 *(args.middleware or []),
                 MIDDLEWARE,
@@ -281,8 +298,12 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
         budget=getattr(args, "kv_budget", None),
         config=getattr(args, "kv_policy_config", None) or {},
         groups=getattr(args, "kv_groups", None),
+        overrides=getattr(args, "kv_overrides", None) or "any",
+        budget_min=getattr(args, "kv_budget_min", None) or 0.0,
+        budget_max=getattr(args, "kv_budget_max", None) or 1.0,
     )
     settings.build_policy()  # fail at start-up with the policy's own message
+    set_override_rules(settings.rules)  # the API process checks them before the engine sees a request
     extra = dict(engine_args.additional_config or {})
     extra.update(settings.to_additional_config())
     engine_args.additional_config = extra

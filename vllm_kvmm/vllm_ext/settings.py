@@ -7,11 +7,11 @@ process and across processes, so the CLI flags, ``vllm_kvmm.engine_args(...)`` a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_kvmm.config import KVPolicyArgs
+from vllm_kvmm.config import KVPolicyArgs, OverrideRules
 from vllm_kvmm.policies import KVPolicy
 
 __all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config"]
@@ -32,6 +32,20 @@ class KVMMSettings(BaseModel):
     budget: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     groups: int | None = Field(None, ge=1)
+    overrides: Literal["any", "budget", "none"] = "any"
+    budget_min: float = Field(0.0, ge=0.0, le=1.0)
+    budget_max: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> KVMMSettings:
+        if self.budget_min > self.budget_max:
+            raise ValueError(f"--kv-budget-min {self.budget_min} exceeds --kv-budget-max {self.budget_max}")
+        return self
+
+    @property
+    def rules(self) -> OverrideRules:
+        """What a request may override (checked by the API process and again at admission)."""
+        return OverrideRules(self.overrides, self.budget_min, self.budget_max)
 
     def build_policy(self) -> KVPolicy:
         return KVPolicyArgs.parse(self.policy, self.budget, self.config)

@@ -13,19 +13,29 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor
 
-from vllm_kvmm.config import PolicyError, resolve_request
+from vllm_kvmm.config import OverrideRules, PolicyError, resolve_request
 
-__all__ = ["KVPolicyParams", "check_request_args"]
+__all__ = ["KVPolicyParams", "check_request_args", "set_override_rules"]
+
+# The operator's limits on overrides in this (API) process, set from `vllm serve`'s flags when they are
+# parsed here (patches.apply_cli_args); the scheduler checks the same rules again at admission.
+_RULES: OverrideRules | None = None
+
+
+def set_override_rules(rules: OverrideRules | None) -> None:
+    global _RULES
+    _RULES = rules
 
 
 def check_request_args(extra: dict[str, Any] | None) -> None:
-    """Raise ``ValueError`` with a clear message for malformed per-request KV-policy arguments.
+    """Raise ``ValueError`` with a clear message for malformed or refused per-request KV-policy arguments.
 
     The same resolver the scheduler runs at admission, without the engine's default policy (which this
-    process does not know): a budget-only override is range-checked, the rest is checked in full.
+    process does not know): a budget-only override is range-checked, the rest is checked in full, and the
+    operator's override rules apply when this process parsed them.
     """
     try:
-        resolve_request(extra, None)
+        resolve_request(extra, None, rules=_RULES)
     except PolicyError as e:
         raise ValueError(str(e)) from None
 
