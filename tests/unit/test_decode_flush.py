@@ -126,3 +126,20 @@ def test_bin_flush_every_token_is_the_recycle_bin() -> None:
             binned = sorted(int(p) for p in slot_pos[hh][~machine.active[hh]])
             assert sorted(pos[hh].tolist()) == active, step
             assert sorted(bin_pos[hh].tolist()) == binned, step
+
+
+def test_a_flush_never_starts_its_tail_before_the_current_tail() -> None:
+    # Prefill kept one prefix block [0, 16) and started its tail at 48 (its layout may start the tail later
+    # than length - recent). A decode flush with recent 32 at length 70 would start its tail at 32, where
+    # only part of [32, 48) is stored; the tail floor keeps it at 48.
+    from vllm_kvmm.policies import flush_tail_start
+
+    pos = torch.cat([torch.arange(16), torch.arange(48, 70)]).expand(2, -1)
+    spec = DecodeSpec("score", interval=4, recent=32)
+    scores = torch.rand(2, pos.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match="stored tail holds 22 tokens, expected 38: a tail was evicted"):
+        plan_flush(spec, pos, scores, 70, capacity=38, granularity=16)
+    plan = plan_flush(spec, pos, scores, 70, capacity=38, granularity=16, tail_floor=48)
+    assert (plan.tail_start, plan.prefix_keep) == (48, 16)
+    assert torch.equal(plan.keep[0], torch.arange(38))
+    assert flush_tail_start(70, 32, 16, 48) == 48 and flush_tail_start(120, 32, 16, 48) == 80

@@ -76,6 +76,7 @@ class FuzzReport:
     preemptions: int = 0
     policies: Counter = field(default_factory=Counter)
     compressed: int = 0
+    errors: list[str] = field(default_factory=list)  # contained compression failures (each one a bug)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -231,6 +232,10 @@ class Fuzzer:
                         self.report.finished += 1
                         kvmm = (out.kv_transfer_params or {}).get("kvmm", {})
                         self.report.compressed += bool(kvmm.get("compressed"))
+                        if "error" in kvmm:
+                            self.report.errors.append(
+                                f"{out.request_id} {self.log[out.request_id]}: {kvmm['error']}"
+                            )
                 step += 1
                 try:
                     check(self.llm, before - set(sched.requests))

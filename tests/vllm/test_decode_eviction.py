@@ -82,6 +82,29 @@ def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: s
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_first_flush_keeps_a_tail_that_prefill_started_late(llm: Any, tiny_llama_dir: Path) -> None:
+    # H2O at ρ 0.25 on 120 / 145 tokens: prefill's layout shortens the tail by a block (tail + rounding
+    # overshoot the budget), so a flush 4 tokens later would start its tail before prefill's. It used to
+    # fail the flush (contained by the worker, found by the fuzzer); the tail floor keeps it in place.
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    ids = [_ids(5, 120), _ids(6, 145)]
+    config = {"decode_interval": 4}
+    params = greedy(30, kv_policy="h2o", kv_budget=0.25, kv_policy_config=json.dumps(config))
+    for i, x in enumerate(ids):
+        llm.llm_engine.add_request(f"late{i}", {"prompt_token_ids": x}, params)
+    out = _drain(llm)
+    refs = DenseReference(tiny_llama_dir).generate(
+        [PromptInput.from_ids(x) for x in ids], make_policy("h2o", 0.25, config), 30, BLOCK
+    )
+    for i, ref in enumerate(refs):
+        assert out[f"late{i}"] == ref.token_ids
+        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"late{i}-"))
+        assert len(mine) == len(ref.flush_positions) == 7
+        for a, b in zip(mine, ref.flush_positions, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_long_generation_in_bounded_blocks(llm: Any) -> None:
     """400 generated tokens after a 120-token prompt at budget 0.25 (30 tokens): blocks stay bounded."""
     engine, pool = llm.llm_engine, block_pool(llm)

@@ -11,7 +11,7 @@ from vllm_kvmm.policies.base import (
     layout,
     plan_compression,
 )
-from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, StoredSlots, plan_flush
+from vllm_kvmm.policies.decode import DecodeSpec, FlushPlan, StoredSlots, flush_tail_start, plan_flush
 from vllm_kvmm.policies.full import Full
 from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
@@ -51,6 +51,7 @@ __all__ = [
     "apply_plan",
     "block_tail_start",
     "budget_tokens",
+    "flush_tail_start",
     "layout",
     "make_policy",
     "plan_compression",

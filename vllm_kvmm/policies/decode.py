@@ -19,7 +19,7 @@ import torch
 from vllm_kvmm.ops import complement, decode_scores, select_topk
 from vllm_kvmm.policies.base import block_tail_start
 
-__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "plan_flush"]
+__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "flush_tail_start", "plan_flush"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,17 @@ class FlushPlan:
         return self.keep.shape[1]
 
 
+def flush_tail_start(length: int, recent: int, granularity: int, tail_floor: int) -> int:
+    """Where a flush's kept tail starts: at least ``recent`` newest tokens, never before ``tail_floor``.
+
+    ``tail_floor`` is where the current tail starts (prefill's layout, or the last flush): tokens before
+    it were compacted, so a tail may not reach back into them — prefill's layout can start the tail later
+    than ``length − recent`` (protected tokens, HAE's text, a shortened recent window), and a decode
+    ``recent`` may exceed prefill's.
+    """
+    return max(block_tail_start(length, recent, granularity), tail_floor)
+
+
 def plan_flush(
     spec: DecodeSpec,
     positions: torch.Tensor,
@@ -65,6 +76,7 @@ def plan_flush(
     length: int,
     capacity: int,
     granularity: int = 1,
+    tail_floor: int = 0,
 ) -> FlushPlan:
     """Choose the stored slots to keep at a flush.
 
@@ -75,10 +87,11 @@ def plan_flush(
         scores: ``[H_kv, S]`` accumulated attention of the stored slots (``"score"`` policies).
         length: tokens in the sequence so far (the next token's position).
         capacity: tokens to keep per head; granularity: the block size (prefix kept in whole blocks).
+        tail_floor: where the current tail starts (:func:`flush_tail_start`).
     """
     h, s = positions.shape
     g = max(1, granularity)
-    tail_start = block_tail_start(length, spec.recent, g)
+    tail_start = flush_tail_start(length, spec.recent, g, tail_floor)
     in_prefix = positions < tail_start  # [H, S]
     n_prefix = int(in_prefix[0].sum())
     if not bool((in_prefix.sum(1) == n_prefix).all()):
@@ -124,12 +137,12 @@ class StoredSlots:
     pos: torch.Tensor
     score: torch.Tensor
 
-    def with_bin(self, binned: StoredSlots | None, length: int, recent: int, granularity: int) -> StoredSlots:
+    def with_bin(self, binned: StoredSlots | None, tail_start: int) -> StoredSlots:
         """The recycle bin's slots (stored outside attention) inserted between the slots older than the
-        new tail and the tail."""
+        new tail (``tail_start``: :func:`flush_tail_start`) and the tail."""
         if binned is None or binned.pos.shape[1] == 0:
             return self
-        m = int((self.pos[0] < block_tail_start(length, recent, granularity)).sum())
+        m = int((self.pos[0] < tail_start).sum())
 
         def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat([a[:, :m], b.to(a.device), a[:, m:]], 1)

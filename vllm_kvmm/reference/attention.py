@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vllm_kvmm.ops import StatsAccumulator, StatsRequest
-from vllm_kvmm.policies.decode import StoredSlots, plan_flush
+from vllm_kvmm.policies.decode import StoredSlots, flush_tail_start, plan_flush
 
 __all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "activate", "kvmm_attention"]
 
@@ -169,8 +169,12 @@ class DenseKVRun:
         return out
 
     # ---- decode-time eviction ----------------------------------------------------------------------
-    def flush(self, specs: Sequence[Any], capacity: torch.Tensor, granularity: int) -> None:
-        """Re-select every layer's stored tokens (docs/decode-eviction.md); ``capacity``: ``[B, L]``."""
+    def flush(
+        self, specs: Sequence[Any], capacity: torch.Tensor, tails: torch.Tensor, granularity: int
+    ) -> None:
+        """Re-select every layer's stored tokens (docs/decode-eviction.md); ``capacity``: ``[B, L]``;
+        ``tails``: ``[B, L]`` where each layer's kept tail starts (prefill's layout, then the last flush's),
+        updated in place."""
 
         new_gen = self.generated - self.flushed_at
         record: list[list[torch.Tensor]] = []
@@ -193,10 +197,13 @@ class DenseKVRun:
                 # The same assembly as the vLLM worker's: the recycle bin between the slots older than the
                 # new tail and the tail, then the decayed scores of this interval's queries.
                 slots = StoredSlots(k, v, pos, score)
-                slots = slots.with_bin(self.bins.get((layer, b)), length, spec.recent, granularity)
+                floor = int(tails[b, layer])
+                tail_start = flush_tail_start(length, spec.recent, granularity, floor)
+                slots = slots.with_bin(self.bins.get((layer, b)), tail_start)
                 slots = slots.rescored(spec, queries[b], new_pos[0], self.scales[layer])
                 cap = spec.capacity if spec.capacity is not None else int(capacity[b, layer])
-                plan = plan_flush(spec, slots.pos, slots.score, length, cap, granularity)
+                plan = plan_flush(spec, slots.pos, slots.score, length, cap, granularity, tail_floor=floor)
+                tails[b, layer] = plan.tail_start
                 if plan.binned is not None:
                     self.bins[(layer, b)] = slots.take(plan.binned)
                 kept = slots.take(plan.keep)

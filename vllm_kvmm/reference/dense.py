@@ -245,6 +245,8 @@ class DenseReference:
         Returns ``[B, T]`` tokens and, if asked, ``[B, T, V]`` logits.
         """
         interval = specs[0].interval if specs[0] is not None else None
+        capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
+        tails = torch.tensor([[p.tail_start for p in sample] for sample in plans])  # updated by each flush
         steps = [logits] if return_logits else []
         tok = logits.argmax(-1)
         tokens = [tok]
@@ -257,8 +259,7 @@ class DenseReference:
             logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
             run.generated += 1
             if interval is not None and run.generated % interval == 0:
-                capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
-                run.flush(specs, capacity, granularity)
+                run.flush(specs, capacity, tails, granularity)
             tok = logits.argmax(-1)
             if return_logits:
                 steps.append(logits)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_kvmm.policies import StoredSlots, plan_flush
+from vllm_kvmm.policies import StoredSlots, flush_tail_start, plan_flush
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
@@ -106,13 +106,13 @@ def _plan_layer(
         bin_ids = torch.tensor([row[i] for i in bins], dtype=torch.long)
         bk, bv = engine.paged.read(cache, bin_ids, bin_pos.shape[1])
         binned = StoredSlots(bk.transpose(0, 1), bv.transpose(0, 1), bin_pos, st.bin_scores[layer])
-        slots = slots.with_bin(binned, length, spec.recent, bs)
+        slots = slots.with_bin(binned, flush_tail_start(length, spec.recent, bs, tail * bs))
     buffered = st.queries.get(layer, [])
     if buffered:
         q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
         slots = slots.rescored(spec, q, torch.tensor([x[1] for x in buffered]), state.queries.scales[name])
     cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
-    plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs)
+    plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs, tail_floor=tail * bs)
     new_tail = plan.tail_start // bs
     if new_tail < tail:
         raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
