@@ -154,6 +154,7 @@ class Fuzzer:
         self.rng = random.Random(cfg.seed)
         self.report = FuzzReport()
         self.log: dict[str, dict[str, Any]] = {}  # request -> how it was made (for the failure message)
+        self.progress = 0  # print the report every this many finished requests (0: never)
 
     def _prompt(self, rid: str) -> tuple[dict[str, Any], Any]:
         from PIL import Image
@@ -230,6 +231,8 @@ class Fuzzer:
                     if out.finished and out.request_id in live:
                         live.discard(out.request_id)
                         self.report.finished += 1
+                        if self.progress and self.report.finished % self.progress == 0:
+                            print(json.dumps({"step": step, **self.report.as_dict()}), flush=True)
                         kvmm = (out.kv_transfer_params or {}).get("kvmm", {})
                         self.report.compressed += bool(kvmm.get("compressed"))
                         if "error" in kvmm:
@@ -288,8 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     model = build_tiny_llava(home / "fuzz" / "tiny-llava", seed=0, tokenizer=load_smollm2_tokenizer())
     cfg = FuzzConfig(seed=a.seed, requests=a.requests, stop_at=a.stop_at)
     llm = make_engine(model, cfg)
-    report = Fuzzer(llm, AutoProcessor.from_pretrained(model), cfg).run()
-    out = {"command": cfg.command(), "violations": 0, **report.as_dict()}
+    fuzzer = Fuzzer(llm, AutoProcessor.from_pretrained(model), cfg)
+    fuzzer.progress = 500
+    report = fuzzer.run()
+    out = {
+        "command": cfg.command(),
+        "violations": 0,
+        "contained_failures": len(report.errors),
+        **report.as_dict(),
+    }
     print(json.dumps(out, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
