@@ -152,6 +152,17 @@ def test_cli_flags_listed_and_validated() -> None:
     )
     assert bad.returncode == 2
     assert "argument --kv-budget: must be a number in (0, 1], got '1.5'" in bad.stderr
+    conflict = subprocess.run(
+        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--enable-prefix-caching"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert conflict.returncode == 2 and "Traceback" not in conflict.stderr
+    assert (
+        "error: vllm-kvmm: prefix caching cannot be on with the compressing KV policy 'meda'"
+        in conflict.stderr
+    )
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 from typing import Any
 
 from vllm_kvmm.vllm_ext import internals
@@ -286,6 +287,7 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
     if policy is None:
         given = settings_from_vllm_config(engine_args)
         if given is not None:
+            _refuse_conflicts(given, engine_args)
             set_override_rules(given.rules)
         if given is not None and hasattr(args, "middleware"):
             args.middleware = [
@@ -303,12 +305,23 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
         budget_max=getattr(args, "kv_budget_max", None) or 1.0,
     )
     settings.build_policy()  # fail at start-up with the policy's own message
+    _refuse_conflicts(settings, engine_args)
     set_override_rules(settings.rules)  # the API process checks them before the engine sees a request
     extra = dict(engine_args.additional_config or {})
     extra.update(settings.to_additional_config())
     engine_args.additional_config = extra
     if hasattr(args, "middleware"):  # `vllm serve`: check vllm_xargs before vLLM renders anything
         args.middleware = [*(args.middleware or []), MIDDLEWARE]
+
+
+def _refuse_conflicts(settings: KVMMSettings, engine_args: Any) -> None:
+    """On the command line, a flag that conflicts with the policy ends ``vllm serve`` with one line (exit
+    2, as argparse does), not the traceback the engine's own check would print later."""
+    try:
+        engine_overrides(settings, engine_args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _patch_engine_args() -> None:
