@@ -258,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead_parser(sp)
     sp.set_defaults(func=run_overhead)
+    from vllm_kvmm.bench.soak import build_parser as soak_parser
+    from vllm_kvmm.bench.soak import run as run_soak
+
+    sp = bench.add_parser(
+        "soak", help="`vllm serve` on 127.0.0.1 under mixed streamed load for a set time; pool empty after"
+    )
+    soak_parser(sp)
+    sp.set_defaults(func=run_soak)
     from vllm_kvmm.bench.profile_decode import build_parser as profile_parser
     from vllm_kvmm.bench.profile_decode import run as run_profile
 

@@ -82,24 +82,34 @@ def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: s
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_first_flush_keeps_a_tail_that_prefill_started_late(llm: Any, tiny_llama_dir: Path) -> None:
-    # H2O at ρ 0.25 on 120 / 145 tokens: prefill's layout shortens the tail by a block (tail + rounding
-    # overshoot the budget), so a flush 4 tokens later would start its tail before prefill's. It used to
-    # fail the flush (contained by the worker, found by the fuzzer); the tail floor keeps it in place.
+@pytest.mark.parametrize(
+    "budget,lengths",
+    [
+        # Prefill's layout shortens the tail by a block (tail + rounding overshoot the budget), so a flush
+        # 4 tokens later would start its tail before prefill's ("the tail moved back").
+        (0.25, (120, 145)),
+        # Whole-block prompts at ρ 0.1: the paged layout rounds some layers to no token at all, and a
+        # flush found no stored position to continue from.
+        (0.1, (64, 48)),
+    ],
+)
+def test_flushes_after_edge_layouts(llm: Any, tiny_llama_dir: Path, budget: float, lengths: tuple) -> None:
+    # Both failed the flush before (contained by the worker, found by the lifecycle fuzzer).
     from vllm_kvmm.vllm_ext.worker import worker_state
 
-    ids = [_ids(5, 120), _ids(6, 145)]
+    ids = [_ids(5 + i, n) for i, n in enumerate(lengths)]
     config = {"decode_interval": 4}
-    params = greedy(30, kv_policy="h2o", kv_budget=0.25, kv_policy_config=json.dumps(config))
+    params = greedy(30, kv_policy="h2o", kv_budget=budget, kv_policy_config=json.dumps(config))
+    tag = f"edge{budget}-"
     for i, x in enumerate(ids):
-        llm.llm_engine.add_request(f"late{i}", {"prompt_token_ids": x}, params)
+        llm.llm_engine.add_request(f"{tag}{i}", {"prompt_token_ids": x}, params)
     out = _drain(llm)
     refs = DenseReference(tiny_llama_dir).generate(
-        [PromptInput.from_ids(x) for x in ids], make_policy("h2o", 0.25, config), 30, BLOCK
+        [PromptInput.from_ids(x) for x in ids], make_policy("h2o", budget, config), 30, BLOCK
     )
     for i, ref in enumerate(refs):
-        assert out[f"late{i}"] == ref.token_ids
-        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"late{i}-"))
+        assert out[f"{tag}{i}"] == ref.token_ids
+        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"{tag}{i}-"))
         assert len(mine) == len(ref.flush_positions) == 7
         for a, b in zip(mine, ref.flush_positions, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

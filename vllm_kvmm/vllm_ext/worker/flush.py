@@ -90,7 +90,11 @@ def _plan_layer(
     bins = st.bin_blocks.get(group, ())
     pos, score = st.positions[layer], st.scores[layer]
     h = pos.shape[0]
-    tail_pos = torch.arange(int(pos[0, -1]) + 1, length).expand(h, -1)  # decoded since last flush
+    # Decoded since the last flush: from the end of the stored tail. A tail can be empty (a prompt of whole
+    # blocks whose layout kept no tail, or no token at all: found by the lifecycle fuzzer), and then the
+    # last stored position lies in the prefix; the new tokens still start at the tail's start.
+    since = max(int(pos[0, -1]) + 1 if pos.shape[1] else 0, tail * bs)
+    tail_pos = torch.arange(since, length).expand(h, -1)
     pos = torch.cat([pos, tail_pos], 1)
     score = torch.cat([score, torch.zeros(tail_pos.shape, dtype=torch.float64)], 1)
     n_view = len(live) * bs + length - tail * bs
