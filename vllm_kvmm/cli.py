@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -131,6 +132,34 @@ VARIANT_HELP = (
 )
 
 
+# ``vllm-kvmm bench NAME``: benchmarks whose module parses its own flags (name, module, help).
+MODULE_BENCHES = (
+    ("perf", "perf", "speed and memory: vanilla vLLM, the ideal and policies in one run"),
+    (
+        "stats",
+        "stats_kernels",
+        "prefill statistics per policy, torch vs Triton kernels, next to the attention itself",
+    ),
+    ("sweep", "sweep", "design sweep on the VLM's validation split: policy variants, one prefill per prompt"),
+    (
+        "decode",
+        "decode",
+        "long generations: throughput and KV held, vanilla vs decode-time eviction (SmolLM2)",
+    ),
+    (
+        "overhead",
+        "overhead",
+        "per-step decode overhead vs vanilla: a 32-layer tiny Llama, batch 1, any device",
+    ),
+    ("soak", "soak", "`vllm serve` on 127.0.0.1 under mixed streamed load for a set time; pool empty after"),
+    (
+        "profile-decode",
+        "profile_decode",
+        "GPU: batch-1 ms/token and a cProfile of decode steps, vanilla vs policies",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-kvmm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,60 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
     sp.add_argument("--out", default="out/retrieval.json")
     sp.set_defaults(func=_cmd_bench_retrieval)
-    from vllm_kvmm.bench.perf import build_parser as perf_parser
-    from vllm_kvmm.bench.perf import run as run_perf
-
-    sp = bench.add_parser("perf", help="speed and memory: vanilla vLLM, the ideal and policies in one run")
-    perf_parser(sp)
-    sp.set_defaults(func=lambda args: run_perf(args, sys.argv[sys.argv.index("perf") + 1 :]))
-    from vllm_kvmm.bench.stats_kernels import build_parser as stats_parser
-    from vllm_kvmm.bench.stats_kernels import run as run_stats
-
-    sp = bench.add_parser(
-        "stats", help="prefill statistics per policy, torch vs Triton kernels, next to the attention itself"
-    )
-    stats_parser(sp)
-    sp.set_defaults(func=lambda args: 0 if run_stats(args) else 1)
-    from vllm_kvmm.bench.sweep import build_parser as sweep_parser
-    from vllm_kvmm.bench.sweep import run as run_sweep
-
-    sp = bench.add_parser(
-        "sweep", help="design sweep on the VLM's validation split: policy variants, one prefill per prompt"
-    )
-    sweep_parser(sp)
-    sp.set_defaults(func=run_sweep)
-    from vllm_kvmm.bench.decode import build_parser as decode_parser
-    from vllm_kvmm.bench.decode import run as run_decode
-
-    sp = bench.add_parser(
-        "decode", help="long generations: throughput and KV held, vanilla vs decode-time eviction (SmolLM2)"
-    )
-    decode_parser(sp)
-    sp.set_defaults(func=run_decode)
-    from vllm_kvmm.bench.overhead import build_parser as overhead_parser
-    from vllm_kvmm.bench.overhead import run as run_overhead
-
-    sp = bench.add_parser(
-        "overhead", help="per-step decode overhead vs vanilla: a 32-layer tiny Llama, batch 1, any device"
-    )
-    overhead_parser(sp)
-    sp.set_defaults(func=run_overhead)
-    from vllm_kvmm.bench.soak import build_parser as soak_parser
-    from vllm_kvmm.bench.soak import run as run_soak
-
-    sp = bench.add_parser(
-        "soak", help="`vllm serve` on 127.0.0.1 under mixed streamed load for a set time; pool empty after"
-    )
-    soak_parser(sp)
-    sp.set_defaults(func=run_soak)
-    from vllm_kvmm.bench.profile_decode import build_parser as profile_parser
-    from vllm_kvmm.bench.profile_decode import run as run_profile
-
-    sp = bench.add_parser(
-        "profile-decode", help="GPU: batch-1 ms/token and a cProfile of decode steps, vanilla vs policies"
-    )
-    profile_parser(sp)
-    sp.set_defaults(func=run_profile)
+    for name, module, help_text in MODULE_BENCHES:
+        # Each module has ``build_parser(p)`` and ``run(args) -> int`` and also runs as ``python -m``.
+        mod = importlib.import_module(f"vllm_kvmm.bench.{module}")
+        sp = bench.add_parser(name, help=help_text)
+        mod.build_parser(sp)
+        sp.set_defaults(func=mod.run)
     return p
 
 

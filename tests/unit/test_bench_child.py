@@ -100,8 +100,24 @@ def test_every_bench_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     choices = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out)
     assert choices is not None
     assert sorted(choices[1].split(",")) == [
-        "decode", "overhead", "perf", "profile-decode", "quality", "retrieval", "stats", "sweep",
+        "decode", "overhead", "perf", "profile-decode", "quality", "retrieval", "soak", "stats", "sweep",
     ]  # fmt: skip
+
+
+def test_every_bench_module_with_flags_is_registered() -> None:
+    # A new benchmark module (build_parser + run) is reachable from `vllm-kvmm bench` or this fails.
+    import importlib
+    import pkgutil
+
+    import vllm_kvmm.bench
+    from vllm_kvmm.cli import MODULE_BENCHES
+
+    runnable = set()
+    for info in pkgutil.iter_modules(vllm_kvmm.bench.__path__):
+        mod = importlib.import_module(f"vllm_kvmm.bench.{info.name}")
+        if callable(getattr(mod, "build_parser", None)) and callable(getattr(mod, "run", None)):
+            runnable.add(info.name)
+    assert runnable == {module for _, module, _ in MODULE_BENCHES}
 
 
 @pytest.mark.parametrize(

@@ -292,7 +292,9 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> int:
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     args = {k: v for k, v in vars(a).items() if k not in ("child", "plot_only")}
-    flags = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the flags after `bench perf` (or after the module, for python -m)
+        argv = sys.argv[sys.argv.index("perf") + 1 :] if "perf" in sys.argv else sys.argv[1:]
+    flags = argv
     command = "vllm-kvmm bench perf " + " ".join(shlex.quote(x) for x in flags)
     result = dict(command=command, machine=_machine(), args=args, rows=rows, failed=failed)
     out.write_text(json.dumps(result, indent=1))

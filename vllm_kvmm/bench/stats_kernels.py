@@ -97,7 +97,7 @@ def deviation(a: LayerStats, b: LayerStats) -> float:
     return worst
 
 
-def run(a: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
     """Time every policy's statistics for each of ``a.kernels``; returns (and writes) the rows."""
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -214,8 +214,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
+def run(a: argparse.Namespace) -> int:
+    """``vllm-kvmm bench stats``: 0 when rows were measured."""
+    return 0 if measure(a) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    return 0 if run(build_parser().parse_args(argv)) else 1
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
