@@ -165,9 +165,25 @@ def test_flush_failure_stops_flushing_that_request(
     flush = importlib.import_module("vllm_kvmm.vllm_ext.worker.flush")
 
     # A flush at length L of the target: L ≡ TARGET (mod INTERVAL); the other prompts' lengths differ mod 16.
-    is_target = lambda spec, pos, score, length, *a: length % INTERVAL == TARGET % INTERVAL  # noqa: E731
+    is_target = lambda spec, pos, score, length, *a, **kw: length % INTERVAL == TARGET % INTERVAL  # noqa: E731
     monkeypatch.setattr(flush, "plan_flush", _failing(flush.plan_flush, is_target, "flush"))
     _check(_run(llm), clean, "flush", compressed=True)
+
+
+def test_seeded_sampling_is_refused_on_cpu_not_fatal(llm: Any) -> None:
+    """vLLM 0.26's CPU runner dies on a seeded request's chunked prefill; we refuse it up front instead."""
+    from vllm import SamplingParams
+    from vllm.platforms import current_platform
+
+    seeded = SamplingParams(max_tokens=4, temperature=1.0, seed=3)
+    if not current_platform.is_cpu():
+        (out,) = llm.generate(_prompts()[:1], seeded)
+        assert len(out.outputs[0].token_ids) == 4
+        return
+    with pytest.raises(ValueError, match="`seed` with temperature > 0 is refused on the CPU backend"):
+        llm.generate(_prompts()[:1], seeded)
+    (out,) = llm.generate(_prompts()[:1], SamplingParams(max_tokens=4, temperature=0.0, seed=3))
+    assert len(out.outputs[0].token_ids) == 4
 
 
 def test_engine_still_serves_after_every_fault(llm: Any, clean: dict[str, Any]) -> None:

@@ -279,8 +279,8 @@ async def one_request(client: Any, load: Load, plan: Plan, timeout: float) -> Ou
                 model=SERVED_NAME,
                 messages=load.messages(plan),
                 max_tokens=plan.max_tokens,
+                # No `seed`: the CPU backend refuses seeded sampling (validation.check_sampling).
                 temperature=1.0,
-                seed=plan.index,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body=body,

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vllm.platforms import current_platform
+from vllm.sampling_params import SamplingType
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor
 
 from vllm_kvmm.config import OverrideRules, PolicyError, resolve_request
 
-__all__ = ["KVPolicyParams", "check_request_args", "set_override_rules"]
+__all__ = ["KVPolicyParams", "check_request_args", "check_sampling", "set_override_rules"]
 
 # The operator's limits on overrides in this (API) process, set from `vllm serve`'s flags when they are
 # parsed here (patches.apply_cli_args); the scheduler checks the same rules again at admission.
@@ -40,12 +42,30 @@ def check_request_args(extra: dict[str, Any] | None) -> None:
         raise ValueError(str(e)) from None
 
 
+def check_sampling(sampling_params: Any) -> None:
+    """Refuse what would kill the engine rather than fail one request: seeded random sampling on CPU.
+
+    vLLM 0.26's model runner rewinds a seeded request's generator after a partial (chunked) prefill step
+    with ``set_offset``, which only CUDA-like generators have; on the CPU backend it raises ``CPU Generator
+    does not use offset`` inside the engine core, which then dies and fails every in-flight request
+    (vanilla vLLM too; found by ``vllm-kvmm bench soak``). Whether a prompt will be chunked is not known
+    here, so every such request is refused with a 400 instead. GPUs serve it.
+    """
+    if current_platform.is_cpu() and sampling_params.sampling_type == SamplingType.RANDOM_SEED:
+        raise ValueError(
+            "`seed` with temperature > 0 is refused on the CPU backend: vLLM 0.26 cannot rewind a CPU "
+            "generator after a chunked prefill step and the engine would stop; leave out `seed` or use "
+            "temperature 0"
+        )
+
+
 class KVPolicyParams(LogitsProcessor):
     """A no-op logits processor whose only job is :meth:`validate_params`."""
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         check_request_args(getattr(sampling_params, "extra_args", None))
+        check_sampling(sampling_params)
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         pass
