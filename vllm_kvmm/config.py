@@ -138,8 +138,9 @@ class OverrideRules:
                 "kv_policy_config need --kv-overrides any"
             )
         budget = extra.get(XARG_BUDGET)
-        numeric = isinstance(budget, int | float) and not isinstance(budget, bool) and math.isfinite(budget)
-        if numeric and not self.budget_min <= budget <= self.budget_max:
+        # Only a valid budget is held to the bounds; an invalid one gets the general (0, 1] message.
+        valid = isinstance(budget, int | float) and not isinstance(budget, bool) and 0 < budget <= 1
+        if valid and not self.budget_min <= budget <= self.budget_max:
             raise PolicyError(
                 f"kv_budget {budget:g} is outside this server's bounds [{self.budget_min:g}, "
                 f"{self.budget_max:g}] (--kv-budget-min / --kv-budget-max)"

@@ -144,6 +144,17 @@ def test_override_rules_refuse_with_the_flag_that_allows(allow: str, extra: dict
         assert msg in str(e.value)
 
 
+def test_an_invalid_budget_gets_the_range_message_not_the_bounds() -> None:
+    engine = KVMMSettings(policy="snapkv", budget=0.3, overrides="budget", budget_min=0.1, budget_max=0.8)
+    for default, msg in [
+        (engine, "budget: Input should be less than or equal to 1 (got 1.5)"),
+        (None, "kv_budget must be a number in (0, 1], got 1.5"),
+    ]:
+        with pytest.raises(PolicyError) as e:
+            resolve_request({"kv_budget": 1.5}, default, 100, engine.rules)
+        assert msg in str(e.value)
+
+
 def test_override_rules_allow_what_they_say() -> None:
     engine = KVMMSettings(policy="snapkv", budget=0.3, overrides="budget", budget_min=0.1, budget_max=0.8)
     assert resolve_request({"kv_budget": 0.1}, engine, 100, engine.rules).budget == 0.1

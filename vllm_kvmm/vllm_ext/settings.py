@@ -17,6 +17,7 @@ from vllm_kvmm.policies import KVPolicy
 __all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config"]
 
 ADDITIONAL_CONFIG_KEY = "kv_policy"
+_RULE_FIELDS = ("overrides", "budget_min", "budget_max")
 
 
 class KVMMSettings(BaseModel):
@@ -56,7 +57,9 @@ class KVMMSettings(BaseModel):
         return self.policy != "full"
 
     def to_additional_config(self) -> dict[str, Any]:
-        return {ADDITIONAL_CONFIG_KEY: self.model_dump(exclude_none=True)}
+        # The override rules only when set: a plain engine_args(...) stays {policy, budget, config}.
+        unset = {k for k in _RULE_FIELDS if getattr(self, k) == type(self).model_fields[k].default}
+        return {ADDITIONAL_CONFIG_KEY: self.model_dump(exclude_none=True, exclude=unset)}
 
 
 def settings_from_vllm_config(vllm_config: Any) -> KVMMSettings | None:
