@@ -304,7 +304,7 @@ def _engine_args(parser: Any, command: Any, argv: list[str]) -> Any:
     try:
         args = parser.parse_args(["serve", *argv])
     except SystemExit as e:  # argparse prints the reason to stderr
-        pytest.fail(f"{source}: `vllm serve {' '.join(argv)}` is refused by the parser (exit {e.code})")
+        pytest.fail(f"`vllm serve {' '.join(argv)}` is refused by the parser (exit {e.code})")
     command.validate(args)
     args.model = args.model_tag  # what `vllm serve` does before building the engine arguments
     from vllm.engine.arg_utils import AsyncEngineArgs
