@@ -14,50 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_kvmm import local_server
 from vllm_kvmm.data import needle_prompt
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metrics(base: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode().splitlines():
+    with local_server.OPENER.open(f"{base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
         if line.startswith("vllm_kvmm:") and "_total{" in line:
             out[line.split("_total{")[0].removeprefix("vllm_kvmm:")] = float(line.rsplit(" ", 1)[1])
     return out
-
-
-def _wait(proc: subprocess.Popen, base: str, log: Path, timeout: float = 300) -> None:
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"vllm serve exited ({proc.returncode}); last lines of {log}:\n{log.read_text()[-2000:]}"
-            )
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            return
-        except OSError:
-            if time.time() - t0 > timeout:
-                raise RuntimeError(
-                    f"vllm serve did not become ready in {timeout:.0f} s (log: {log})"
-                ) from None
-            time.sleep(1)
 
 
 @contextmanager
@@ -69,12 +44,10 @@ def vllm_server(
     float32 (the embedded weights' dtype: the numbers the dense reference sees) and eager (torch.compile
     costs ~100 s of start-up on a CPU for no gain here). The log goes to ``$VLLM_KVMM_HOME/serve-demo.log``.
     """
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    port = local_server.free_port()
     log = Path(os.environ.get("VLLM_KVMM_HOME", Path.home() / ".cache" / "vllm-kvmm")) / "serve-demo.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(model),
+        local_server.vllm_exe(), "serve", str(model),
         "--served-model-name", name,
         "--kv-policy", policy,
         "--kv-budget", str(budget),
@@ -84,22 +57,9 @@ def vllm_server(
         "--port", str(port),
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     print(f"$ vllm serve {model} --kv-policy {policy} --kv-budget {budget} ...   (log: {log})")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        t0 = time.time()
-        _wait(proc, base, log)
-        print(f"server ready in {time.time() - t0:.0f} s at {base}\n")
+    with local_server.vllm_server(cmd, log, start_timeout=300) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print("\nserver stopped")
 
 
 @dataclass(frozen=True)

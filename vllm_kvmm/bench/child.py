@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MARKER", "ChildResult", "add_child_flag", "parse_result", "report", "run_child"]
+__all__ = ["MARKER", "ChildResult", "add_child_flag", "machine", "parse_result", "report", "run_child"]
 
 MARKER = "RESULT "
 """What starts the child's result line on stdout; the JSON object follows on the same line."""
@@ -137,3 +138,15 @@ def run_child(
 def _kill_group(proc: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def machine() -> str:
+    """The machine a result was measured on, as result files record it (GPU name, else CPU and cores)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

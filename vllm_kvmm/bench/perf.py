@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shlex
 import statistics
@@ -40,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_kvmm.bench.archs import write_model
-from vllm_kvmm.bench.child import add_child_flag, report, run_child
+from vllm_kvmm.bench.child import add_child_flag, machine, report, run_child
 
 __all__ = ["main", "plot"]
 
@@ -232,17 +230,6 @@ def plot(json_path: Path, png_path: Path) -> bool:
     return True
 
 
-def _machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="vllm-kvmm bench perf", description=__doc__)
     p.add_argument("--arch", default="llama2-7b-mha", help="llama2-7b-mha | qwen2-7b-gqa")
@@ -296,7 +283,7 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> int:
         argv = sys.argv[sys.argv.index("perf") + 1 :] if "perf" in sys.argv else sys.argv[1:]
     flags = argv
     command = "vllm-kvmm bench perf " + " ".join(shlex.quote(x) for x in flags)
-    result = dict(command=command, machine=_machine(), args=args, rows=rows, failed=failed)
+    result = dict(command=command, machine=machine(), args=args, rows=rows, failed=failed)
     out.write_text(json.dumps(result, indent=1))
     print("\n" + _table(rows))
     png = out.with_suffix(".png")

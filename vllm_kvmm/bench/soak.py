@@ -31,27 +31,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import io
 import json
-import os
-import platform
 import random
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from vllm_kvmm.bench.child import machine
+from vllm_kvmm.local_server import OPENER, free_port, vllm_exe, vllm_server
 
 SERVED_NAME = "soak"
 SERVER_POLICY, SERVER_BUDGET = "snapkv", 0.3
@@ -73,20 +67,11 @@ KVMM_COUNTERS = (
 )
 KINDS = ("completed", "aborted", "rejected", "failed")
 
-# Loopback only: never through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def scrape(base: str, timeout: float = 10) -> dict[str, float]:
     """Every sample of ``/metrics``, summed over label sets: ``{metric name: value}``."""
     out: dict[str, float] = {}
-    with _OPENER.open(f"{base}/metrics", timeout=timeout) as r:
+    with OPENER.open(f"{base}/metrics", timeout=timeout) as r:
         text = r.read().decode()
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -105,67 +90,6 @@ def _is_vlm(model: Path) -> bool:
         return "vision_config" in json.loads((model / "config.json").read_text())
     except (OSError, ValueError):
         return False
-
-
-def _vllm_exe() -> str:
-    exe = Path(sys.executable).parent / "vllm"
-    return str(exe) if exe.exists() else (shutil.which("vllm") or "vllm")
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the server (its engine processes follow), SIGKILL its whole process group if it hangs."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only the server and its children
-        proc.wait(10)
-
-
-@contextmanager
-def vllm_server(cmd: list[str], log: Path, start_timeout: float) -> Iterator[str]:
-    """Run ``cmd`` (``vllm serve`` on 127.0.0.1), its output in ``log``; yield the base URL once healthy.
-
-    The server runs in its own session (a Ctrl-C in the terminal reaches only this process, which then stops
-    the server here) and is always stopped on the way out.
-    """
-    port = cmd[cmd.index("--port") + 1]
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multi-process server (tests set it to 0)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({proc.returncode}); last lines of {log}:\n"
-                                   f"{log.read_text()[-3000:]}")  # fmt: skip
-            try:
-                with _OPENER.open(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() - t0 > start_timeout:
-                    raise RuntimeError(
-                        f"vllm serve did not become ready in {start_timeout:.0f} s (log: {log})"
-                    ) from None
-                time.sleep(1)
-        print(f"server ready in {time.time() - t0:.0f} s at {base}", flush=True)
-        yield base
-    finally:
-        _stop(proc)
-        print("server stopped", flush=True)
 
 
 @dataclass(frozen=True)
@@ -458,17 +382,6 @@ def summarize(outcomes: Sequence[Outcome], elapsed: float) -> dict[str, Any]:
     }
 
 
-def _machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def command_line(a: argparse.Namespace) -> str:
     """The full command of this run, every flag spelled out."""
     flags = []
@@ -485,7 +398,7 @@ def command_line(a: argparse.Namespace) -> str:
 
 def server_command(a: argparse.Namespace, model: Path, vlm: bool) -> list[str]:
     cmd = [
-        _vllm_exe(), "serve", str(model),
+        vllm_exe(), "serve", str(model),
         "--served-model-name", SERVED_NAME,
         "--kv-policy", SERVER_POLICY,
         "--kv-budget", str(SERVER_BUDGET),
@@ -495,7 +408,7 @@ def server_command(a: argparse.Namespace, model: Path, vlm: bool) -> list[str]:
         "--enforce-eager",
         "--seed", "0",
         "--host", "127.0.0.1",
-        "--port", str(_free_port()),
+        "--port", str(free_port()),
     ]  # fmt: skip
     if vlm:
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": 2})]
@@ -600,7 +513,7 @@ def run(a: argparse.Namespace) -> int:
         "server_command": cmd,
         "server_log": str(log),
         "model": str(model),
-        "machine": _machine(),
+        "machine": machine(),
         "started": started,
         "server_policy": {"kv_policy": SERVER_POLICY, "kv_budget": SERVER_BUDGET},
         "policies": policies,
