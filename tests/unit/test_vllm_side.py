@@ -269,7 +269,14 @@ def test_worker_report_frees_blocks_unless_stale_and_reaches_the_output() -> Non
     assert _ids(mgrs[0], "a")[1:3] == [0, 0] and _ids(mgrs[0], "b")[1:3] != [0, 0]
     _, params = conn.request_finished(a, [])
     assert params == {
-        "kvmm": {"policy": "snapkv", "budget": 0.25, "compressed": True, "prompt_tokens": 64, "kv_kept": 0.5}
+        "kvmm": {
+            "policy": "snapkv",
+            "budget": 0.25,
+            "compressed": True,
+            "prompt_tokens": 64,
+            "kv_kept": 0.5,
+            "budget_met": False,  # 0.5 > 1.1 × 0.25: a 64-token prompt's minimum exceeds the budget
+        }
     }
     _, params = conn.request_finished(b, [])
     assert params == {"kvmm": {"policy": "snapkv", "budget": 0.25, "compressed": False}}

@@ -1,6 +1,7 @@
 """KV-compression policies (pure torch, no vLLM import). See :mod:`vllm_kvmm.policies.base`."""
 
 from vllm_kvmm.policies.base import (
+    BUDGET_TOLERANCE,
     KVPolicy,
     LayerPlan,
     MergeSpec,
@@ -24,6 +25,7 @@ from vllm_kvmm.policies.snapkv import SnapKV
 from vllm_kvmm.policies.streaming import StreamingLLM
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "H2O",
     "HAE",
     "MEDA",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from vllm_kvmm.policies.decode import DecodeSpec
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "KVPolicy",
     "LayerPlan",
     "MergeSpec",
@@ -43,6 +44,10 @@ __all__ = [
     "layout",
     "plan_compression",
 ]
+
+
+# How far above ρ a default configuration may keep (relative) on prompts of 512 tokens or more.
+BUDGET_TOLERANCE = 0.10
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request
+from vllm_kvmm.policies import BUDGET_TOLERANCE
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
@@ -224,8 +225,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def _forget(self, req_id: str) -> dict[str, Any] | None:
         """Drop a request's state; returns its report for the output's ``kv_transfer_params``.
 
-        ``{"kvmm": {"policy", "budget", "compressed", "kv_kept"?}}``: the effective policy and budget, and
-        for a compressed prompt the measured fraction of its KV kept (tokens × layers). A request that
+        ``{"kvmm": {"policy", "budget", "compressed", "kv_kept"?, "budget_met"?}}``: the effective policy
+        and budget, and for a compressed prompt the measured fraction of its KV kept (tokens × layers) and
+        whether that is within ``BUDGET_TOLERANCE`` of the budget (``false``: what the policy always keeps,
+        sinks, recent window, whole blocks, exceeds the budget on this prompt; short prompts). A request that
         finishes in the very step that compressed it ends before the worker's report arrives: it says
         ``compressed: false`` although its cache was compressed for that one step.
         """
@@ -234,8 +237,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         report = self._reports.pop(req_id, None)
         if pol is None:
             return None
-        said = {"policy": pol.name, "budget": pol.budget, "compressed": "kv_kept" in (report or {})}
-        return {"kvmm": {**said, **(report or {})}}
+        report = report or {}
+        said = {"policy": pol.name, "budget": pol.budget, "compressed": "kv_kept" in report}
+        if "kv_kept" in report:
+            report["budget_met"] = report["kv_kept"] <= (1 + BUDGET_TOLERANCE) * pol.budget
+        return {"kvmm": {**said, **report}}
 
     # ---- worker side ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
