@@ -1,7 +1,8 @@
-"""Tiny LLaVA and tiny Qwen2-VL with images on the vLLM CPU build: identity and paged == dense.
+"""Every tiny multimodal family on the vLLM CPU build, images and (Qwen-VL) video: identity, paged == dense.
 
 The vision mask of the vLLM path comes from the request's multimodal placeholder ranges, the reference's
-from the processor's image tokens: equal kept sets show they agree.
+from the processor's image and video tokens: equal kept sets show they agree. Video tokens are vision
+tokens for every modality-aware policy.
 """
 
 from __future__ import annotations
@@ -10,20 +11,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from transformers import AutoProcessor
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown, token_ids
-from tests.vllm.helpers import assert_same_kept_sets, plans_by_output_id
+from tests.vllm.helpers import assert_same_kept_sets, block_pool, plans_by_output_id
 from vllm_kvmm.policies import make_policy, policy_names
 from vllm_kvmm.reference import DenseReference, prompt_from_messages
 
 NEW = 10
-QUESTIONS = ["Describe these pictures in detail.", "What is the difference between the two images?"]
+QUESTIONS = [
+    "Describe these pictures in detail.",
+    "What is the difference between the two images?",
+    "What happens in this video?",
+]
 
 
-def _cases(images: list) -> list[tuple[list[dict], list]]:
-    """(messages, images): one image with a short question, two images with another."""
+# Tiny model families (tests/conftest.py builds ``tiny_<name>_dir``) and whether they take video.
+FAMILIES: dict[str, bool] = {"llava": False, "qwen2vl": True, "qwen25vl": True}
+
+
+def video(seed: int, frames: int, size: int) -> np.ndarray:
+    """``[frames, size, size, 3]`` uint8 random frames."""
+    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+def _cases(images: list, videos: list) -> list[tuple[list[dict], list, list]]:
+    """(messages, images, videos): one image with a short question, two images with another, and with
+    ``videos`` one video with a third."""
     one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
     two = [
         {
@@ -31,37 +47,43 @@ def _cases(images: list) -> list[tuple[list[dict], list]]:
             "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTIONS[1]}],
         }
     ]
-    return [(one, images[:1]), (two, images[1:3])]
-
-
-def _vllm_inputs(processor: Any, images: list) -> list[dict[str, Any]]:
-    out = []
-    for messages, imgs in _cases(images):
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        out.append({"prompt": text, "multi_modal_data": {"image": imgs}})
+    out = [(one, images[:1], []), (two, images[1:3], [])]
+    if videos:
+        clip = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[2]}]}]
+        out.append((clip, [], videos[:1]))
     return out
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2vl"])
-def setup(
-    request: Any, images: list, tiny_llava_dir: Path, tiny_qwen2vl_dir: Path
-) -> Iterator[dict[str, Any]]:
-    """Vanilla tokens, then our engine (default policy ``full``) for one model; shut down after."""
-    from vllm_kvmm.vllm_ext.worker import worker_state
+def _vllm_input(processor: Any, messages: list[dict], imgs: list, vids: list) -> dict[str, Any]:
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    data: dict[str, Any] = {"image": imgs} if imgs else {}
+    if vids:
+        data["video"] = vids[0]
+    return {"prompt": text, "multi_modal_data": data}
 
-    model_dir = tiny_llava_dir if request.param == "llava" else tiny_qwen2vl_dir
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setup(request: Any, images: list) -> Iterator[dict[str, Any]]:
+    """Vanilla tokens, then our engine (default policy ``full``) for one model family; shut down after."""
+    from vllm_kvmm.vllm_ext.worker import PlanRecorder, worker_state
+
+    model_dir: Path = request.getfixturevalue(f"tiny_{request.param}_dir")
     processor = AutoProcessor.from_pretrained(model_dir)
-    inputs = _vllm_inputs(processor, images)
-    kw: dict[str, Any] = dict(max_model_len=2048, limit_mm_per_prompt={"image": 2})
+    videos = [video(3, 8, 112)] if FAMILIES[request.param] else []
+    cases = _cases(images, videos)
+    inputs = [_vllm_input(processor, *c) for c in cases]
+    limits = {"image": 2, "video": 1 if videos else 0}
+    kw: dict[str, Any] = dict(max_model_len=2048, limit_mm_per_prompt=limits)
     vanilla = make_llm(str(model_dir), **kw)
     van = token_ids(vanilla.generate(inputs, greedy(NEW)))
     shutdown(vanilla)
     llm = make_llm(str(model_dir), "full", **kw)
-    from vllm_kvmm.vllm_ext.worker import PlanRecorder
-
     worker_state().recorder = PlanRecorder()
-    refs_in = [prompt_from_messages(processor, m, imgs) for m, imgs in _cases(images)]
-    yield dict(llm=llm, vanilla=van, inputs=inputs, ref=DenseReference(model_dir), ref_in=refs_in)
+    refs_in = [prompt_from_messages(processor, *c) for c in cases]
+    yield dict(
+        llm=llm, vanilla=van, inputs=inputs, ref=DenseReference(model_dir), ref_in=refs_in,
+        processor=processor, video=bool(videos),
+    )  # fmt: skip
     shutdown(llm)
 
 
@@ -98,3 +120,39 @@ def test_paged_equals_dense(setup: dict[str, Any], name: str, budget: float) -> 
         assert list(out.outputs[0].token_ids) == ref.token_ids
         assert any(not p.is_identity for p in ref.plans)
         assert_same_kept_sets(plans_by_output_id(worker_state().recorder.plans, out.request_id), ref.plans)
+
+
+def test_a_long_video_is_compressed_and_frees_its_blocks(setup: dict[str, Any]) -> None:
+    """512 video tokens (16 frames) under snapkv 0.25: after the prefill step each layer's KV-cache group
+    holds exactly the blocks the dense reference's plan keeps, and all come back after the request."""
+    from vllm_kvmm.vllm_ext.spec import managers
+
+    if not setup["video"]:
+        pytest.skip("this family takes no video")
+    clip = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[2]}]}]
+    frames = video(4, 16, 224)
+    ref_in = prompt_from_messages(setup["processor"], clip, [], [frames])
+    n, n_video = ref_in.num_tokens, int(ref_in.vision_mask.sum())
+    assert n_video >= 400, n_video  # 8 temporal patches of 8×8 merged patches
+    llm = setup["llm"]
+    engine, pool = llm.llm_engine, block_pool(llm)
+    free0 = pool.get_num_free_blocks()
+    params = greedy(4, kv_policy="snapkv", kv_budget=0.25)
+    engine.add_request("video", _vllm_input(setup["processor"], clip, [], [frames]), params)
+    engine.step()  # the whole prompt fits one step: prefill, compression, release
+    ref = setup["ref"].generate([ref_in], make_policy("snapkv", 0.25), 4, granularity=BLOCK)[0]
+    held = {
+        gid: m.num_held_blocks(next(r for r in m.req_to_blocks if r.startswith("video")))
+        for gid, m in managers(pool).items()
+    }
+    assert held == {
+        gid: -(-n // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for gid, p in enumerate(ref.plans)
+    }
+    assert sum(held.values()) <= len(held) * -(-n // BLOCK) // 2  # well under half the blocks kept
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out = list(o.outputs[0].token_ids)
+    assert out == ref.token_ids
+    assert pool.get_num_free_blocks() == free0  # everything back

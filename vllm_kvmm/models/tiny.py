@@ -1,4 +1,4 @@
-"""Tiny random-weight models (Llama, LLaVA, Qwen2-VL) saved as Hugging Face folders, fully offline.
+"""Tiny random-weight models (Llama, LLaVA, Qwen2-VL, Qwen2.5-VL) saved as Hugging Face folders, offline.
 
 They exercise the mechanics (GQA, image placeholders, M-RoPE, per-layer caches) in tests and in the
 vLLM CPU build, where a real multimodal checkpoint cannot be downloaded. All of them:
@@ -24,7 +24,7 @@ import torch
 from vllm_kvmm.models.folders import write_folder_atomically
 from vllm_kvmm.models.smollm2 import load_smollm2_tokenizer
 
-__all__ = ["build_tiny_llama", "build_tiny_llava", "build_tiny_qwen2vl"]
+__all__ = ["build_tiny_llama", "build_tiny_llava", "build_tiny_qwen2vl", "build_tiny_qwen25vl"]
 
 _INIT_RANGE = 0.1
 HIDDEN = 128
@@ -34,13 +34,15 @@ HEAD_DIM = 32
 INTERMEDIATE = 256
 MAX_POSITIONS = 4096
 
-# ChatML like SmolLM2's own template; ``image_text`` is what one {"type": "image"} item renders to.
+# ChatML like SmolLM2's own template; ``image_text`` is what one {"type": "image"} item renders to,
+# ``video_text`` one {"type": "video"} item.
 _CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}{{ 'IMAGE_TEXT' }}"
+    "{% elif item['type'] == 'video' %}{{ 'VIDEO_TEXT' }}"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
@@ -49,9 +51,10 @@ _CHAT_TEMPLATE = (
 )
 
 
-def chat_template(image_text: str) -> str:
-    """The ChatML template of the tiny models; an image item renders to ``image_text``."""
-    return _CHAT_TEMPLATE.replace("IMAGE_TEXT", image_text)
+def chat_template(image_text: str, video_text: str = "") -> str:
+    """The ChatML template of the tiny models; an image item renders to ``image_text``, a video item to
+    ``video_text`` (nothing for models without video)."""
+    return _CHAT_TEMPLATE.replace("IMAGE_TEXT", image_text).replace("VIDEO_TEXT", video_text)
 
 
 def _tokenizer(tokenizer: Any | None) -> Any:
@@ -217,15 +220,67 @@ def build_tiny_qwen2vl(
     """Random ``Qwen2VLForConditionalGeneration``: 2-block vision tower (patch 14, merge 2) + tiny Qwen2.
 
     M-RoPE sections ``[4, 6, 6]`` cover ``head_dim / 2 = 16`` frequencies (temporal, height, width).
-    Images are resized to between ``min_pixels`` and ``max_pixels`` (4 to 64 image tokens of 28×28 px).
+    Images and video frames are resized to between ``min_pixels`` and ``max_pixels`` (4 to 64 tokens of
+    28×28 px; a video's frames go two at a time into one temporal patch).
     """
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = {"depth": 2, "embed_dim": 64, "hidden_size": HIDDEN, "mlp_ratio": 2, "num_heads": 2}
+    return _build_tiny_qwen_vl(
+        dest, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision,
+        seed=seed, num_layers=num_layers, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=tokenizer,
+    )  # fmt: skip
+
+
+def build_tiny_qwen25vl(
+    dest: Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 4,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 64,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Random ``Qwen2_5_VLForConditionalGeneration``: Qwen2.5-VL's vision tower (window attention in block
+    0, full attention in block 1, RMSNorm, gated MLP) + tiny Qwen2 with M-RoPE ``[4, 6, 6]``; the same
+    processor sizes as :func:`build_tiny_qwen2vl`.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "out_hidden_size": HIDDEN,
+        "window_size": 56,  # 2×2 merged patches a window: images of 4 to 64 tokens span several windows
+        "fullatt_block_indexes": [1],
+        # Frames without metadata count as 24 fps: 2/24 s per temporal patch. transformers 5.16 truncates
+        # that to an integer before scaling (int(2/24) = 0) where vLLM scales then floors; at 1 token per
+        # second both give every frame of a short video temporal position 0, so HF and vLLM agree.
+        "tokens_per_second": 1,
+    }
+    return _build_tiny_qwen_vl(
+        dest, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision,
+        seed=seed, num_layers=num_layers, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=tokenizer,
+    )  # fmt: skip
+
+
+def _build_tiny_qwen_vl(
+    dest: Path,
+    config_cls: Any,
+    model_cls: Any,
+    processor_cls: Any,
+    vision: dict[str, Any],
+    *,
+    seed: int,
+    num_layers: int,
+    min_pixels: int,
+    max_pixels: int,
+    tokenizer: Any | None,
+) -> Path:
+    """The Qwen-VL family's common part: tokens, tiny Qwen2 text model, processor with images and video."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tok = _tokenizer(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": list(QWEN2VL_SPECIAL)})
@@ -236,20 +291,10 @@ def build_tiny_qwen2vl(
         text.pop("head_dim")  # Qwen2 derives it from hidden_size / heads (= 32)
         text.pop("tie_word_embeddings")
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
-        vision = {
-            "depth": 2,
-            "embed_dim": 64,
-            "hidden_size": HIDDEN,
-            "mlp_ratio": 2,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "initializer_range": _INIT_RANGE,
-        }
-        config = Qwen2VLConfig(
+        common = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        config = config_cls(
             text_config=text,
-            vision_config=vision,
+            vision_config={**vision, **common, "initializer_range": _INIT_RANGE},
             image_token_id=ids["<|image_pad|>"],
             video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
@@ -257,12 +302,14 @@ def build_tiny_qwen2vl(
             tie_word_embeddings=False,
         )
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+        model = model_cls(config).to(torch.float32).eval()
         _save_model(model, tok, tmp)
-        template = chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+        template = chat_template(
+            "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+        )
         tok.chat_template = template
         pix = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-        processor = Qwen2VLProcessor(
+        processor = processor_cls(
             image_processor=Qwen2VLImageProcessor(**pix),
             tokenizer=tok,
             video_processor=Qwen2VLVideoProcessor(**pix),

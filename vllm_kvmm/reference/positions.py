@@ -44,7 +44,9 @@ class RopePositions:
         tt = p.mm_token_type_ids
         if tt is None:
             tt = torch.zeros_like(p.input_ids)
-        grids = {k: p.mm_inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in p.mm_inputs}
+        # second_per_grid_ts: Qwen2.5-VL's temporal position step of each video (absent for images).
+        keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        grids = {k: p.mm_inputs[k] for k in keys if k in p.mm_inputs}
         # Each prompt alone, so a sample's positions never depend on its batch.
         pos, delta = base.get_rope_index(p.input_ids[None], mm_token_type_ids=tt[None], **grids)
         return pos[:, 0].cpu(), int(delta.flatten()[0])

@@ -90,14 +90,19 @@ def prompt_from_text(tokenizer_or_processor: Any, text: str, chat: bool = True) 
 
 
 def prompt_from_messages(
-    processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = ()
+    processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = (), videos: Sequence[Any] = ()
 ) -> PromptInput:
-    """A chat prompt through a multimodal processor; ``images`` fill the ``{"type": "image"}`` items in order.
+    """A chat prompt through a multimodal processor; ``images`` fill the ``{"type": "image"}`` items in order,
+    ``videos`` (each ``[T, H, W, 3]`` frames, as vLLM takes them) the ``{"type": "video"}`` items.
 
-    The vision mask marks the processor's expanded placeholder tokens (never a hard-coded count).
+    The vision mask marks the processor's expanded image and video placeholder tokens (never a hard-coded
+    count): video tokens are vision tokens for every modality-aware policy.
     """
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    out = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    media: dict[str, Any] = {"images": list(images) or None}
+    if videos:  # processors without video support take no ``videos`` argument at all
+        media["videos"] = list(videos)
+    out = processor(text=[text], **media, return_tensors="pt")
     mm = {k: v for k, v in out.items() if k not in _TOKEN_KEYS and isinstance(v, torch.Tensor)}
     tt = out.get("mm_token_type_ids")
     return PromptInput(
