@@ -38,18 +38,46 @@ def test_prefix_caching_with_a_compressing_policy_is_refused(tiny_llama_dir: Pat
         LLM(model=str(tiny_llama_dir), enable_prefix_caching=True, **vllm_kvmm.engine_args("meda", 0.5))
 
 
-def test_unsupported_attention_is_refused() -> None:
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+def _attention_spec(kind: str) -> Any:
+    """A KV-cache spec of one layer kind vLLM 0.26 builds (tiny shapes)."""
+    from vllm.v1 import kv_cache_interface as kv
+
+    base = dict(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    return {
+        "SlidingWindowSpec": lambda: kv.SlidingWindowSpec(**base, sliding_window=64),  # Gemma 2/3 local
+        "ChunkedLocalAttentionSpec": lambda: kv.ChunkedLocalAttentionSpec(**base, attention_chunk_size=64),
+        "MLAAttentionSpec": lambda: kv.MLAAttentionSpec(**base),  # DeepSeek-V2/V3
+        "CrossAttentionSpec": lambda: kv.CrossAttentionSpec(**base),  # encoder-decoder
+        "EncoderOnlyAttentionSpec": lambda: kv.EncoderOnlyAttentionSpec(**base),
+        "MambaSpec": lambda: kv.MambaSpec(block_size=16, shapes=((4, 32),), dtypes=(torch.float32,)),
+        "FullAttentionSpec": lambda: kv.FullAttentionSpec(**base, non_causal=True),  # bidirectional
+    }[kind]()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "SlidingWindowSpec",
+        "ChunkedLocalAttentionSpec",
+        "MLAAttentionSpec",
+        "CrossAttentionSpec",
+        "EncoderOnlyAttentionSpec",
+        "MambaSpec",
+        "FullAttentionSpec",
+    ],
+)
+def test_unsupported_attention_is_refused(kind: str) -> None:
+    """One layer that is not causal full attention refuses the whole model at start-up, naming its kind."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from vllm_kvmm.vllm_ext.grouping import UnsupportedModelError, make_groups
 
     cfg = SimpleNamespace(additional_config=vllm_kvmm.engine_args("snapkv", 0.5)["additional_config"])
     full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
-    swa = SlidingWindowSpec(
-        block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32, sliding_window=64
-    )
-    specs = {"model.layers.0.self_attn.attn": full, "model.layers.1.self_attn.attn": swa}
-    with pytest.raises(UnsupportedModelError, match=r"causal full-attention layers.*SlidingWindowSpec"):
+    specs = {"model.layers.0.self_attn.attn": full, "model.layers.1.self_attn.attn": _attention_spec(kind)}
+    with pytest.raises(
+        UnsupportedModelError, match=rf"causal full-attention layers;.*\(1 of 2; e\.g\. .*: {kind}"
+    ):
         make_groups(cfg, specs, original=lambda *a: pytest.fail("must not fall back"))
 
 
