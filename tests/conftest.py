@@ -13,6 +13,7 @@ from vllm_kvmm.models import (
     build_tiny_llama,
     build_tiny_llava,
     build_tiny_qwen2vl,
+    build_tiny_qwen3vl,
     build_tiny_qwen25vl,
     ensure_smollm2,
     load_smollm2_tokenizer,
@@ -46,6 +47,11 @@ def tiny_llava_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2vl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
     return build_tiny_qwen2vl(tiny_root / "qwen2vl", seed=0, tokenizer=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
+    return build_tiny_qwen3vl(tiny_root / "qwen3vl", seed=0, tokenizer=smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")

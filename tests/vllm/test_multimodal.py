@@ -28,13 +28,30 @@ QUESTIONS = [
 ]
 
 
-# Tiny model families (tests/conftest.py builds ``tiny_<name>_dir``) and whether they take video.
-FAMILIES: dict[str, bool] = {"llava": False, "qwen2vl": True, "qwen25vl": True}
+# Tiny model families (tests/conftest.py builds ``tiny_<name>_dir``) and how they take video: ``None`` (no
+# video), ``"frames"``, or ``"frames+metadata"`` (Qwen3-VL writes each temporal patch's timestamp into the
+# prompt from the video's fps; vLLM 0.26 drops the metadata of Qwen2-VL/2.5-VL videos, so those get frames).
+FAMILIES: dict[str, str | None] = {
+    "llava": None,
+    "qwen2vl": "frames",
+    "qwen25vl": "frames",
+    "qwen3vl": "frames+metadata",
+}
 
 
-def video(seed: int, frames: int, size: int) -> np.ndarray:
-    """``[frames, size, size, 3]`` uint8 random frames."""
-    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+def video(seed: int, frames: int, size: int, kind: str = "frames") -> Any:
+    """``[frames, size, size, 3]`` uint8 random frames; with ``kind="frames+metadata"`` as
+    ``(frames, metadata)`` at 2 fps, the form vLLM and :func:`prompt_from_messages` both take."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    if kind == "frames":
+        return rgb
+    meta = {
+        "fps": 2.0,
+        "total_num_frames": frames,
+        "frames_indices": list(range(frames)),
+        "duration": frames / 2,
+    }
+    return rgb, meta
 
 
 def _cases(images: list, videos: list) -> list[tuple[list[dict], list, list]]:
@@ -69,7 +86,8 @@ def setup(request: Any, images: list) -> Iterator[dict[str, Any]]:
 
     model_dir: Path = request.getfixturevalue(f"tiny_{request.param}_dir")
     processor = AutoProcessor.from_pretrained(model_dir)
-    videos = [video(3, 8, 112)] if FAMILIES[request.param] else []
+    kind = FAMILIES[request.param]
+    videos = [video(3, 8, 128, kind)] if kind else []
     cases = _cases(images, videos)
     inputs = [_vllm_input(processor, *c) for c in cases]
     limits = {"image": 2, "video": 1 if videos else 0}
@@ -82,7 +100,7 @@ def setup(request: Any, images: list) -> Iterator[dict[str, Any]]:
     refs_in = [prompt_from_messages(processor, *c) for c in cases]
     yield dict(
         llm=llm, vanilla=van, inputs=inputs, ref=DenseReference(model_dir), ref_in=refs_in,
-        processor=processor, video=bool(videos),
+        processor=processor, video=kind,
     )  # fmt: skip
     shutdown(llm)
 
@@ -123,17 +141,18 @@ def test_paged_equals_dense(setup: dict[str, Any], name: str, budget: float) -> 
 
 
 def test_a_long_video_is_compressed_and_frees_its_blocks(setup: dict[str, Any]) -> None:
-    """512 video tokens (16 frames) under snapkv 0.25: after the prefill step each layer's KV-cache group
-    holds exactly the blocks the dense reference's plan keeps, and all come back after the request."""
+    """512 video tokens (16 frames: 8 temporal patches of 8×8) under snapkv 0.25: after the prefill step
+    each layer's KV-cache group holds exactly the blocks the dense reference's plan keeps, and all come
+    back after the request."""
     from vllm_kvmm.vllm_ext.spec import managers
 
     if not setup["video"]:
         pytest.skip("this family takes no video")
     clip = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[2]}]}]
-    frames = video(4, 16, 224)
+    frames = video(4, 16, 256, setup["video"])  # resized to 224 (Qwen2/2.5-VL) or kept (Qwen3-VL)
     ref_in = prompt_from_messages(setup["processor"], clip, [], [frames])
     n, n_video = ref_in.num_tokens, int(ref_in.vision_mask.sum())
-    assert n_video >= 400, n_video  # 8 temporal patches of 8×8 merged patches
+    assert n_video == 512, n_video
     llm = setup["llm"]
     engine, pool = llm.llm_engine, block_pool(llm)
     free0 = pool.get_num_free_blocks()

@@ -8,12 +8,19 @@ from vllm_kvmm.models.smollm2 import (
     smollm2_gguf_path,
     verify_smollm2,
 )
-from vllm_kvmm.models.tiny import build_tiny_llama, build_tiny_llava, build_tiny_qwen2vl, build_tiny_qwen25vl
+from vllm_kvmm.models.tiny import (
+    build_tiny_llama,
+    build_tiny_llava,
+    build_tiny_qwen2vl,
+    build_tiny_qwen3vl,
+    build_tiny_qwen25vl,
+)
 
 __all__ = [
     "build_tiny_llama",
     "build_tiny_llava",
     "build_tiny_qwen2vl",
+    "build_tiny_qwen3vl",
     "build_tiny_qwen25vl",
     "default_home",
     "ensure_smollm2",

@@ -24,7 +24,13 @@ import torch
 from vllm_kvmm.models.folders import write_folder_atomically
 from vllm_kvmm.models.smollm2 import load_smollm2_tokenizer
 
-__all__ = ["build_tiny_llama", "build_tiny_llava", "build_tiny_qwen2vl", "build_tiny_qwen25vl"]
+__all__ = [
+    "build_tiny_llama",
+    "build_tiny_llava",
+    "build_tiny_qwen2vl",
+    "build_tiny_qwen3vl",
+    "build_tiny_qwen25vl",
+]
 
 _INIT_RANGE = 0.1
 HIDDEN = 128
@@ -264,6 +270,87 @@ def build_tiny_qwen25vl(
         dest, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision,
         seed=seed, num_layers=num_layers, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=tokenizer,
     )  # fmt: skip
+
+
+def build_tiny_qwen3vl(
+    dest: Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 4,
+    min_pixels: int = 32 * 32 * 4,
+    max_pixels: int = 32 * 32 * 64,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Random ``Qwen3VLForConditionalGeneration``: Qwen3-VL's vision tower (patch 16, merge 2, learned
+    position embeddings, DeepStack features of block 0 added to the first text layer) + a tiny Qwen3 text
+    model (q/k norms) with *interleaved* M-RoPE ``[6, 5, 5]`` over ``head_dim / 2 = 16`` frequencies.
+
+    Images and video frames of 4 to 64 tokens of 32×32 px; a video's frames go two at a time into one
+    temporal patch, each patch after a ``<t seconds>`` timestamp in the prompt (Qwen3-VL's video format).
+    """
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tok = _tokenizer(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN2VL_SPECIAL)})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL}
+
+    def write(tmp: Path) -> None:
+        text = _llama_kwargs(num_layers, len(tok), tok)
+        for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
+            text.pop(key)
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        text["rope_parameters"] = {**rope, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+        vision = {
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": HIDDEN,
+            "num_position_embeddings": 256,  # a 16×16 grid, interpolated to each image's patches
+            "deepstack_visual_indexes": [0],
+            "initializer_range": _INIT_RANGE,
+        }
+        config = Qwen3VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+        _save_model(model, tok, tmp)
+        template = chat_template(
+            "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+        )
+        tok.chat_template = template
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        processor = Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2),
+            tokenizer=tok,
+            # Qwen3-VL bounds a video's pixels over all its frames: room for 16 frames of max_pixels.
+            video_processor=Qwen3VLVideoProcessor(
+                size={**size, "longest_edge": 16 * max_pixels},
+                patch_size=16,
+                merge_size=2,
+                do_sample_frames=False,
+            ),
+            chat_template=template,
+        )
+        processor.save_pretrained(tmp)
+
+    return write_folder_atomically(dest, write, "built by vllm_kvmm.models.tiny")
 
 
 def _build_tiny_qwen_vl(

@@ -93,7 +93,9 @@ def prompt_from_messages(
     processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = (), videos: Sequence[Any] = ()
 ) -> PromptInput:
     """A chat prompt through a multimodal processor; ``images`` fill the ``{"type": "image"}`` items in order,
-    ``videos`` (each ``[T, H, W, 3]`` frames, as vLLM takes them) the ``{"type": "video"}`` items.
+    ``videos`` the ``{"type": "video"}`` items, each as vLLM takes it: ``[T, H, W, 3]`` frames, or
+    ``(frames, metadata)`` with ``fps``, ``total_num_frames``, ``frames_indices`` and ``duration`` (Qwen3-VL
+    writes each temporal patch's timestamp into the prompt from them).
 
     The vision mask marks the processor's expanded image and video placeholder tokens (never a hard-coded
     count): video tokens are vision tokens for every modality-aware policy.
@@ -101,7 +103,10 @@ def prompt_from_messages(
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     media: dict[str, Any] = {"images": list(images) or None}
     if videos:  # processors without video support take no ``videos`` argument at all
-        media["videos"] = list(videos)
+        pairs = [v if isinstance(v, tuple) else (v, None) for v in videos]
+        media["videos"] = [frames for frames, _ in pairs]
+        if any(meta is not None for _, meta in pairs):
+            media["video_metadata"] = [meta for _, meta in pairs]
     out = processor(text=[text], **media, return_tensors="pt")
     mm = {k: v for k, v in out.items() if k not in _TOKEN_KEYS and isinstance(v, torch.Tensor)}
     tt = out.get("mm_token_type_ids")
