@@ -57,7 +57,6 @@ def _attention_spec(kind: str) -> Any:
 @pytest.mark.parametrize(
     "kind",
     [
-        "SlidingWindowSpec",
         "ChunkedLocalAttentionSpec",
         "MLAAttentionSpec",
         "CrossAttentionSpec",
@@ -76,9 +75,35 @@ def test_unsupported_attention_is_refused(kind: str) -> None:
     full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
     specs = {"model.layers.0.self_attn.attn": full, "model.layers.1.self_attn.attn": _attention_spec(kind)}
     with pytest.raises(
-        UnsupportedModelError, match=rf"causal full-attention layers;.*\(1 of 2; e\.g\. .*: {kind}"
+        UnsupportedModelError, match=rf"causal full-attention layers.*\(1 of 2; e\.g\. .*: {kind}"
     ):
         make_groups(cfg, specs, original=lambda *a: pytest.fail("must not fall back"))
+
+
+def test_sliding_window_layers_keep_their_spec_and_a_model_of_only_them_is_refused() -> None:
+    """Gemma 2/3's local layers stay in vLLM's own sliding-window groups, of the compressed groups' size,
+    after them; a model with no full-attention layer has nothing to compress."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_kvmm.vllm_ext.grouping import UnsupportedModelError, make_groups
+    from vllm_kvmm.vllm_ext.spec import CompressSpec
+
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    local = _attention_spec("SlidingWindowSpec")
+    kinds = [local, full, local, local, full, local]
+    specs = {f"model.layers.{i}.self_attn.attn": s for i, s in enumerate(kinds)}
+    extra = vllm_kvmm.engine_args("snapkv", 0.5)["additional_config"]
+    groups = make_groups(SimpleNamespace(additional_config=extra), specs, original=None)  # type: ignore[arg-type]
+    names = [[int(n.split(".")[2]) for n in g.layer_names] for g in groups]
+    assert names == [[1], [4], [0], [2], [3], [5]]
+    assert [type(g.kv_cache_spec) for g in groups] == [CompressSpec] * 2 + [type(local)] * 4
+    assert all(g.kv_cache_spec is local for g in groups[2:])  # vLLM's spec object, unchanged
+    two = vllm_kvmm.engine_args("snapkv", 0.5, groups=1)["additional_config"]
+    groups = make_groups(SimpleNamespace(additional_config=two), specs, original=None)  # type: ignore[arg-type]
+    assert [[int(n.split(".")[2]) for n in g.layer_names] for g in groups] == [[1, 4], [0, 2], [3, 5]]
+    only_local = {f"model.layers.{i}.self_attn.attn": local for i in range(2)}
+    with pytest.raises(UnsupportedModelError, match="no causal full-attention layer to compress"):
+        make_groups(SimpleNamespace(additional_config=extra), only_local, original=None)  # type: ignore[arg-type]
 
 
 def test_groups_split_layers_and_vanilla_falls_through() -> None:

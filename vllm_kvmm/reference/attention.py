@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vllm_kvmm.ops import StatsAccumulator, StatsRequest
 from vllm_kvmm.policies.decode import StoredSlots, flush_tail_start, plan_flush
 
-__all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "activate", "kvmm_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "DenseKVRun", "SlidingLayers", "activate", "kvmm_attention"]
 
 ATTN_IMPLEMENTATION = "kvmm"
 _ACTIVE: ContextVar[DenseKVRun | None] = ContextVar("vllm_kvmm_dense_run", default=None)
@@ -41,6 +41,7 @@ class DenseKVRun:
         requests: per sample, the statistics its policy needs.
         vision_masks: per sample, ``[N_b]`` bool.
         stats_chunk: queries per block in :class:`StatsAccumulator`.
+        sliding: the sliding-window layers (never compressed), see :class:`SlidingLayers`.
     """
 
     def __init__(
@@ -50,8 +51,10 @@ class DenseKVRun:
         requests: Sequence[StatsRequest],
         vision_masks: Sequence[torch.Tensor],
         stats_chunk: int = 256,
+        sliding: SlidingLayers | None = None,
     ) -> None:
         self.layer_of = {id(m): i for i, m in enumerate(modules)}
+        self.sliding = sliding
         self.num_layers = len(modules)
         self.lengths = lengths
         self.requests = list(requests)
@@ -233,6 +236,77 @@ class DenseKVRun:
         self.flushed_at = self.generated
 
 
+class SlidingLayers:
+    """The sliding-window layers of a run (Gemma 3's local layers): never compressed, as in vLLM, where
+    they keep vLLM's own sliding-window spec. Each keeps every key of its samples and attends to the last
+    ``window`` positions (query ``i`` sees keys ``j`` with ``i - window < j <= i``, vLLM's and HF's rule).
+
+    Args:
+        windows: ``(attention module, window)`` per sliding layer.
+        lengths: ``[B]`` prompt lengths of the right-padded batch.
+        chunk: queries per block at prefill (masks are ``[B, chunk, n]``, never ``[n, n]``).
+    """
+
+    def __init__(
+        self, windows: Sequence[tuple[torch.nn.Module, int]], lengths: torch.Tensor, chunk: int = 256
+    ) -> None:
+        self.index = {id(m): j for j, (m, _) in enumerate(windows)}
+        self.windows = [w for _, w in windows]
+        self.lengths = lengths
+        self.chunk = chunk
+        self.k: list[torch.Tensor | None] = [None] * len(windows)  # [B, H_kv, n_max + generated, d]
+        self.v: list[torch.Tensor | None] = [None] * len(windows)
+        self.n_max = 0
+
+    def has(self, module: torch.nn.Module) -> bool:
+        return id(module) in self.index
+
+    def fork(self) -> SlidingLayers:
+        """A copy that shares the prompt's keys (a new run decodes on from the same prefill)."""
+        out = SlidingLayers([], self.lengths, self.chunk)
+        out.index, out.windows, out.n_max = self.index, self.windows, self.n_max
+        out.k, out.v = list(self.k), list(self.v)
+        return out
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        prefilled: bool,
+    ) -> torch.Tensor:
+        """``q``: ``[B, H, n_q, d]``; ``k``/``v``: ``[B, H_kv, n_q, d]`` → ``[B, n_q, H, d]``."""
+        j = self.index[id(module)]
+        window, dev = self.windows[j], q.device
+        bsz, n_q = q.shape[0], q.shape[2]
+        if not prefilled:
+            # Right padding: the causal window keeps a valid query away from its row's padding.
+            self.n_max = n_q
+            self.k[j], self.v[j] = k, v
+            pos = torch.arange(n_q, device=dev)
+            parts = []
+            for s in range(0, n_q, self.chunk):
+                qp = pos[s : s + self.chunk, None]
+                mask = (pos[None, :] <= qp) & (qp - pos[None, :] < window)
+                parts.append(_sdpa(q[:, :, s : s + self.chunk], k, v, mask[None].expand(bsz, -1, -1), scale))
+            return torch.cat(parts, 1)
+        prev_k, prev_v = self.k[j], self.v[j]
+        assert prev_k is not None and prev_v is not None
+        keys, values = torch.cat([prev_k, k], 2), torch.cat([prev_v, v], 2)
+        self.k[j], self.v[j] = keys, values
+        n_gen = prev_k.shape[2] - self.n_max  # generated tokens stored before this step
+        lens = self.lengths.to(dev)[:, None]  # [B, 1]
+        slots = torch.arange(keys.shape[2], device=dev)[None, :]  # prompt slots, then generated ones
+        kpos = torch.where(slots < self.n_max, slots, lens + slots - self.n_max)  # [B, S]
+        valid = (slots >= self.n_max) | (slots < lens)
+        qpos = lens + n_gen + torch.arange(n_q, device=dev)[None, :]  # [B, n_q]
+        diff = qpos[:, :, None] - kpos[:, None, :]
+        mask = valid[:, None, :] & (diff >= 0) & (diff < window)
+        return _sdpa(q, keys, values, mask, scale)
+
+
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -256,6 +330,9 @@ def kvmm_attention(
     """The ``AttentionInterface`` entry; HF's ``attention_mask`` is ignored inside a run."""
     run = _ACTIVE.get()
     layer = None if run is None else run.layer_of.get(id(module))
+    if run is not None and layer is None and run.sliding is not None and run.sliding.has(module):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return run.sliding.attend(module, query, key, value, scale, run.prefilled), None
     if layer is None:
         # Not a text-decoder layer of the active run (or no run): behave like stock SDPA.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)

@@ -21,7 +21,7 @@ import torch
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
-from vllm_kvmm.reference.attention import DenseKVRun, activate
+from vllm_kvmm.reference.attention import DenseKVRun, SlidingLayers, activate
 from vllm_kvmm.reference.positions import RopePositions
 from vllm_kvmm.reference.prompts import PromptInput
 
@@ -106,6 +106,27 @@ def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return cls.from_pretrained(path, dtype=dtype)
 
 
+def _split_layers(
+    decoder: torch.nn.Module, cfg: Any
+) -> tuple[list[torch.nn.Module], list[tuple[torch.nn.Module, int]]]:
+    """The decoder's full-attention modules (compressed, in layer order) and its sliding-window modules
+    with their windows (left alone, as vLLM's sliding-window spec leaves them), from ``layer_types``."""
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(decoder.layers)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise ValueError("the dense reference does not implement attention logit soft-capping (Gemma 2)")
+    full, sliding = [], []
+    for layer, kind in zip(decoder.layers, types, strict=True):
+        if kind == "full_attention":
+            full.append(layer.self_attn)
+        elif kind == "sliding_attention":
+            sliding.append((layer.self_attn, int(cfg.sliding_window)))
+        else:
+            raise ValueError(f"the dense reference has no {kind!r} layers")
+    if not full:
+        raise ValueError("no full-attention layer to compress")
+    return full, sliding
+
+
 class DenseReference:
     """Runs a text Llama, LLaVA or Qwen2-VL Hugging Face model with a KV policy (the oracle of vLLM's path).
 
@@ -130,13 +151,14 @@ class DenseReference:
         self.dtype = dtype
         self.stats_chunk = stats_chunk
         decoder = model.get_decoder()
-        self.attn_modules = [layer.self_attn for layer in decoder.layers]
         cfg = model.config.get_text_config()
-        self.num_layers = cfg.num_hidden_layers
+        self.attn_modules, self.sliding_modules = _split_layers(decoder, cfg)
+        self.num_layers = len(self.attn_modules)  # the compressed layers (the policy's layer index)
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # Every config object the text stack reads the attention implementation from.
-        configs = {id(c): c for c in [decoder.config, *(m.config for m in self.attn_modules)]}
+        modules = [*self.attn_modules, *(m for m, _ in self.sliding_modules)]
+        configs = {id(c): c for c in [decoder.config, *(m.config for m in modules)]}
         self._text_configs = list(configs.values())
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -205,9 +227,10 @@ class DenseReference:
         if any(p.decode_spec(info) is not None for p in policies):
             raise ValueError("generate_variants does not run decode-time eviction; use generate")
         requests = [p.stats_request(info) for p in policies]
+        lengths = torch.tensor([prompt.num_tokens])
         run = DenseKVRun(
-            self.attn_modules, torch.tensor([prompt.num_tokens]), [union_request(requests)],
-            [info.vision_mask.to(self.device)], self.stats_chunk,
+            self.attn_modules, lengths, [union_request(requests)], [info.vision_mask.to(self.device)],
+            self.stats_chunk, self._sliding(lengths),
         )  # fmt: skip
         pos = RopePositions(self.model, [prompt])
         with activate(run, self._text_configs):
@@ -215,7 +238,10 @@ class DenseReference:
         collected = {layer: acc.result() for layer, acc in run.stats[0].items()}
         outs = []
         for policy, req in zip(policies, requests, strict=True):
-            fork = DenseKVRun(self.attn_modules, run.lengths, [req], run.vision_masks, self.stats_chunk)
+            sliding = run.sliding.fork() if run.sliding is not None else None
+            fork = DenseKVRun(
+                self.attn_modules, run.lengths, [req], run.vision_masks, self.stats_chunk, sliding
+            )
             fork.prompt_k, fork.prompt_v = list(run.prompt_k), list(run.prompt_v)
             fork.stats = [
                 {i: _Collected(restrict(st, req)) for i, st in collected.items() if req.wants_layer(i)}
@@ -347,7 +373,14 @@ class DenseReference:
         lengths = torch.tensor([p.num_tokens for p in prompts], dtype=torch.long)
         requests = [policy.stats_request(i) for i in infos]
         vision = [i.vision_mask.to(self.device) for i in infos]
-        return DenseKVRun(self.attn_modules, lengths, requests, vision, self.stats_chunk)
+        return DenseKVRun(
+            self.attn_modules, lengths, requests, vision, self.stats_chunk, self._sliding(lengths)
+        )
+
+    def _sliding(self, lengths: torch.Tensor) -> SlidingLayers | None:
+        if not self.sliding_modules:
+            return None
+        return SlidingLayers(self.sliding_modules, lengths, self.stats_chunk)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
         """Logits ``[B, n_kept, V]`` of ``input_ids`` ``[B, n]`` (no HF cache: the run holds it)."""

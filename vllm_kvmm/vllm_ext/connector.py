@@ -31,7 +31,7 @@ from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
-from vllm_kvmm.vllm_ext.spec import managers
+from vllm_kvmm.vllm_ext.spec import CompressSpec, managers
 from vllm_kvmm.vllm_ext.worker import EngineLayout, LayerRef, worker_state
 
 logger = init_logger(__name__)
@@ -55,12 +55,17 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
-            layers = {
-                name: LayerRef(layer_index(name), gid)
+            # The compressed layers only (sliding-window groups are vLLM's), numbered 0..L-1 in decoder
+            # order: the policy's layer index, whatever decoder layers lie between them.
+            ours = [
+                (name, gid)
                 for gid, group in enumerate(kv_cache_config.kv_cache_groups)
+                if isinstance(group.kv_cache_spec, CompressSpec)
                 for name in group.layer_names
-            }
-            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            ]
+            ours.sort(key=lambda x: layer_index(x[0]))
+            layers = {name: LayerRef(i, gid) for i, (name, gid) in enumerate(ours)}
+            spec = kv_cache_config.kv_cache_groups[ours[0][1]].kv_cache_spec
             tp = vllm_config.parallel_config.tensor_parallel_size
             all_reduce = None
             if tp > 1:

@@ -11,12 +11,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheSpec, SlidingWindowSpec
 
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import CompressSpec
 
-__all__ = ["UnsupportedModelError", "layer_index", "make_groups", "split_layers"]
+__all__ = ["UnsupportedModelError", "compressible", "layer_index", "make_groups", "split_layers"]
 
 
 class UnsupportedModelError(ValueError):
@@ -44,11 +44,30 @@ def split_layers(names: list[str], groups: int | None) -> list[list[str]]:
     return [ordered[i * size : (i + 1) * size] for i in range(g)]
 
 
+def compressible(spec: KVCacheSpec) -> bool:
+    """Causal full attention: the layers a KV policy compresses."""
+    return (
+        type(spec) is FullAttentionSpec
+        and spec.sliding_window is None
+        and spec.attention_chunk_size is None
+        and not spec.non_causal
+    )
+
+
+def _left_to_vllm(spec: KVCacheSpec) -> bool:
+    """Sliding-window layers (Gemma 2/3's local layers) keep vLLM's own spec and manager: their cache is
+    already bounded by the window, and vLLM frees what falls out of it."""
+    return type(spec) is SlidingWindowSpec
+
+
 def make_groups(
     vllm_config: Any,
     kv_cache_spec: dict[str, KVCacheSpec],
     original: Callable[[Any, dict[str, KVCacheSpec]], list[KVCacheGroupSpec]],
 ) -> list[KVCacheGroupSpec]:
+    """The compressed layers' :class:`CompressSpec` groups first (group id = ``group_index``), then the
+    sliding-window layers in groups of their own vLLM spec, of the same size (vLLM lays out one shared
+    tensor per layer slot of a group, so equal sizes waste no pages)."""
     settings = settings_from_vllm_config(vllm_config)
     if settings is None:
         return original(vllm_config, kv_cache_spec)
@@ -56,20 +75,31 @@ def make_groups(
         name: type(spec).__name__
         + (f"(sliding_window={spec.sliding_window})" if getattr(spec, "sliding_window", None) else "")
         for name, spec in kv_cache_spec.items()
-        if type(spec) is not FullAttentionSpec
-        or spec.sliding_window is not None
-        or spec.attention_chunk_size is not None
-        or spec.non_causal
+        if not compressible(spec) and not _left_to_vllm(spec)
     }
     if bad:
         sample = ", ".join(f"{k}: {v}" for k, v in list(bad.items())[:3])
         raise UnsupportedModelError(
-            f"vllm-kvmm: --kv-policy needs causal full-attention layers; this model has unsupported "
-            f"attention layers ({len(bad)} of {len(kv_cache_spec)}; e.g. {sample})"
+            f"vllm-kvmm: --kv-policy needs causal full-attention layers (sliding-window layers are left "
+            f"to vLLM); this model has unsupported attention layers ({len(bad)} of {len(kv_cache_spec)}; "
+            f"e.g. {sample})"
+        )
+    full = [name for name, spec in kv_cache_spec.items() if compressible(spec)]
+    if not full:
+        raise UnsupportedModelError(
+            "vllm-kvmm: --kv-policy found no causal full-attention layer to compress (every layer is "
+            "sliding-window)"
         )
     out = []
-    for i, names in enumerate(split_layers(list(kv_cache_spec), settings.groups)):
+    for i, names in enumerate(split_layers(full, settings.groups)):
         spec = kv_cache_spec[names[0]]
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
         out.append(KVCacheGroupSpec(layer_names=names, kv_cache_spec=CompressSpec(**fields, group_index=i)))
+    size = len(out[0].layer_names)
+    local: dict[KVCacheSpec, list[str]] = {}
+    for name in sorted((n for n in kv_cache_spec if n not in full), key=layer_index):
+        local.setdefault(kv_cache_spec[name], []).append(name)
+    for spec, names in local.items():
+        for start in range(0, len(names), size):
+            out.append(KVCacheGroupSpec(layer_names=names[start : start + size], kv_cache_spec=spec))
     return out
