@@ -265,3 +265,34 @@ def test_http_check_applies_the_servers_override_rules() -> None:
         assert status == 200 and seen == allowed
     finally:
         set_override_rules(None)
+
+
+def test_gemma3_vision_language_model_is_refused_before_loading(tmp_path: Path) -> None:
+    """vLLM runs Gemma 3's image tokens with bidirectional attention (a multimodal prefix-LM): refused when
+    the engine config is made, from config.json alone (no weights, no tokenizer)."""
+    from transformers import Gemma3Config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvmm.vllm_ext.grouping import UnsupportedModelError
+    from vllm_kvmm.vllm_ext.patches import apply_patches
+
+    text = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=49280,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+        patch_size=16,
+    )  # fmt: skip
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    apply_patches()  # what vLLM's plugin loader does in a server (idempotent)
+    args = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, **vllm_kvmm.engine_args("snapkv", 0.5))
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"cannot compress Gemma3ForConditionalGeneration: vLLM runs its image tokens with bidi",
+    ):
+        args.create_engine_config()
+    # Without a policy the same model is vLLM's business, untouched.
+    assert EngineArgs(model=str(tmp_path), skip_tokenizer_init=True).create_engine_config() is not None

@@ -16,7 +16,14 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCa
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import CompressSpec
 
-__all__ = ["UnsupportedModelError", "compressible", "layer_index", "make_groups", "split_layers"]
+__all__ = [
+    "UnsupportedModelError",
+    "compressible",
+    "layer_index",
+    "make_groups",
+    "refuse_unsupported_model",
+    "split_layers",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -42,6 +49,22 @@ def split_layers(names: list[str], groups: int | None) -> list[list[str]]:
         )
     size = n // g
     return [ordered[i * size : (i + 1) * size] for i in range(g)]
+
+
+def refuse_unsupported_model(model_config: Any) -> None:
+    """Refuse, before any weight loads, a model whose attention a KV policy cannot score as it runs.
+
+    vLLM runs multimodal prefix-LMs (Gemma 3's vision-language model, PaliGemma, ...) with bidirectional
+    attention inside each image; the policies' statistics (and the dense reference) are causal, and the
+    backends the plugin runs on (CPU_ATTN, FLASH_ATTN) do not take vLLM's image ranges.
+    """
+    if model_config.is_mm_prefix_lm:
+        raise UnsupportedModelError(
+            f"vllm-kvmm: --kv-policy cannot compress {model_config.architecture}: vLLM runs its image tokens "
+            "with bidirectional attention (a multimodal prefix-LM), which the policies' causal attention "
+            "statistics and the attention backends vllm-kvmm runs on do not support; its text-only form "
+            "(e.g. Gemma3ForCausalLM) is supported"
+        )
 
 
 def compressible(spec: KVCacheSpec) -> bool:

@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from vllm_kvmm.vllm_ext import internals
+from vllm_kvmm.vllm_ext.grouping import refuse_unsupported_model
 from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
 from vllm_kvmm.vllm_ext.validation import set_override_rules
 
@@ -360,7 +361,10 @@ def _patch_engine_args() -> None:
                     raise RuntimeError(_INTERNALS_ERROR)
                 for key, value in engine_overrides(settings, self).items():
                     setattr(self, key, value)
-            return create(self, *args, **kwargs)
+            config = create(self, *args, **kwargs)
+            if settings is not None:
+                refuse_unsupported_model(config.model_config)
+            return config
 
         EngineArgs.create_engine_config = _mark(create_engine_config)
 
