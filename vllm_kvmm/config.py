@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vllm_kvmm.policies import KVPolicy, PolicyError, PromptInfo, make_policy, policy_names
+from vllm_kvmm.policies import POLICIES, KVPolicy, PolicyError, PromptInfo, make_policy, policy_names
 
 __all__ = [
     "REQUEST_ARGS",
@@ -123,11 +123,15 @@ class OverrideRules:
     allow: Literal["any", "budget", "none"] = "any"
     budget_min: float = 0.0
     budget_max: float = 1.0
+    layer_local_only: bool = False  # pipeline parallelism: each stage plans its own layers
 
     def check(self, extra: dict[str, Any]) -> None:
         named = [k for k in REQUEST_ARGS if k in extra]
         if not named:
             return
+        name = extra.get(XARG_POLICY)
+        if self.layer_local_only and isinstance(name, str) and name in POLICIES:
+            refuse_under_pipeline_parallelism(name)
         if self.allow == "none":
             raise PolicyError(
                 f"per-request KV-policy overrides are off on this server (--kv-overrides none); drop {named}"
@@ -145,6 +149,16 @@ class OverrideRules:
                 f"kv_budget {budget:g} is outside this server's bounds [{self.budget_min:g}, "
                 f"{self.budget_max:g}] (--kv-budget-min / --kv-budget-max)"
             )
+
+
+def refuse_under_pipeline_parallelism(name: str) -> None:
+    """Raise :class:`PolicyError` when policy ``name`` cannot plan a pipeline stage's layers alone."""
+    if not POLICIES[name].layer_local:
+        local = ", ".join(n for n, cls in POLICIES.items() if cls.layer_local)
+        raise PolicyError(
+            f"policy {name!r} plans every layer from the whole model's statistics, and pipeline stages hold "
+            f"different layers: under pipeline parallelism use one of {local}"
+        )
 
 
 class PolicyDefaults(Protocol):

@@ -21,7 +21,7 @@ from the compressible prefix ``[0, tail_start)``, so the compacted prefix fills 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -122,6 +122,10 @@ class KVPolicy(BaseModel):
 
     name: ClassVar[str] = "base"
     summary: ClassVar[str] = ""
+    # Whether a layer's plan needs that layer's statistics only (its budget from the prompt alone): such a
+    # policy runs under pipeline parallelism, each stage planning its own layers. MEDA (budgets from every
+    # layer's entropy) and HAE (one scoring layer for all) need the whole model's statistics.
+    layer_local: ClassVar[bool] = True
 
     budget: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the prompt KV kept, in (0, 1]")
 
@@ -265,6 +269,7 @@ def plan_compression(
     info: PromptInfo,
     granularity: int = 1,
     groups: Sequence[Sequence[int]] | None = None,
+    layers: Collection[int] | None = None,
 ) -> list[LayerPlan]:
     """Decide the kept tokens of every layer and KV head for one prompt.
 
@@ -276,10 +281,15 @@ def plan_compression(
         groups: layers that share one block table (vLLM's ``--kv-groups``): they keep the same number of
             tokens and the same tail — the mean of their budgets — while each still selects its own
             tokens. ``None``: every layer on its own (the policy's budgets exactly).
+        layers: the layers to select for (a pipeline stage's; their statistics are the only ones given);
+            every layer's layout is still computed, as the carried rounding runs in layer order, and the
+            other layers' plans keep everything. Only for :attr:`KVPolicy.layer_local` policies.
     """
     n, h = info.num_tokens, info.num_kv_heads
     if len(stats) != info.num_layers:
         raise ValueError(f"got statistics for {len(stats)} layers, expected {info.num_layers}")
+    if layers is not None and not policy.layer_local:
+        raise ValueError(f"policy {policy.name!r} needs every layer's statistics to plan any layer")
     budgets = policy.layer_budgets(stats, info) if policy.compresses else [n] * info.num_layers
     groups = [[layer] for layer in range(info.num_layers)] if groups is None else groups
     if sorted(x for g in groups for x in g) != list(range(info.num_layers)):
@@ -306,7 +316,7 @@ def plan_compression(
     heads: dict[int, torch.Tensor] = {}
     for layer in range(info.num_layers):
         tail_start, k = shape[layer]
-        if k == tail_start:
+        if k == tail_start or (layers is not None and layer not in layers):
             continue
         sc = policy.scores(stats, info, layer)
         if sc.shape != (h, n):

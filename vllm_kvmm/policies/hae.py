@@ -40,6 +40,7 @@ __all__ = ["HAE", "BinEvent", "RecycleBin"]
 
 class HAE(DecodeCadence, KVPolicy):
     name: ClassVar[str] = "hae"
+    layer_local: ClassVar[bool] = False  # one scoring layer's pruning for every layer
     summary: ClassVar[str] = (
         "first-layer text→vision pruning broadcast to all layers + decode recycle bin (HAE)"
     )

@@ -44,6 +44,8 @@ __all__ = ["MEDA", "MEDABase", "MEDAPaper", "MEDAReleased"]
 class MEDABase(TextPriorPolicy):
     """Fields and stages of every MEDA variant; the subclasses only choose defaults."""
 
+    layer_local: ClassVar[bool] = False  # budgets from every layer's entropy
+
     entropy: Literal["cross_modal", "full"] = "cross_modal"
     allocation: Literal["softmax", "standardized", "uniform"] = Field(
         "softmax",

@@ -46,6 +46,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if settings is None:
             raise ValueError("KVMMConnector needs additional_config['kv_policy'] (use --kv-policy)")
         self.settings = settings
+        # Under pipeline parallelism a request may only name a policy each stage can plan alone.
+        pp = vllm_config.parallel_config.pipeline_parallel_size
+        self._rules = replace(settings.rules, layer_local_only=pp > 1)
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._requests: dict[str, Any] = {}
@@ -65,7 +68,17 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             ]
             ours.sort(key=lambda x: layer_index(x[0]))
             layers = {name: LayerRef(i, gid) for i, (name, gid) in enumerate(ours)}
-            spec = kv_cache_config.kv_cache_groups[ours[0][1]].kv_cache_spec
+            groups = kv_cache_config.kv_cache_groups
+            spec = groups[ours[0][1]].kv_cache_spec
+            model_layers, stage = 0, 0
+            if vllm_config.parallel_config.pipeline_parallel_size > 1:
+                # vLLM hands each stage every group, those of other stages' layers empty; with one layer
+                # per group (enforced at start-up) a layer's index is its group's.
+                from vllm.distributed import get_pp_group
+
+                compress = [g for g in groups if isinstance(g.kv_cache_spec, CompressSpec)]
+                layers = {name: LayerRef(groups[gid].kv_cache_spec.group_index, gid) for name, gid in ours}
+                model_layers, stage = len(compress), get_pp_group().rank_in_group
             tp = vllm_config.parallel_config.tensor_parallel_size
             all_reduce = None
             if tp > 1:
@@ -80,7 +93,15 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 all_reduce = tensor_model_parallel_all_reduce
             # Decode-sized steps (every CUDA-graph capture size included) keep their queries in buffers.
             rows = max(vllm_config.scheduler_config.max_num_seqs, internals.capture_size(vllm_config))
-            engine = EngineLayout(layers, spec.block_size, spec.num_kv_heads, tp, all_reduce)
+            engine = EngineLayout(
+                layers,
+                spec.block_size,
+                spec.num_kv_heads,
+                tp,
+                all_reduce,
+                model_layers=model_layers,
+                stage=stage,
+            )
             worker_state().configure(engine, query_rows=rows)
 
     @classmethod
@@ -111,7 +132,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             # Resolved once, here: the worker builds its policy from this, and the decode cadence the
             # scheduler schedules flushes by is the one the worker's policy has.
             self._policies[request.request_id] = resolve_request(
-                extra, self.settings, request.num_prompt_tokens, self.settings.rules
+                extra, self.settings, request.num_prompt_tokens, self._rules
             )
         except PolicyError as e:
             # The API layer rejects bad or refused values with HTTP 400 first; if one still gets here

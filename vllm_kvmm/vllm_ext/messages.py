@@ -89,23 +89,37 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     flushed: set[str] = field(default_factory=set)  # reports from decode-time flushes, not prefills
     # Requests whose compression or flush failed (contained: see WorkerState.contain) -> what failed.
     failed: dict[str, str] = field(default_factory=dict)
-    num_layers: int = 0
+    num_layers: int = 0  # the compressed layers the kept counts cover (this stage's, then summed)
+    stages: set[int] = field(default_factory=set)  # pipeline stages whose compressions this holds
     seconds: float = 0.0
     durations: list[float] = field(default_factory=list)  # seconds of each compression or flush
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # Tensor-parallel ranks decide identical layouts (head-averaged statistics are all-reduced before
-        # any budget is computed), so one copy of each report is enough.
+        # any budget is computed), so one copy of each report is enough; pipeline stages compress
+        # different layers (different groups), so their reports add up.
         assert isinstance(other, KVMMWorkerMeta)
+        # A group appears once per tensor-parallel rank (one copy kept) and on one stage only.
         for req, groups in other.compressed.items():
-            self.compressed.setdefault(req, groups)
+            mine = self.compressed.get(req, [])
+            have = {g.group for g in mine}
+            self.compressed[req] = [*mine, *(g for g in groups if g.group not in have)]
+        new_stage = bool(self.stages) and not other.stages <= self.stages
+        for req, kept in other.kept_token_layers.items():
+            if new_stage:
+                self.kept_token_layers[req] = self.kept_token_layers.get(req, 0) + kept
+            else:
+                self.kept_token_layers.setdefault(req, kept)
+        if new_stage:
+            self.num_layers += other.num_layers
+        else:
+            self.num_layers = max(self.num_layers, other.num_layers)
+        self.stages |= other.stages
         self.prompt_tokens.update(other.prompt_tokens)
-        self.kept_token_layers.update(other.kept_token_layers)
         self.epochs.update(other.epochs)
         self.flushed |= other.flushed
         for req, why in other.failed.items():
             self.failed.setdefault(req, why)
-        self.num_layers = max(self.num_layers, other.num_layers)
         self.seconds = max(self.seconds, other.seconds)
         self.durations = self.durations or list(other.durations)
         return self

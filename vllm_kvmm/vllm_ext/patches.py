@@ -22,8 +22,10 @@ import functools
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
+from vllm_kvmm.config import OverrideRules, PolicyError, refuse_under_pipeline_parallelism
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.grouping import refuse_unsupported_model
 from vllm_kvmm.vllm_ext.settings import ADDITIONAL_CONFIG_KEY, KVMMSettings, settings_from_vllm_config
@@ -235,8 +237,17 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
             "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
         )
     out["enable_prefix_caching"] = False
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        try:
+            refuse_under_pipeline_parallelism(settings.policy)
+        except PolicyError as e:
+            raise ValueError(f"vllm-kvmm: --kv-policy {settings.policy}: {e}") from None
+        if settings.groups is not None:
+            raise ValueError(
+                "vllm-kvmm: --kv-groups cannot be combined with pipeline parallelism (each stage plans its "
+                "own layers, one KV-cache group per layer)"
+            )
     unsupported = {
-        "pipeline_parallel_size": "pipeline parallelism",
         "decode_context_parallel_size": "decode context parallelism",
         "data_parallel_size": "data parallelism",
     }
@@ -289,7 +300,7 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
         given = settings_from_vllm_config(engine_args)
         if given is not None:
             _refuse_conflicts(given, engine_args)
-            set_override_rules(given.rules)
+            set_override_rules(request_rules(given, engine_args))
         if given is not None and hasattr(args, "middleware"):
             args.middleware = [
                 *(args.middleware or []),
@@ -307,12 +318,18 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
     )
     settings.build_policy()  # fail at start-up with the policy's own message
     _refuse_conflicts(settings, engine_args)
-    set_override_rules(settings.rules)  # the API process checks them before the engine sees a request
+    # The API process checks them before the engine sees a request.
+    set_override_rules(request_rules(settings, engine_args))
     extra = dict(engine_args.additional_config or {})
     extra.update(settings.to_additional_config())
     engine_args.additional_config = extra
     if hasattr(args, "middleware"):  # `vllm serve`: check vllm_xargs before vLLM renders anything
         args.middleware = [*(args.middleware or []), MIDDLEWARE]
+
+
+def request_rules(settings: KVMMSettings, engine_args: Any) -> OverrideRules:
+    """The operator's override rules, and under pipeline parallelism layer-local policies only."""
+    return replace(settings.rules, layer_local_only=(engine_args.pipeline_parallel_size or 1) > 1)
 
 
 def _refuse_conflicts(settings: KVMMSettings, engine_args: Any) -> None:

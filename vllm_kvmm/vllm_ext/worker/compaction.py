@@ -37,7 +37,9 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     stats = [st.accs[i].result() if i in st.accs else None for i in range(engine.num_layers)]
     st.accs.clear()
     check_finite(stats)
-    plans = plan_compression(policy, stats, info, granularity=bs, groups=engine.layer_groups())
+    plans = plan_compression(
+        policy, stats, info, granularity=bs, groups=engine.layer_groups(), layers=engine.local_layers
+    )
     if state.recorder is not None:
         state.recorder.plans[job.req_id] = plans
     merge = policy.merge_spec(info)
@@ -46,7 +48,7 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     for name, ref in engine.layers.items():
         members.setdefault(ref.group, []).append((name, ref.index))
     done: list[CompressedGroup] = []
-    kept = n * engine.num_layers
+    kept = n * len(engine.layers)  # this stage's layers (pipeline stages' reports add up)
     try:
         for group, layers in sorted(members.items()):
             shapes = {(plans[i].prefix_keep // bs, plans[i].tail_start // bs) for _, i in layers}
@@ -79,7 +81,8 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
             out.prompt_tokens[job.req_id] = n
             out.kept_token_layers[job.req_id] = kept
             out.epochs[job.req_id] = job.epoch
-            out.num_layers = engine.num_layers
+            out.num_layers = len(engine.layers)
+            out.stages.add(engine.stage)
 
 
 def check_finite(stats: list[LayerStats | None]) -> None:

@@ -73,6 +73,7 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
             state.out.compressed[job.req_id] = report
             state.out.epochs[job.req_id] = job.epoch
             state.out.flushed.add(job.req_id)
+            state.out.stages.add(engine.stage)
     if state.recorder is not None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)
 

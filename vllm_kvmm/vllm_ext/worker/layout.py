@@ -18,6 +18,9 @@ class EngineLayout:
 
     ``num_kv_heads`` is this rank's; under tensor parallelism ``all_reduce`` sums a tensor over ranks.
     ``paged`` reads and writes the paged cache in the attention backend's layout (set by the backend).
+    ``layers`` are this process's compressed layers; under pipeline parallelism the model has
+    ``model_layers`` of them (``0``: all are here), indexed by ``LayerRef.index``, and ``stage`` is this
+    process's pipeline rank.
     """
 
     layers: dict[str, LayerRef] = field(default_factory=dict)
@@ -27,13 +30,26 @@ class EngineLayout:
     all_reduce: Any = None
     kv_caches: dict[str, torch.Tensor] = field(default_factory=dict)
     paged: Any = None
+    model_layers: int = 0
+    stage: int = 0
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        """The model's compressed layers (a policy's ``L``), on every pipeline stage."""
+        return self.model_layers or len(self.layers)
+
+    @property
+    def local_layers(self) -> frozenset[int] | None:
+        """The layer indices this stage plans, or ``None`` when every layer is here."""
+        if len(self.layers) == self.num_layers:
+            return None
+        return frozenset(ref.index for ref in self.layers.values())
 
     def layer_groups(self) -> list[list[int]]:
-        """Decoder layers per KV-cache group (they share a block table, hence a layout)."""
+        """Decoder layers per KV-cache group (they share a block table, hence a layout). Under pipeline
+        parallelism every group is one layer (start-up refuses ``--kv-groups`` with it)."""
+        if self.local_layers is not None:
+            return [[i] for i in range(self.num_layers)]
         out: dict[int, list[int]] = {}
         for ref in self.layers.values():
             out.setdefault(ref.group, []).append(ref.index)
