@@ -19,6 +19,11 @@ from vllm_kvmm.models import (
     load_smollm2_tokenizer,
     smollm2_available,
 )
+from vllm_kvmm.models.tiny_tiling import (
+    build_tiny_internvl,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+)
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +62,21 @@ def tiny_qwen3vl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen25vl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
     return build_tiny_qwen25vl(tiny_root / "qwen25vl", seed=0, tokenizer=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
+    return build_tiny_internvl(tiny_root / "internvl", seed=0, tokenizer=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
+    return build_tiny_llava_onevision(tiny_root / "llava_onevision", seed=0, tokenizer=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir(tiny_root: Path, smollm2_tokenizer: Any) -> Path:
+    return build_tiny_llava_next(tiny_root / "llava_next", seed=0, tokenizer=smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")

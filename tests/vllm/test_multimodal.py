@@ -31,11 +31,17 @@ QUESTIONS = [
 # Tiny model families (tests/conftest.py builds ``tiny_<name>_dir``) and how they take video: ``None`` (no
 # video), ``"frames"``, or ``"frames+metadata"`` (Qwen3-VL writes each temporal patch's timestamp into the
 # prompt from the video's fps; vLLM 0.26 drops the metadata of Qwen2-VL/2.5-VL videos, so those get frames).
+# The image-tiling families run images only: vLLM 0.26 writes InternVL's video frames with ``<video>``
+# tokens where transformers writes ``<IMG_CONTEXT>``, and a 16-frame LLaVA-OneVision video has 16·k² + 1
+# tokens (k² pooled features a frame, one newline a video), never the long-video test's 512.
 FAMILIES: dict[str, str | None] = {
     "llava": None,
     "qwen2vl": "frames",
     "qwen25vl": "frames",
     "qwen3vl": "frames+metadata",
+    "internvl": None,
+    "llava_onevision": None,
+    "llava_next": None,
 }
 
 

@@ -98,6 +98,22 @@ class _Collected:
         return self.stats
 
 
+def _cat_padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated along dim 0, each zero-padded at the end of every other dim to the largest.
+
+    Tiling processors (LLaVA-NeXT, LLaVA-OneVision) give ``pixel_values`` ``[images, tiles, C, H, W]`` with
+    ``tiles`` padded to the prompt's largest tile count; prompts of a batch differ in it. The processor pads
+    the same way within a prompt, and the model reads each image's true tile count from ``image_sizes``,
+    so the padding is never read.
+    """
+    shape = [max(t.shape[d] for t in parts) for d in range(1, parts[0].ndim)]
+    padded = []
+    for t in parts:
+        widths = [w for d in reversed(range(1, t.ndim)) for w in (0, shape[d - 1] - t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, widths) if any(widths) else t)
+    return torch.cat(padded, 0)
+
+
 def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -398,7 +414,7 @@ class DenseReference:
         mm: dict[str, torch.Tensor] = {}
         for key in sorted({k for p in prompts for k in p.mm_inputs}):
             parts = [p.mm_inputs[key] for p in prompts if key in p.mm_inputs]
-            t = torch.cat(parts, 0).to(self.device)
+            t = _cat_padded(parts).to(self.device)
             mm[key] = t.to(self.dtype) if t.is_floating_point() else t
         last = run.lengths - 1
         keep, where = torch.unique(last, return_inverse=True)  # lm_head only on the needed positions
