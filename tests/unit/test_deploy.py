@@ -283,15 +283,11 @@ def test_serve_args_parse_with_our_flags(serve_parser, source: str, capsys: pyte
     argv = SERVE_ARGS[source]()
     assert "--kv-policy" in argv
     if "--pipeline-parallel-size" in argv:
-        # The Ray manifest is the shape for pipeline parallelism, which start-up refuses today (one line,
-        # exit 2, as the manifest's header says); with one stage it is a multi-pod TP set-up that starts.
-        at = argv.index("--pipeline-parallel-size") + 1
-        assert int(argv[at]) > 1
-        with pytest.raises(SystemExit) as e:
-            _engine_args(parser, command, argv)
-        assert e.value.code == 2
-        assert "--kv-policy does not support pipeline parallelism yet" in capsys.readouterr().err
-        argv = [*argv[:at], "1", *argv[at + 1 :]]
+        # Pipeline stages plan their own layers: the manifest's policy must be one a stage can plan alone.
+        from vllm_kvmm.policies import POLICIES
+
+        assert int(argv[argv.index("--pipeline-parallel-size") + 1]) > 1
+        assert POLICIES[argv[argv.index("--kv-policy") + 1]].layer_local
     engine_args = _engine_args(parser, command, argv)
     settings = engine_args.additional_config["kv_policy"]
     assert settings["policy"] == argv[argv.index("--kv-policy") + 1]
@@ -309,9 +305,15 @@ def _engine_args(parser: Any, command: Any, argv: list[str]) -> Any:
     args.model = args.model_tag  # what `vllm serve` does before building the engine arguments
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from vllm_kvmm.vllm_ext.validation import set_override_rules
+
     # Our from_cli_args hook turns --kv-* into the engine's additional_config and builds the policy with
-    # its --kv-policy-config, so a bad policy field fails here, as it would at the server's start.
-    return AsyncEngineArgs.from_cli_args(args)
+    # its --kv-policy-config, so a bad policy field fails here, as it would at the server's start. It also
+    # installs the server's per-request rules in this process (a server's process): undone for other tests.
+    try:
+        return AsyncEngineArgs.from_cli_args(args)
+    finally:
+        set_override_rules(None)
 
 
 def test_gpu_image_default_command_is_our_help_group(serve_parser):

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface, AutoProcessor, AutoTokenizer
@@ -462,3 +463,20 @@ def test_generate_variants_equals_generate_per_policy(
             assert torch.equal(a.keep, b.keep), policy.name
     with pytest.raises(ValueError, match="decode-time eviction"):
         ref.generate_variants(prompt, [make_policy("h2o", 0.5, {"decode_interval": 4})], 3)
+
+
+def test_batch_invariance_across_tile_counts(tiny_llava_next_dir: Path) -> None:
+    """LLaVA-NeXT pads ``pixel_values`` to a prompt's largest tile count; prompts whose images have
+    different tile counts (a small square image: fewer tiles) still share one prefill, padded."""
+    from PIL import Image
+
+    ref, proc = DenseReference(tiny_llava_next_dir), AutoProcessor.from_pretrained(tiny_llava_next_dir)
+    rgb = np.random.default_rng(5).integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    small, tall = Image.fromarray(rgb[:40, :40]), Image.fromarray(rgb)
+    prompts = [
+        prompt_from_messages(proc, image_messages(1, TEXTS[0]), [small]),
+        prompt_from_messages(proc, image_messages(1, TEXTS[1]), [tall]),
+    ]
+    tiles = [p.mm_inputs["pixel_values"].shape[1] for p in prompts]
+    assert tiles[0] < tiles[1], tiles
+    assert_batch_invariant(ref, prompts, PerLayer(budget=0.5, recent=3))

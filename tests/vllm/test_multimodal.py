@@ -31,18 +31,21 @@ QUESTIONS = [
 # Tiny model families (tests/conftest.py builds ``tiny_<name>_dir``) and how they take video: ``None`` (no
 # video), ``"frames"``, or ``"frames+metadata"`` (Qwen3-VL writes each temporal patch's timestamp into the
 # prompt from the video's fps; vLLM 0.26 drops the metadata of Qwen2-VL/2.5-VL videos, so those get frames).
-# The image-tiling families run images only: vLLM 0.26 writes InternVL's video frames with ``<video>``
-# tokens where transformers writes ``<IMG_CONTEXT>``, and a 16-frame LLaVA-OneVision video has 16·k² + 1
-# tokens (k² pooled features a frame, one newline a video), never the long-video test's 512.
+# InternVL runs images only: vLLM 0.26 writes its video frames with ``<video>`` tokens where transformers
+# writes ``<IMG_CONTEXT>`` (docs/models.md).
 FAMILIES: dict[str, str | None] = {
     "llava": None,
     "qwen2vl": "frames",
     "qwen25vl": "frames",
     "qwen3vl": "frames+metadata",
     "internvl": None,
-    "llava_onevision": None,
+    "llava_onevision": "frames",
     "llava_next": None,
 }
+# The long-video test's clip per family: (frames, frame size, vision tokens). Qwen-VL: 8 temporal patches
+# of 8×8 merged patches; LLaVA-OneVision: 4 pooled features a frame and one newline a video.
+LONG_VIDEO: dict[str, tuple[int, int, int]] = {"llava_onevision": (128, 64, 128 * 4 + 1)}
+LONG_VIDEO_DEFAULT = (16, 256, 512)
 
 
 def video(seed: int, frames: int, size: int, kind: str = "frames") -> Any:
@@ -106,7 +109,7 @@ def setup(request: Any, images: list) -> Iterator[dict[str, Any]]:
     refs_in = [prompt_from_messages(processor, *c) for c in cases]
     yield dict(
         llm=llm, vanilla=van, inputs=inputs, ref=DenseReference(model_dir), ref_in=refs_in,
-        processor=processor, video=kind,
+        processor=processor, video=kind, family=request.param,
     )  # fmt: skip
     shutdown(llm)
 
@@ -147,18 +150,19 @@ def test_paged_equals_dense(setup: dict[str, Any], name: str, budget: float) -> 
 
 
 def test_a_long_video_is_compressed_and_frees_its_blocks(setup: dict[str, Any]) -> None:
-    """512 video tokens (16 frames: 8 temporal patches of 8×8) under snapkv 0.25: after the prefill step
-    each layer's KV-cache group holds exactly the blocks the dense reference's plan keeps, and all come
-    back after the request."""
+    """Hundreds of video tokens (Qwen-VL: 512, 16 frames in 8 temporal patches of 8×8; LLaVA-OneVision:
+    513, 128 frames) under snapkv 0.25: after the prefill step each layer's KV-cache group holds exactly
+    the blocks the dense reference's plan keeps, and all come back after the request."""
     from vllm_kvmm.vllm_ext.spec import managers
 
     if not setup["video"]:
         pytest.skip("this family takes no video")
     clip = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[2]}]}]
-    frames = video(4, 16, 256, setup["video"])  # resized to 224 (Qwen2/2.5-VL) or kept (Qwen3-VL)
+    count, size, tokens = LONG_VIDEO.get(setup["family"], LONG_VIDEO_DEFAULT)
+    frames = video(4, count, size, setup["video"])  # Qwen: resized to 224 (Qwen2/2.5-VL) or kept (Qwen3-VL)
     ref_in = prompt_from_messages(setup["processor"], clip, [], [frames])
     n, n_video = ref_in.num_tokens, int(ref_in.vision_mask.sum())
-    assert n_video == 512, n_video
+    assert n_video == tokens, n_video
     llm = setup["llm"]
     engine, pool = llm.llm_engine, block_pool(llm)
     free0 = pool.get_num_free_blocks()

@@ -166,7 +166,14 @@ def _add_flags(parser: Any) -> None:
         return
     from vllm_kvmm.policies import policy_names
 
-    group = parser.add_argument_group("vllm-kvmm", "KV-cache compression (vllm-kvmm)")
+    group = parser.add_argument_group(
+        "vllm-kvmm",
+        "KV-cache compression (vllm-kvmm). Multi-GPU: --tensor-parallel-size works with every policy (KV "
+        "heads must split evenly over ranks); --pipeline-parallel-size with the layer-local policies "
+        "(snapkv, pyramidkv, lookm, h2o, streamingllm: each stage plans its own layers; meda and hae need "
+        "every layer and are refused). Multi-node: vLLM's Ray executor (--distributed-executor-backend "
+        "ray), see docs/deploy.md.",
+    )
     group.add_argument(
         "--kv-policy",
         default=None,
