@@ -270,11 +270,34 @@ def _cpu_cmd() -> list[str]:
     return _exec_form(DEPLOY / "docker" / "Dockerfile.cpu", "CMD")
 
 
+RAY_SERVE_CONFIG = DEPLOY / "ray-serve" / "serve_config.yaml"
+
+
+def _ray_serve_args() -> list[str]:
+    import shlex
+
+    (app,) = yaml.safe_load(RAY_SERVE_CONFIG.read_text())["applications"]
+    return shlex.split(app["args"]["argv"])
+
+
 SERVE_ARGS = {
     "Dockerfile.cpu CMD": _cpu_cmd,
     "deployment.yaml + configmap.yaml": _deployment_serve_args,
     "kuberay/raycluster.yaml head": _raycluster_serve_args,
+    "ray-serve/serve_config.yaml": _ray_serve_args,
 }
+
+
+def test_ray_serve_config_validates_against_ray_serves_schema() -> None:
+    """The config `serve deploy` takes, checked by Ray Serve's own pydantic schema (Ray 2.60.0), and its
+    import path is our application builder."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(RAY_SERVE_CONFIG.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "vllm_kvmm.ray_serve:build_app"
+    (deployment,) = app.deployments
+    assert deployment.name == "KVMMOpenAI" and deployment.ray_actor_options["num_gpus"] == 1
 
 
 @pytest.mark.parametrize("source", SERVE_ARGS)

@@ -163,20 +163,55 @@ def test_override_rules_allow_what_they_say() -> None:
         KVMMSettings(policy="snapkv", budget_min=0.9, budget_max=0.5)
 
 
+def _vllm_config(settings: KVMMSettings, pp: int = 1) -> SimpleNamespace:
+    """What the scheduler-side connector reads of vLLM's config."""
+    return SimpleNamespace(
+        kv_transfer_config=object(),
+        additional_config=settings.to_additional_config(),
+        cache_config=SimpleNamespace(block_size=BS),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1),
+    )
+
+
 def test_a_refused_override_at_admission_runs_the_engine_policy_not_full() -> None:
     from vllm_kvmm.vllm_ext.connector import KVMMConnector
 
     settings = KVMMSettings(policy="snapkv", budget=0.3, overrides="none")
-    vllm_config = SimpleNamespace(
-        kv_transfer_config=object(),
-        additional_config=settings.to_additional_config(),
-        cache_config=SimpleNamespace(block_size=BS),
-    )
-    conn = KVMMConnector(vllm_config, KVConnectorRole.SCHEDULER)
+    conn = KVMMConnector(_vllm_config(settings), KVConnectorRole.SCHEDULER)
     req = _request("a", 64, {"kv_policy": "full"})  # offline use: nothing checked it before admission
     conn.on_new_request(req)
     _, params = conn.request_finished(req, [])
     assert params == {"kvmm": {"policy": "snapkv", "budget": 0.3, "compressed": False}}
+
+
+def test_under_pipeline_parallelism_a_policy_needing_every_layer_runs_the_engine_policy() -> None:
+    from vllm_kvmm.vllm_ext.connector import KVMMConnector
+
+    settings = KVMMSettings(policy="snapkv", budget=0.3)
+    conn = KVMMConnector(_vllm_config(settings, pp=2), KVConnectorRole.SCHEDULER)
+    for i, name in enumerate(("meda", "hae", "pyramidkv")):
+        req = _request(f"r{i}", 64, {"kv_policy": name, "kv_budget": 0.5})
+        conn.on_new_request(req)
+        _, params = conn.request_finished(req, [])
+        expected = ("pyramidkv", 0.5) if name == "pyramidkv" else ("snapkv", 0.3)
+        assert (params["kvmm"]["policy"], params["kvmm"]["budget"]) == expected
+
+
+def test_worker_reports_add_up_over_pipeline_stages_and_count_tensor_ranks_once() -> None:
+    from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMWorkerMeta
+
+    def report(stage: int, groups: list[int], kept: int) -> KVMMWorkerMeta:
+        m = KVMMWorkerMeta(num_layers=len(groups), stages={stage})
+        m.compressed["r"] = [CompressedGroup(g, 1, 3, 20, (1, 2)) for g in groups]
+        m.kept_token_layers["r"], m.prompt_tokens["r"] = kept, 64
+        return m
+
+    # Stage 0 holds groups 0-1, stage 1 groups 2-3; each stage has two tensor-parallel ranks.
+    out = report(0, [0, 1], 40)
+    for other in (report(0, [0, 1], 40), report(1, [2, 3], 50), report(1, [2, 3], 50)):
+        out = out.aggregate(other)
+    assert [g.group for g in out.compressed["r"]] == [0, 1, 2, 3]
+    assert (out.kept_token_layers["r"], out.num_layers, out.stages) == (90, 4, {0, 1})
 
 
 # ---- the connector's scheduler half ------------------------------------------------------------------
@@ -184,12 +219,7 @@ def _connector(policy: str, budget: float, **config: Any) -> tuple[Any, BlockPoo
     from vllm_kvmm.vllm_ext.connector import KVMMConnector
 
     settings = KVMMSettings(policy=policy, budget=budget, config=config)
-    vllm_config = SimpleNamespace(
-        kv_transfer_config=object(),
-        additional_config=settings.to_additional_config(),
-        cache_config=SimpleNamespace(block_size=BS),
-    )
-    conn = KVMMConnector(vllm_config, KVConnectorRole.SCHEDULER)
+    conn = KVMMConnector(_vllm_config(settings), KVConnectorRole.SCHEDULER)
     pool, mgrs = _pool_and_managers(groups=2, blocks=20)
     conn.bind_gpu_block_pool(pool)
     return conn, pool, mgrs
