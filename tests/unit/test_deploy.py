@@ -297,7 +297,7 @@ def test_ray_serve_config_validates_against_ray_serves_schema() -> None:
     (app,) = config.applications
     assert app.import_path == "vllm_kvmm.ray_serve:build_app"
     (deployment,) = app.deployments
-    assert deployment.name == "KVMMOpenAI" and deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment.name == "KVMMOpenAI" and deployment.ray_actor_options.num_gpus == 1
 
 
 @pytest.mark.parametrize("source", SERVE_ARGS)
