@@ -30,15 +30,23 @@ def _ids() -> list[list[int]]:
     return [[(29 * i + 7 * j) % 3500 + 150 for j in range(n)] for i, n in enumerate(LENGTHS)]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir: Path) -> Iterator[Any]:
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per stage
+def _engine(model: Path, tp: int) -> Any:
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * tp)  # 2 cores shared by 2·tp ranks
     try:
-        engine = make_llm(
-            str(tiny_llama_dir), "full", pipeline_parallel_size=2, distributed_executor_backend="mp"
+        return make_llm(
+            str(model),
+            "full",
+            pipeline_parallel_size=2,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="mp",
         )
     finally:
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir: Path) -> Iterator[Any]:
+    engine = _engine(tiny_llama_dir, tp=1)
     yield engine
     shutdown(engine)
 
@@ -52,6 +60,10 @@ def reference(tiny_llama_dir: Path) -> DenseReference:
 def test_pp2_equals_single_device_reference(
     llm: Any, reference: DenseReference, name: str, budget: float
 ) -> None:
+    _check_against_reference(llm, reference, name, budget)
+
+
+def _check_against_reference(llm: Any, reference: DenseReference, name: str, budget: float) -> None:
     from vllm_kvmm.vllm_ext.spec import managers
 
     ids = _ids()
@@ -150,3 +162,15 @@ def test_api_refuses_a_per_request_policy_a_stage_cannot_plan() -> None:
     with pytest.raises(PolicyError, match="policy 'meda-paper' plans every layer"):
         resolve_request({"kv_policy": "meda-paper"}, None, rules=rules)
     assert resolve_request({"kv_policy": "pyramidkv"}, settings, 100, rules).name == "pyramidkv"
+
+
+def test_tp2_x_pp2_equals_single_device_reference(
+    llm: Any, tiny_llama_dir: Path, reference: DenseReference
+) -> None:
+    """Four ranks: tensor-parallel copies of a stage's report count once, the stages' add up."""
+    shutdown(llm)  # this module's PP-only engine is done (this test is the module's last): free its processes
+    engine = _engine(tiny_llama_dir, tp=2)
+    try:
+        _check_against_reference(engine, reference, "snapkv", 0.25)
+    finally:
+        shutdown(engine)
