@@ -150,6 +150,29 @@ def test_pp_refuses_what_a_stage_cannot_plan_alone(settings: dict[str, Any], msg
     assert engine_overrides(KVMMSettings(policy="snapkv", budget=0.2), args)["enable_prefix_caching"] is False
 
 
+def test_the_ray_executor_without_ray_is_refused_with_the_install_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvmm.vllm_ext.patches import engine_overrides
+    from vllm_kvmm.vllm_ext.settings import KVMMSettings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    args = EngineArgs(model="unused", tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(
+        ValueError, match=r"needs Ray, which is not installed: pip install 'vllm-kvmm\[ray\]'"
+    ):
+        engine_overrides(KVMMSettings(policy="snapkv", budget=0.2), args)
+    monkeypatch.undo()
+    assert engine_overrides(KVMMSettings(policy="snapkv", budget=0.2), args)["enable_prefix_caching"] is False
+
+
 def test_api_refuses_a_per_request_policy_a_stage_cannot_plan() -> None:
     from dataclasses import replace
 

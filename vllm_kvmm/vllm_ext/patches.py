@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -254,6 +255,11 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
                 "vllm-kvmm: --kv-groups cannot be combined with pipeline parallelism (each stage plans its "
                 "own layers, one KV-cache group per layer)"
             )
+    if str(engine_args.distributed_executor_backend) == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "vllm-kvmm: --distributed-executor-backend ray needs Ray, which is not installed: "
+            "pip install 'vllm-kvmm[ray]' (Ray 2.60.0, the version the images use)"
+        )
     unsupported = {
         "decode_context_parallel_size": "decode context parallelism",
         "data_parallel_size": "data parallelism",
