@@ -73,7 +73,6 @@ READS: tuple[str, ...] = (
         for f in (
             "enable_prefix_caching",
             "pipeline_parallel_size",
-            "tensor_parallel_size",
             "distributed_executor_backend",
             "decode_context_parallel_size",
             "data_parallel_size",
