@@ -10,19 +10,17 @@ import pytest
 from PIL import Image
 
 from vllm_kvmm.models import (
+    build_tiny_internvl,
     build_tiny_llama,
     build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
     build_tiny_qwen2vl,
     build_tiny_qwen3vl,
     build_tiny_qwen25vl,
     ensure_smollm2,
     load_smollm2_tokenizer,
     smollm2_available,
-)
-from vllm_kvmm.models.tiny_tiling import (
-    build_tiny_internvl,
-    build_tiny_llava_next,
-    build_tiny_llava_onevision,
 )
 
 

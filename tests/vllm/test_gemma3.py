@@ -23,7 +23,8 @@ import pytest
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown, token_ids
 from tests.vllm.helpers import assert_same_kept_sets, block_pool, plans_by_output_id, scheduler
-from vllm_kvmm.models.tiny_gemma3 import GEMMA3_LAYER_TYPES, GEMMA3_SLIDING_WINDOW, build_tiny_gemma3
+from vllm_kvmm.models import build_tiny_gemma3
+from vllm_kvmm.models.tiny_gemma3 import GEMMA3_LAYER_TYPES, GEMMA3_SLIDING_WINDOW
 from vllm_kvmm.policies import POLICIES, DecodeCadence, make_policy, policy_names
 from vllm_kvmm.reference import DenseReference, PromptInput
 
