@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvmm.bench.perf import main
+from vllm_kvmm.cli import main
 
 CTX, OUT, BLOCK = 256, 4, 16
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 4, 4, 32, 4  # the tiny llama2-7b-mha: MHA kept, dimensions shrunk
@@ -20,9 +20,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
+        # Through the `vllm-kvmm` front end, as users and scripts/gpu_run.sh run it.
         rc = main(
-            ["--scale", "tiny", "--ctx", str(CTX), "--requests", "2", "--out", str(OUT), "--budget", "0.25",
-             "--policies", "snapkv", "--model-root", str(root / "models"), "--json", str(root / "perf.json")]
+            ["bench", "perf", "--scale", "tiny", "--ctx", str(CTX), "--requests", "2", "--out", str(OUT),
+             "--budget", "0.25", "--policies", "snapkv", "--model-root", str(root / "models"),
+             "--json", str(root / "perf.json")]
         )  # fmt: skip
     finally:
         mp.undo()

@@ -30,7 +30,10 @@ def _child(cfg: dict) -> None:
     kw: dict = dict(
         model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["prompt"] + cfg["out"] + 16, seed=0,
         enforce_eager=cfg["eager"], enable_prefix_caching=False, block_size=16,
+        load_format=cfg.get("load_format", "auto"),
     )  # fmt: skip
+    if kw["load_format"] == "dummy":  # a speed-benchmark folder (bench/archs.py): no weights, no tokenizer
+        kw["skip_tokenizer_init"] = True
     if cfg["policy"]:
         kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"], **cfg["config"]))
     llm = LLM(**kw)
@@ -76,6 +79,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--interval", type=int, default=16, help="decode tokens between flushes")
     p.add_argument("--eager", action="store_true", default=True)
+    p.add_argument("--graphs", dest="eager", action="store_false", help="CUDA graphs (GPU)")
+    p.add_argument(
+        "--load-format", default="auto", help="'dummy' for a speed-benchmark folder (random weights, GPU)"
+    )
     add_child_flag(p)
     return p
 
@@ -92,7 +99,7 @@ def run(a: argparse.Namespace) -> int:
     model = a.model or str(ensure_smollm2())
     layers = AutoConfig.from_pretrained(model).get_text_config().num_hidden_layers
     base = dict(model=model, dtype=a.dtype, requests=a.requests, prompt=a.prompt, out=a.out, eager=a.eager,
-                budget=a.budget, layers=layers)  # fmt: skip
+                budget=a.budget, layers=layers, load_format=a.load_format)  # fmt: skip
     dec = {"decode_interval": a.interval}
     configs = [
         dict(base, name="vanilla", policy=None, config={}),

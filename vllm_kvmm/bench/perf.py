@@ -278,7 +278,8 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = {k: v for k, v in vars(a).items() if k not in ("child", "plot_only")}
+    # Flags only: the `vllm-kvmm bench` front end also leaves its handler (``func``) in the namespace.
+    args = {k: v for k, v in vars(a).items() if k not in ("child", "plot_only") and not callable(v)}
     if argv is None:  # the flags after `bench perf` (or after the module, for python -m)
         argv = sys.argv[sys.argv.index("perf") + 1 :] if "perf" in sys.argv else sys.argv[1:]
     flags = argv

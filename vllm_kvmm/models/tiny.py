@@ -1,4 +1,4 @@
-"""Tiny random-weight models (Llama, LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) saved as Hugging Face folders, offline.
+"""Tiny random-weight models (Llama, LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) saved as Hugging Face folders.
 
 They exercise the mechanics (GQA, image placeholders, M-RoPE, per-layer caches) in tests and in the
 vLLM CPU build, where a real multimodal checkpoint cannot be downloaded. All of them:
