@@ -67,7 +67,6 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 for name in group.layer_names
             ]
             ours.sort(key=lambda x: layer_index(x[0]))
-            layers = {name: LayerRef(i, gid) for i, (name, gid) in enumerate(ours)}
             groups = kv_cache_config.kv_cache_groups
             spec = groups[ours[0][1]].kv_cache_spec
             model_layers, stage = 0, 0
@@ -76,9 +75,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 # per group (enforced at start-up) a layer's index is its group's.
                 from vllm.distributed import get_pp_group
 
-                compress = [g for g in groups if isinstance(g.kv_cache_spec, CompressSpec)]
                 layers = {name: LayerRef(groups[gid].kv_cache_spec.group_index, gid) for name, gid in ours}
-                model_layers, stage = len(compress), get_pp_group().rank_in_group
+                model_layers = sum(isinstance(g.kv_cache_spec, CompressSpec) for g in groups)
+                stage = get_pp_group().rank_in_group
+            else:
+                layers = {name: LayerRef(i, gid) for i, (name, gid) in enumerate(ours)}
             tp = vllm_config.parallel_config.tensor_parallel_size
             all_reduce = None
             if tp > 1:
