@@ -18,11 +18,16 @@ __all__ = [
     "PolicyError",
     "ResolvedPolicy",
     "resolve_request",
+    "shared_prefix_arg",
 ]
 
 # Per-request overrides, as ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
 XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_config"
-REQUEST_ARGS = (XARG_POLICY, XARG_BUDGET, XARG_CONFIG)
+# The prompt prefix kept exact and cacheable under compression: tokens, or "images" (through the last
+# image or video token). See vllm_ext/prefix.py.
+XARG_SHARED = "kv_shared_prefix"
+SHARED_IMAGES = "images"
+REQUEST_ARGS = (XARG_POLICY, XARG_BUDGET, XARG_CONFIG, XARG_SHARED)
 
 
 class KVPolicyArgs(BaseModel):
@@ -136,10 +141,10 @@ class OverrideRules:
             raise PolicyError(
                 f"per-request KV-policy overrides are off on this server (--kv-overrides none); drop {named}"
             )
-        if self.allow == "budget" and (XARG_POLICY in extra or XARG_CONFIG in extra):
+        if self.allow == "budget" and any(k in extra for k in (XARG_POLICY, XARG_CONFIG, XARG_SHARED)):
             raise PolicyError(
-                "this server lets requests set only kv_budget (--kv-overrides budget); kv_policy and "
-                "kv_policy_config need --kv-overrides any"
+                "this server lets requests set only kv_budget (--kv-overrides budget); kv_policy, "
+                "kv_policy_config and kv_shared_prefix need --kv-overrides any"
             )
         budget = extra.get(XARG_BUDGET)
         # Only a valid budget is held to the bounds; an invalid one gets the general (0, 1] message.
@@ -149,6 +154,21 @@ class OverrideRules:
                 f"kv_budget {budget:g} is outside this server's bounds [{self.budget_min:g}, "
                 f"{self.budget_max:g}] (--kv-budget-min / --kv-budget-max)"
             )
+
+
+def shared_prefix_arg(extra: dict[str, Any] | None) -> int | Literal["images"]:
+    """The request's ``kv_shared_prefix`` (0 when absent): a token count, or ``"images"``.
+
+    Raises :class:`PolicyError` (an HTTP 400) for anything else.
+    """
+    value = (extra or {}).get(XARG_SHARED, 0)
+    if value == SHARED_IMAGES:
+        return SHARED_IMAGES
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PolicyError(
+            f'kv_shared_prefix must be a number of prompt tokens (>= 0) or "images", got {value!r}'
+        )
+    return value
 
 
 def refuse_under_pipeline_parallelism(name: str) -> None:
@@ -193,6 +213,7 @@ def resolve_request(
         raise PolicyError("kv_policy_config needs kv_policy: name the policy its fields belong to")
     if XARG_BUDGET in extra and extra[XARG_BUDGET] is None:
         raise PolicyError("kv_budget must be a number in (0, 1], got null; leave it out for the default")
+    shared_prefix_arg(extra)
     if rules is not None:
         rules.check(extra)
     if XARG_POLICY in extra:

@@ -111,12 +111,21 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
     assert (snap.name, snap.budget, snap.decode_interval) == ("snapkv", make_policy("snapkv").budget, None)
     # The API process (no engine default) checks the same things with the same messages.
     assert resolve_request({}, None) == FULL
+    assert resolve_request({"kv_shared_prefix": "images"}, engine, 100) == resolve_request(None, engine, 100)
+    assert resolve_request({"kv_shared_prefix": 0}, None) == FULL
     for bad, msg in [
         ({"kv_budget": None}, "kv_budget must be a number in (0, 1], got null"),
         ({"kv_budget": float("nan")}, "kv_budget must be a number in (0, 1], got nan"),
         ({"kv_policy_config": {}}, "kv_policy_config needs kv_policy"),
         ({"kv_polcy": "meda"}, "unknown KV-policy request argument(s) ['kv_polcy']"),
         ({"kv_policy": "nope"}, "unknown KV policy 'nope'"),
+        (
+            {"kv_shared_prefix": -1},
+            'kv_shared_prefix must be a number of prompt tokens (>= 0) or "images", got -1',
+        ),
+        ({"kv_shared_prefix": True}, "kv_shared_prefix must be a number of prompt tokens (>= 0) or"),
+        ({"kv_shared_prefix": "system"}, "or \"images\", got 'system'"),
+        ({"kv_shared_prefix": 1.5}, "got 1.5"),
     ]:
         with pytest.raises(PolicyError) as e:
             resolve_request(bad, None)
@@ -131,7 +140,9 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
             {"kv_budget": 0.5},
             "overrides are off on this server (--kv-overrides none); drop ['kv_budget']",
         ),
-        ("budget", {"kv_policy": "full"}, "only kv_budget (--kv-overrides budget); kv_policy and"),
+        ("budget", {"kv_policy": "full"}, "only kv_budget (--kv-overrides budget); kv_policy,"),
+        ("budget", {"kv_shared_prefix": 64}, "kv_policy_config and kv_shared_prefix need --kv-overrides any"),
+        ("none", {"kv_shared_prefix": "images"}, "drop ['kv_shared_prefix']"),
         ("budget", {"kv_budget": 0.05}, "kv_budget 0.05 is outside this server's bounds [0.1, 0.8]"),
         ("any", {"kv_policy": "snapkv", "kv_budget": 0.9}, "kv_budget 0.9 is outside this server's bounds"),
     ],
@@ -178,6 +189,7 @@ def test_a_refused_override_at_admission_runs_the_engine_policy_not_full() -> No
 
     settings = KVMMSettings(policy="snapkv", budget=0.3, overrides="none")
     conn = KVMMConnector(_vllm_config(settings), KVConnectorRole.SCHEDULER)
+    conn.bind_gpu_block_pool(_pool_and_managers(groups=1, blocks=8)[0])
     req = _request("a", 64, {"kv_policy": "full"})  # offline use: nothing checked it before admission
     conn.on_new_request(req)
     _, params = conn.request_finished(req, [])
@@ -189,6 +201,7 @@ def test_under_pipeline_parallelism_a_policy_needing_every_layer_runs_the_engine
 
     settings = KVMMSettings(policy="snapkv", budget=0.3)
     conn = KVMMConnector(_vllm_config(settings, pp=2), KVConnectorRole.SCHEDULER)
+    conn.bind_gpu_block_pool(_pool_and_managers(groups=1, blocks=8)[0])
     for i, name in enumerate(("meda", "hae", "pyramidkv")):
         req = _request(f"r{i}", 64, {"kv_policy": name, "kv_budget": 0.5})
         conn.on_new_request(req)

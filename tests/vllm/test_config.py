@@ -31,11 +31,17 @@ def test_engine_args_validate_before_the_engine() -> None:
         vllm_kvmm.engine_args("snapkv", 0.5, window=0)
 
 
-def test_prefix_caching_with_a_compressing_policy_is_refused(tiny_llama_dir: Path) -> None:
-    from vllm import LLM
+def test_prefix_caching_stays_off_unless_asked_for() -> None:
+    from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(ValueError, match="prefix caching cannot be on with the compressing KV policy 'meda'"):
-        LLM(model=str(tiny_llama_dir), enable_prefix_caching=True, **vllm_kvmm.engine_args("meda", 0.5))
+    from vllm_kvmm.vllm_ext.patches import engine_overrides
+    from vllm_kvmm.vllm_ext.settings import KVMMSettings
+
+    settings = KVMMSettings(policy="meda", budget=0.5)
+    assert engine_overrides(settings, EngineArgs(model="m"))["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in engine_overrides(
+        settings, EngineArgs(model="m", enable_prefix_caching=True)
+    )
 
 
 def _attention_spec(kind: str) -> Any:
@@ -209,14 +215,14 @@ def test_cli_flags_listed_and_validated() -> None:
     assert bad.returncode == 2
     assert "argument --kv-budget: must be a number in (0, 1], got '1.5'" in bad.stderr
     conflict = subprocess.run(
-        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--enable-prefix-caching"],
+        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--kv-cache-dtype", "fp8"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert conflict.returncode == 2 and "Traceback" not in conflict.stderr
     assert (
-        "error: vllm-kvmm: prefix caching cannot be on with the compressing KV policy 'meda'"
+        "error: vllm-kvmm: --kv-policy needs an unquantised KV cache; got --kv-cache-dtype fp8"
         in conflict.stderr
     )
 
@@ -260,7 +266,8 @@ def test_http_check_applies_the_servers_override_rules() -> None:
         status, body, seen = _asgi(KVPolicyRequestCheck, refused)
         assert status == 400 and seen is None
         assert (
-            "kv_policy and kv_policy_config need --kv-overrides any" in json.loads(body)["error"]["message"]
+            "kv_policy, kv_policy_config and kv_shared_prefix need --kv-overrides any"
+            in json.loads(body)["error"]["message"]
         )
         allowed = json.dumps({"model": "m", "vllm_xargs": {"kv_budget": 0.5}}).encode()
         status, _, seen = _asgi(KVPolicyRequestCheck, allowed)

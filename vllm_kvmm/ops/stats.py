@@ -126,6 +126,8 @@ class StatsAccumulator:
             ``"auto"``: Triton for CUDA tensors when it is installed, torch otherwise. Tensor parallelism
             with cross-modal or HAE statistics stays on torch: those reduce over every rank's heads
             inside the map, before the nonlinearity.
+        start: the first query that runs (a prefix-cache hit computes none before it); the statistics are
+            sums over the queries ``[start, N)`` (column sums, entropies and text→vision rows alike).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class StatsAccumulator:
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         world: int = 1,
         kernels: Kernels = "auto",
+        start: int = 0,
     ) -> None:
         if kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
@@ -159,6 +162,10 @@ class StatsAccumulator:
         self.t2v_from = int(vis_pos[-1].item()) + 1 if vis_pos.numel() else num_tokens
         self.window_from = num_tokens - request.window if request.window else num_tokens
         self._acc = _Acc()
+        # Queries before ``start`` never run (a prefix-cache hit): the statistics cover [start, N).
+        if not 0 <= start <= num_tokens:
+            raise ValueError(f"start {start} is outside a prompt of {num_tokens} tokens")
+        self._acc.seen = start
         # Tensor parallelism: this process holds ``num_heads`` of ``world × num_heads`` query heads.
         # Head-averaged statistics (entropies, HAE's text→vision attention) are summed over every rank's
         # heads through ``all_reduce`` so all ranks see the single-device numbers and agree on budgets;

@@ -92,12 +92,16 @@ class LayerPlan:
 
     ``keep``: ``[H_kv, K_total]`` ascending kept positions per KV head; the first ``prefix_keep`` of each
     row lie in ``[0, tail_start)``, the rest are exactly ``[tail_start, N)``.
+    ``frozen``: positions ``[0, frozen)`` are kept in place and unchanged (a shared prefix in the prefix
+    cache: its blocks are read by other requests and keep their hashes), so they are the first slots of
+    every row and no evicted token is merged into them.
     """
 
     keep: torch.Tensor
     tail_start: int
     prefix_keep: int
     num_tokens: int
+    frozen: int = 0
 
     @property
     def num_kept(self) -> int:
@@ -270,6 +274,7 @@ def plan_compression(
     granularity: int = 1,
     groups: Sequence[Sequence[int]] | None = None,
     layers: Collection[int] | None = None,
+    frozen: int = 0,
 ) -> list[LayerPlan]:
     """Decide the kept tokens of every layer and KV head for one prompt.
 
@@ -284,8 +289,12 @@ def plan_compression(
         layers: the layers to select for (a pipeline stage's; their statistics are the only ones given);
             every layer's layout is still computed, as the carried rounding runs in layer order, and the
             other layers' plans keep everything. Only for :attr:`KVPolicy.layer_local` policies.
+        frozen: the prompt's first ``frozen`` tokens are a shared prefix (docs/design.md, "Prefix caching"):
+            hard-protected in every layer, inside the budget like sinks, and kept in place unmerged
+            (:attr:`LayerPlan.frozen`).
     """
     n, h = info.num_tokens, info.num_kv_heads
+    frozen = min(max(frozen, 0), n)
     if len(stats) != info.num_layers:
         raise ValueError(f"got statistics for {len(stats)} layers, expected {info.num_layers}")
     if layers is not None and not policy.layer_local:
@@ -294,7 +303,7 @@ def plan_compression(
     groups = [[layer] for layer in range(info.num_layers)] if groups is None else groups
     if sorted(x for g in groups for x in g) != list(range(info.num_layers)):
         raise ValueError(f"groups must partition the {info.num_layers} layers, got {groups}")
-    prot = [policy.protected(info, layer) for layer in range(info.num_layers)]
+    prot = [_with_frozen(policy.protected(info, layer), frozen, n) for layer in range(info.num_layers)]
     shape: dict[int, tuple[int, int]] = {}
     carry = 0.0  # token-layers the groups so far kept below (+) or above (−) their budgets by rounding
     # In layer order, whatever order the caller lists the groups in: the carried rounding must give the
@@ -334,14 +343,27 @@ def plan_compression(
             keep = torch.cat([heads[layer].view(h, k), tail], dim=1)
         else:
             keep = torch.arange(n).expand(h, n).clone()
-        plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n))
+        plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n, frozen=frozen))
     return plans
+
+
+def _with_frozen(mask: torch.Tensor | None, frozen: int, n: int) -> torch.Tensor | None:
+    """The policy's protected mask ``[N]`` with the frozen prefix ``[0, frozen)`` added."""
+    if not frozen:
+        return mask
+    out = torch.zeros(n, dtype=torch.bool) if mask is None else mask.clone()
+    out[:frozen] = True
+    return out
 
 
 def apply_plan(
     plan: LayerPlan, keys: torch.Tensor, values: torch.Tensor, merge: MergeSpec | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact one layer: ``keys``/``values`` ``[H_kv, N, d]`` → ``[H_kv, K_total, d]`` (merged if asked)."""
+    """Compact one layer: ``keys``/``values`` ``[H_kv, N, d]`` → ``[H_kv, K_total, d]`` (merged if asked).
+
+    The frozen prefix (:attr:`LayerPlan.frozen`) comes out as it went in: an evicted token whose merge
+    target lies there is dropped instead (those blocks are shared and must match their hashes).
+    """
     keep = plan.keep.to(keys.device)
     if plan.is_identity:
         return keys, values
@@ -349,7 +371,7 @@ def apply_plan(
     if merge is None:
         evict = evict[:, :0]
         return merge_kv(keys, values, keep, evict, "average")
-    return merge_kv(
+    k2, v2 = merge_kv(
         keys,
         values,
         keep,
@@ -359,3 +381,8 @@ def apply_plan(
         similarity_filter=merge.similarity_filter,
         misaligned_source=merge.misaligned_source,
     )
+    if plan.frozen:
+        # Every head keeps [0, frozen) first (ascending, all protected): the first slots of each row.
+        f = min(plan.frozen, plan.num_kept)
+        k2[:, :f], v2[:, :f] = keys[:, :f], values[:, :f]
+    return k2, v2

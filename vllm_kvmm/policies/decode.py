@@ -77,6 +77,7 @@ def plan_flush(
     capacity: int,
     granularity: int = 1,
     tail_floor: int = 0,
+    frozen: int = 0,
 ) -> FlushPlan:
     """Choose the stored slots to keep at a flush.
 
@@ -88,6 +89,8 @@ def plan_flush(
         length: tokens in the sequence so far (the next token's position).
         capacity: tokens to keep per head; granularity: the block size (prefix kept in whole blocks).
         tail_floor: where the current tail starts (:func:`flush_tail_start`).
+        frozen: positions ``[0, frozen)`` are a shared prefix (:attr:`~vllm_kvmm.policies.LayerPlan.frozen`):
+            always kept, whatever their score and the capacity, and first in slot order as they were.
     """
     h, s = positions.shape
     g = max(1, granularity)
@@ -105,15 +108,19 @@ def plan_flush(
     sinks = min(spec.sinks, n_prefix)
     if sinks > k:
         k = g * math.ceil(sinks / g)
+    n_frozen = int((positions[0, :n_prefix] < frozen).sum()) if frozen else 0
+    if n_frozen > k:
+        k = g * math.ceil(n_frozen / g)
     k = min(k, n_prefix)
     prefix_slots = torch.arange(n_prefix)
+    frozen_mask = positions[:, :n_prefix] < frozen if frozen else None
     if k == n_prefix:
         head = prefix_slots.expand(h, n_prefix)
     elif spec.kind in ("score", "bin"):
-        head = select_topk(scores[:, :n_prefix].double(), k)
-    else:  # window: sinks first, then the most recent of the prefix
+        head = select_topk(scores[:, :n_prefix].double(), k, frozen_mask)
+    else:  # window: sinks (and the frozen prefix) first, then the most recent of the prefix
         rank = positions[:, :n_prefix].double()
-        protected = positions[0, :n_prefix] < spec.sinks
+        protected = positions[:, :n_prefix] < max(spec.sinks, frozen)
         head = select_topk(rank, k, protected)
     keep = torch.cat([head, torch.arange(n_prefix, s).expand(h, n_tail)], dim=1)
     binned = None

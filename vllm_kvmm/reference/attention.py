@@ -62,6 +62,10 @@ class DenseKVRun:
         self.stats_chunk = stats_chunk
         self.prefilled = False
         self.stats: list[dict[int, StatsAccumulator]] = [{} for _ in requests]
+        # Per sample: the first query whose statistics count (a prefix-cache hit's queries never run on
+        # the vLLM path), and the shared prefix kept exact (LayerPlan.frozen).
+        self.starts = [0] * len(self.requests)
+        self.frozen = [0] * len(self.requests)
         # Prefill: the full prompt K/V per layer, [B, H_kv, n_max, d].
         self.prompt_k: list[torch.Tensor | None] = [None] * self.num_layers
         self.prompt_v: list[torch.Tensor | None] = [None] * self.num_layers
@@ -133,11 +137,11 @@ class DenseKVRun:
         for b, req in enumerate(self.requests):
             if not req.wants_layer(layer):
                 continue
-            nb = int(self.lengths[b])
+            nb, s = int(self.lengths[b]), self.starts[b]
             acc = StatsAccumulator(
-                req, nb, q.shape[1], k.shape[1], self.vision_masks[b], scale, chunk=self.stats_chunk
+                req, nb, q.shape[1], k.shape[1], self.vision_masks[b], scale, chunk=self.stats_chunk, start=s
             )
-            acc.update(q[b, :, :nb].transpose(0, 1), k[b, :, :nb].transpose(0, 1), 0)
+            acc.update(q[b, :, s:nb].transpose(0, 1), k[b, :, :nb].transpose(0, 1), s)
             self.stats[b][layer] = acc
         return out
 
@@ -205,7 +209,9 @@ class DenseKVRun:
                 slots = slots.with_bin(self.bins.get((layer, b)), tail_start)
                 slots = slots.rescored(spec, queries[b], new_pos[0], self.scales[layer])
                 cap = spec.capacity if spec.capacity is not None else int(capacity[b, layer])
-                plan = plan_flush(spec, slots.pos, slots.score, length, cap, granularity, tail_floor=floor)
+                plan = plan_flush(
+                    spec, slots.pos, slots.score, length, cap, granularity, floor, self.frozen[b]
+                )
                 tails[b, layer] = plan.tail_start
                 if plan.binned is not None:
                     self.bins[(layer, b)] = slots.take(plan.binned)

@@ -197,12 +197,17 @@ class DenseReference:
         stop_at_eos: bool = False,
         return_logits: bool = False,
         return_stats: bool = False,
+        cached: Sequence[int] | None = None,
+        shared: Sequence[int] | None = None,
     ) -> list[ReferenceOutput]:
         """Greedy generation of ``max_new_tokens`` per prompt with the cache compressed by ``policy``.
 
         ``granularity`` / ``layer_groups``: the paged layout of the vLLM path being checked (block size,
         and layers sharing a KV-cache group; see :func:`~vllm_kvmm.policies.plan_compression`).
         With ``stop_at_eos`` a sample's tokens end at its first EOS (included).
+        ``cached`` / ``shared``: per prompt, tokens found in vLLM's prefix cache (their queries never run:
+        statistics cover the rest) and the shared prefix kept exact (``frozen`` in
+        :func:`~vllm_kvmm.policies.plan_compression` and at every flush); see docs/design.md.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -210,6 +215,10 @@ class DenseReference:
         infos = [self._info(p) for p in prompts]
         specs = [policy.decode_spec(i) for i in infos]
         run = self._new_run(prompts, policy, infos)
+        if cached is not None:
+            run.starts = list(cached)
+        if shared is not None:
+            run.frozen = list(shared)
         pos = RopePositions(self.model, prompts)
         with activate(run, self._text_configs):
             logits = self._prefill(prompts, pos, run)  # [B, V]
@@ -438,7 +447,7 @@ class DenseReference:
             if any(not a.done for a in accs.values()):
                 raise RuntimeError("prefill ended with incomplete statistics")
             st = [accs[layer].result() if layer in accs else None for layer in range(n_layers)]
-            p = plan_compression(policy, st, info, granularity, layer_groups)
+            p = plan_compression(policy, st, info, granularity, layer_groups, frozen=run.frozen[b])
             merge = policy.merge_spec(info)
             n = info.num_tokens
             for layer in range(n_layers):

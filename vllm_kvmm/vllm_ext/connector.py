@@ -24,12 +24,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request
+from vllm_kvmm.config import (
+    FULL,
+    SHARED_IMAGES,
+    PolicyError,
+    ResolvedPolicy,
+    resolve_request,
+    shared_prefix_arg,
+)
 from vllm_kvmm.policies import BUDGET_TOLERANCE
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
+from vllm_kvmm.vllm_ext.prefix import shared_prefixes
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import CompressSpec, managers
 from vllm_kvmm.vllm_ext.worker import EngineLayout, LayerRef, worker_state
@@ -129,20 +137,24 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             # compressed prefix cannot take more prompt tokens behind it. Served uncompressed.
             self._policies[request.request_id] = FULL
             return
+        mark: int | str = 0
         try:
             # Resolved once, here: the worker builds its policy from this, and the decode cadence the
             # scheduler schedules flushes by is the one the worker's policy has.
-            self._policies[request.request_id] = resolve_request(
-                extra, self.settings, request.num_prompt_tokens, self._rules
-            )
+            pol = resolve_request(extra, self.settings, request.num_prompt_tokens, self._rules)
+            mark = shared_prefix_arg(extra)
         except PolicyError as e:
             # The API layer rejects bad or refused values with HTTP 400 first; if one still gets here
             # (offline use with hand-built SamplingParams), serve the request under the engine's own
             # policy — never uncompressed, which would bypass the operator's memory plan.
             logger.error("kvmm: request %s: %s; serving it with the engine's policy", request.request_id, e)
-            self._policies[request.request_id] = resolve_request(
-                None, self.settings, request.num_prompt_tokens
-            )
+            pol = resolve_request(None, self.settings, request.num_prompt_tokens)
+        self._policies[request.request_id] = pol
+        if pol.compresses:
+            if mark == SHARED_IMAGES:
+                mark = max((off + n for off, n in _vision_runs(request)), default=0)
+            n = min(int(mark), request.num_prompt_tokens)
+            shared_prefixes(self._block_pool).admit(request.request_id, n - n % self.block_size)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = KVMMStepMeta()
@@ -168,6 +180,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             num_new = min(n_sched, n_prompt - before)
             completes = end >= n_prompt
             block_ids = self._block_ids(req_id) if completes else None
+            # Fixed at the epoch's first scheduling (by the KV-cache managers first when prefix caching
+            # is on: they cache this prefix only); ``before`` is then the prefix-cache hit.
+            prefixes = shared_prefixes(self._block_pool)
+            shared = prefixes.protected(req, before) or 0
             meta.jobs[req_id] = PrefillJob(
                 req_id=req_id,
                 num_prompt_tokens=n_prompt,
@@ -179,6 +195,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 block_ids=block_ids,
                 epoch=req.num_preemptions,
                 end=end,
+                cached=prefixes.cached(req_id),
+                shared=shared,
             )
         return meta
 
@@ -252,20 +270,28 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     def _forget(self, req_id: str) -> dict[str, Any] | None:
         """Drop a request's state; returns its report for the output's ``kv_transfer_params``.
 
-        ``{"kvmm": {"policy", "budget", "compressed", "kv_kept"?, "budget_met"?}}``: the effective policy
-        and budget, and for a compressed prompt the measured fraction of its KV kept (tokens × layers) and
-        whether that is within ``BUDGET_TOLERANCE`` of the budget (``false``: what the policy always keeps,
-        sinks, recent window, whole blocks, exceeds the budget on this prompt; short prompts). A request that
+        ``{"kvmm": {"policy", "budget", "compressed", "shared_prefix"?, "kv_kept"?, "budget_met"?}}``: the
+        effective policy and budget, the prompt tokens kept exact as a shared prefix (when any), and for a
+        compressed prompt the measured fraction of its KV kept (tokens × layers) and whether that is within
+        ``BUDGET_TOLERANCE`` of the budget (``false``: what the policy always keeps, sinks, recent window,
+        whole blocks, a shared prefix, exceeds the budget on this prompt; short prompts). A request that
         finishes in the very step that compressed it ends before the worker's report arrives: it says
         ``compressed: false`` although its cache was compressed for that one step.
         """
         self._requests.pop(req_id, None)
+        shared = 0
+        if self._block_pool is not None:
+            prefixes = shared_prefixes(self._block_pool)
+            shared = prefixes.shared(req_id)
+            prefixes.forget(req_id)
         pol = self._policies.pop(req_id, None)
         report = self._reports.pop(req_id, None)
         if pol is None:
             return None
         report = report or {}
         said = {"policy": pol.name, "budget": pol.budget, "compressed": "kv_kept" in report}
+        if shared:
+            said["shared_prefix"] = shared
         if "kv_kept" in report:
             report["budget_met"] = report["kv_kept"] <= (1 + BUDGET_TOLERANCE) * pol.budget
         return {"kvmm": {**said, **report}}

@@ -25,6 +25,7 @@ __all__ = [
     "has_cli_flag",
     "metadata_schedule",
     "null_block",
+    "num_cached_blocks",
     "replace_common_metadata",
     "req_blocks",
     "seq_lens_cpu",
@@ -60,9 +61,13 @@ READS: tuple[str, ...] = (
     "GPUModelRunner.input_batch",
     "InputBatch.req_ids",
     "SingleTypeKVCacheManager.req_to_blocks",
+    "SingleTypeKVCacheManager.num_cached_block",
     "SingleTypeKVCacheManager.block_pool",
     "BlockPool.null_block",
     "Request.resumable",
+    "Request.num_preemptions",
+    "Request.num_computed_tokens",
+    "Request.num_prompt_tokens",
     "Request.mm_features",
     "Request.sampling_params",
     "KVConnectorOutput.kv_connector_worker_meta",
@@ -183,6 +188,11 @@ def step_req_ids(runner: Any, num_reqs: int) -> list[str]:
 def req_blocks(manager: Any, req_id: str) -> list[Any]:
     """A request's logical block row in one KV-cache group (the manager's own list: edits stick)."""
     return manager.req_to_blocks.get(req_id, [])
+
+
+def num_cached_blocks(manager: Any, req_id: str) -> int:
+    """Blocks of a request's row one group has put into the prefix cache (prefix-cache hits included)."""
+    return manager.num_cached_block.get(req_id, 0)
 
 
 def null_block(manager: Any) -> Any:

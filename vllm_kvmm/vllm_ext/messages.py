@@ -26,6 +26,8 @@ class PrefillJob:
     ``vision``: ``(offset, length)`` runs of vision tokens in the prompt (from the placeholder ranges).
     ``block_ids``: per KV-cache group, the request's block ids (only when ``completes``).
     ``policy``: resolved once when the request arrived (validated, decode cadence fixed).
+    ``cached``: prompt tokens of this epoch found in the prefix cache (their queries never run);
+    ``shared``: the shared prefix ``[0, shared)`` kept exact (vllm_ext/prefix.py), ``≥ cached``.
     """
 
     req_id: str
@@ -38,6 +40,8 @@ class PrefillJob:
     block_ids: list[list[int]] | None = None
     epoch: int = 0  # the request's preemption count when scheduled: a report for an older epoch is stale
     end: int = 0  # tokens stored once this step ran (past the prompt when a preempted request recomputes)
+    cached: int = 0
+    shared: int = 0
 
 
 @dataclass

@@ -74,6 +74,21 @@ def check_vllm_internals() -> None:
 
     if "invalid_modes" not in inspect.signature(CudagraphDispatcher.dispatch).parameters:
         problems.append("CudagraphDispatcher.dispatch(..., invalid_modes) changed")
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    overridden = {
+        "add_local_computed_blocks": [
+            "self",
+            "request_id",
+            "new_computed_blocks",
+            "num_local_computed_tokens",
+            "num_external_computed_tokens",
+        ],
+        "cache_blocks": ["self", "request", "num_tokens", "retention_interval"],
+    }
+    for name, expected in overridden.items():
+        if list(inspect.signature(getattr(FullAttentionManager, name)).parameters) != expected:
+            problems.append(f"FullAttentionManager.{name}({', '.join(expected)}) changed")
     from vllm.platforms.interface import Platform
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):
@@ -179,7 +194,9 @@ def _add_flags(parser: Any) -> None:
         "--kv-policy",
         default=None,
         choices=policy_names(),
-        help="KV-cache compression policy (see `vllm-kvmm policies`). Turns prefix caching off.",
+        help="KV-cache compression policy (see `vllm-kvmm policies`). Prefix caching is off unless "
+        "--enable-prefix-caching is given; then a request's cached or marked (kv_shared_prefix) prefix is "
+        "kept exact and shared, and the rest of its prompt is compressed.",
     )
     group.add_argument(
         "--kv-budget", type=_budget, default=None, help="fraction of prompt KV kept, in (0, 1]"
@@ -239,12 +256,10 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
     from vllm.config import KVTransferConfig
 
     out: dict[str, Any] = {}
-    if engine_args.enable_prefix_caching and settings.compresses:
-        raise ValueError(
-            f"vllm-kvmm: prefix caching cannot be on with the compressing KV policy {settings.policy!r}: "
-            "compressed blocks no longer hold what their hashes say. Drop --enable-prefix-caching."
-        )
-    out["enable_prefix_caching"] = False
+    if engine_args.enable_prefix_caching is None:
+        # Off unless asked for (vLLM's default is on): with it, a prompt's compression depends on what
+        # earlier requests left in the cache (a hit's queries never run), which an operator should choose.
+        out["enable_prefix_caching"] = False
     if (engine_args.pipeline_parallel_size or 1) > 1:
         try:
             refuse_under_pipeline_parallelism(settings.policy)

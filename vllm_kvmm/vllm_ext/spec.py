@@ -10,6 +10,7 @@ covers tokens ``[i·bs, (i+1)·bs)`` for everything else the scheduler computes.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvmm.vllm_ext import internals
+from vllm_kvmm.vllm_ext.prefix import shared_prefixes
 
 __all__ = ["CompressManager", "CompressSpec", "managers", "register_specs"]
 
@@ -51,11 +53,36 @@ def managers(block_pool: Any) -> dict[int, CompressManager]:
 
 
 class CompressManager(FullAttentionManager):
-    """:class:`FullAttentionManager` that can return a running request's middle blocks to the pool."""
+    """:class:`FullAttentionManager` that can return a running request's middle blocks to the pool, and
+    that puts only a compressing request's shared prefix into the prefix cache (vllm_ext/prefix.py)."""
 
     def __init__(self, kv_cache_spec: CompressSpec, **kwargs: Any) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         _MANAGERS.add(self)
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[Any],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        """vLLM's, with the hit trimmed to the agreed length: 0.26's hybrid coordinator trims only its
+        first full-attention group's hit blocks, and a longer list would make this group write the next
+        tokens into a cached block other requests read. Our hits are whole blocks."""
+        hit = new_computed_blocks[: num_local_computed_tokens // self.block_size]
+        super().add_local_computed_blocks(
+            request_id, hit, num_local_computed_tokens, num_external_computed_tokens
+        )
+
+    def cache_blocks(self, request: Any, num_tokens: int, retention_interval: int | None = None) -> None:
+        """vLLM's, up to the request's shared prefix when it compresses: compaction rewrites the blocks
+        after it, so they must never be found by a hash."""
+        cached = internals.num_cached_blocks(self, request.request_id) * self.block_size
+        limit = shared_prefixes(self.block_pool).protected(request, cached)
+        if limit is not None:
+            num_tokens = min(num_tokens, limit)
+        super().cache_blocks(request, num_tokens, retention_interval=retention_interval)
 
     def release_blocks(self, request_id: str, logical: tuple[int, ...] | list[int]) -> int:
         """Free the given logical blocks of ``request_id``; returns how many were freed.

@@ -38,7 +38,13 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     st.accs.clear()
     check_finite(stats)
     plans = plan_compression(
-        policy, stats, info, granularity=bs, groups=engine.layer_groups(), layers=engine.local_layers
+        policy,
+        stats,
+        info,
+        granularity=bs,
+        groups=engine.layer_groups(),
+        layers=engine.local_layers,
+        frozen=st.shared,
     )
     if state.recorder is not None:
         state.recorder.plans[job.req_id] = plans
@@ -112,7 +118,11 @@ def check_finite(stats: list[LayerStats | None]) -> None:
 def _kept_kv(
     engine: EngineLayout, name: str, plan: LayerPlan, ids: torch.Tensor, n: int, merge: MergeSpec | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(slots, keys, values)`` that compact one layer (``None``: nothing moves)."""
+    """``(slots, keys, values)`` that compact one layer (``None``: nothing moves).
+
+    The frozen prefix is kept in place unchanged (``apply_plan``), so its slots are not written at all:
+    its blocks may be read by other requests at the same time.
+    """
     bs = engine.block_size
     if plan.is_identity or plan.prefix_keep == plan.tail_start:
         return None
@@ -120,6 +130,8 @@ def _kept_kv(
     k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
     # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
     pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
+    f = min(plan.frozen, plan.num_kept)
+    pos, k2, v2 = pos[f:], k2[:, f:], v2[:, f:]
     slots = ids[pos // bs] * bs + pos % bs
     return slots, k2.transpose(0, 1), v2.transpose(0, 1)
 

@@ -117,7 +117,7 @@ def _plan_layer(
         q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
         slots = slots.rescored(spec, q, torch.tensor([x[1] for x in buffered]), state.queries.scales[name])
     cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
-    plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs, tail_floor=tail * bs)
+    plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs, tail_floor=tail * bs, frozen=st.shared)
     new_tail = plan.tail_start // bs
     if new_tail < tail:
         raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
@@ -127,11 +127,17 @@ def _plan_layer(
     n_live, n_bin = plan.prefix_keep // bs, -(-binned_idx.shape[1] // bs)
     new_live, new_bins = candidates[:n_live], candidates[n_live : n_live + n_bin]
     writes = []
-    for idx, blocks in ((plan.keep[:, : plan.prefix_keep], new_live), (binned_idx, new_bins)):
+    # The shared prefix stays where it is (the first slots of the first live blocks, kept by plan_flush):
+    # never written, as other requests may read its blocks.
+    frozen = int((slots.pos[0] < st.shared).sum())
+    for idx, blocks, skip in (
+        (plan.keep[:, : plan.prefix_keep], new_live, frozen),
+        (binned_idx, new_bins, 0),
+    ):
         n = idx.shape[1]
-        if n:
-            moved = slots.take(idx)
-            j = torch.arange(n)
+        if n > skip:
+            moved = slots.take(idx[:, skip:])
+            j = torch.arange(skip, n)
             dst = torch.tensor([row[i] for i in blocks], dtype=torch.long)[j // bs] * bs + j % bs
             writes.append((dst, moved.k.transpose(0, 1), moved.v.transpose(0, 1)))
     return _LayerFlush(

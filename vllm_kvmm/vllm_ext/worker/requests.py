@@ -24,6 +24,10 @@ class RequestState:
 
     policy: KVPolicy
     info: PromptInfo
+    # Prompt tokens found in the prefix cache (statistics start after them) and the shared prefix kept
+    # exact by compaction and flushes (vllm_ext/prefix.py).
+    cached: int = 0
+    shared: int = 0
     # Prefill statistics per decoder layer, fed during attention until the prompt's last chunk.
     accs: dict[int, StatsAccumulator] = field(default_factory=dict)
     # group -> (live logical blocks holding the compacted prefix, first logical block of the in-place tail)

@@ -110,7 +110,9 @@ class WorkerState:
         for off, length in job.vision:
             vision[off : off + length] = True
         info = PromptInfo(job.num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
-        return RequestState(policy=policy, info=info, decode=policy.decode_spec(info))
+        return RequestState(
+            policy=policy, info=info, cached=job.cached, shared=job.shared, decode=policy.decode_spec(info)
+        )
 
     def after_forward(self) -> None:
         """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""

@@ -103,6 +103,7 @@ def _accumulate(
             scale,
             all_reduce=engine.all_reduce,
             world=engine.tp_world,
+            start=st.cached,
         )
     n_blocks = -(-seq_len // engine.block_size)
     k, _ = engine.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
