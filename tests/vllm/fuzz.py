@@ -8,6 +8,9 @@ engine step :func:`check_invariants` checks:
 
 * pool accounting: free blocks + blocks held by requests = the pool (its null block aside);
 * no block held twice (two requests, two groups, or twice in one row) and none with a wrong ref count;
+  with prefix caching (``--prefix-caching``) a block may be shared, at the same place of the same group,
+  and its ref count is the number of rows holding it; a compressing request's blocks after its shared
+  prefix never carry a hash (compaction rewrites them);
 * no blocks held by a request the scheduler no longer has;
 * each request's held blocks are what its layout says: per group, the real blocks sit exactly at the
   compacted prefix ``live``, the recycle bin and ``[tail, …)`` (all positions when not compacted);
@@ -40,6 +43,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
+PREAMBLES = (
+    "You are a careful assistant. Describe what you see in the images, then answer the question briefly.",
+    "System: answer with one word. Shapes, colours and positions matter; counting matters too.",
+)
+COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))
 WORDS = "the a red blue square circle image left right above below one two three shape color".split()  # noqa: SIM905
 
 
@@ -60,10 +68,14 @@ class FuzzConfig:
     max_prompt_words: int = 120
     max_new: int = 48
     stop_at: int | None = None  # stop after this step (replays)
+    # Prefix caching on: prompts open with one of a few preambles and images of a few colours, so prefixes
+    # repeat, and some requests mark a shared prefix (kv_shared_prefix).
+    prefix_caching: bool = False
 
     def command(self, step: int | None = None) -> str:
         stop = f" --stop-at {step}" if step is not None else ""
-        return f"python -m tests.vllm.fuzz --requests {self.requests} --seed {self.seed}{stop}"
+        pc = " --prefix-caching" if self.prefix_caching else ""
+        return f"python -m tests.vllm.fuzz --requests {self.requests} --seed {self.seed}{pc}{stop}"
 
 
 @dataclass
@@ -76,6 +88,8 @@ class FuzzReport:
     preemptions: int = 0
     policies: Counter = field(default_factory=Counter)
     compressed: int = 0
+    cache_hits: int = 0  # finished requests that found part of their prompt in the prefix cache
+    compressed_on_hit: int = 0  # ... and were compressed behind that prefix
     errors: list[str] = field(default_factory=list)  # contained compression failures (each one a bug)
     seconds: float = 0.0
 
@@ -95,6 +109,7 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
     ``ended``: requests the scheduler dropped during the last step (the worker forgets them one step
     later, when the next step's metadata says so).
     """
+    from vllm_kvmm.vllm_ext.prefix import shared_prefixes
     from vllm_kvmm.vllm_ext.spec import managers
     from vllm_kvmm.vllm_ext.worker import worker_state
 
@@ -102,22 +117,30 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
     pool = sched.kv_cache_manager.block_pool
     null = pool.null_block
     live = set(sched.requests)
-    owners: dict[int, tuple[str, int, int]] = {}
+    owners: dict[int, list[tuple[str, int, int]]] = {}
+    blocks_by_id: dict[int, Any] = {}
     rows: dict[tuple[str, int], list[Any]] = {}
+    prefixes = shared_prefixes(pool)
     for g, mgr in sorted(managers(pool).items()):
         for req, blocks in mgr.req_to_blocks.items():
             real = [b for b in blocks if b is not null]
             if real and req not in live:
                 raise Violation(f"group {g} holds {len(real)} blocks of ended request {req}")
             rows[(req, g)] = blocks
+            first_private = prefixes.shared(req) // mgr.block_size
             for i, b in enumerate(blocks):
                 if b is null:
                     continue
-                if b.block_id in owners:
-                    raise Violation(f"block {b.block_id} held by {owners[b.block_id]} and {(req, g, i)}")
-                if b.ref_cnt != 1:
-                    raise Violation(f"block {b.block_id} of {(req, g, i)} has ref count {b.ref_cnt}")
-                owners[b.block_id] = (req, g, i)
+                owners.setdefault(b.block_id, []).append((req, g, i))
+                blocks_by_id[b.block_id] = b
+                if prefixes.compresses(req) and i >= first_private and b.block_hash is not None:
+                    raise Violation(f"{(req, g, i)} is past its shared prefix but has a hash")
+    for block_id, holders in owners.items():
+        places = {(g, i) for _, g, i in holders}
+        if len(holders) > 1 and (not pool.enable_caching or len(places) > 1):
+            raise Violation(f"block {block_id} held by {holders}")
+        if blocks_by_id[block_id].ref_cnt != len(holders):
+            raise Violation(f"block {block_id} of {holders} has ref count {blocks_by_id[block_id].ref_cnt}")
     total, free = pool.num_gpu_blocks - 1, pool.get_num_free_blocks()
     if free + len(owners) != total:
         raise Violation(f"pool accounting: {free} free + {len(owners)} held != {total} blocks")
@@ -166,16 +189,18 @@ class Fuzzer:
         n_img = rng.choice((1, 2)) if rng.random() < cfg.image_prob else 0
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, cfg.max_prompt_words)))
         content: list[dict[str, Any]] = [{"type": "image"}] * n_img + [{"type": "text", "text": words}]
+        if cfg.prefix_caching:
+            content.insert(0, {"type": "text", "text": PREAMBLES[rng.randrange(len(PREAMBLES))]})
         text = self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
         prompt: dict[str, Any] = {"prompt": text}
         if n_img:
             size = rng.choice((24, 32, 48))
-            pics = [
-                Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-                for _ in range(n_img)
-            ]
+            colours = [COLOURS[rng.randrange(len(COLOURS))] for _ in range(n_img)]
+            if not cfg.prefix_caching:
+                colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(n_img)]
+            pics = [Image.new("RGB", (size, size), c) for c in colours]
             prompt["multi_modal_data"] = {"image": pics}
             self.report.with_images += 1
         name = rng.choice(sorted(POLICIES))
@@ -183,6 +208,8 @@ class Fuzzer:
             "kv_policy": name,
             "kv_budget": 1.0 if name == "full" else rng.choice(BUDGETS),
         }
+        if cfg.prefix_caching and rng.random() < 0.5:
+            extra["kv_shared_prefix"] = rng.choice(("images", 16, 48, 200))
         if issubclass(POLICIES[name], DecodeCadence) and rng.random() < 0.6:
             config: dict[str, Any] = {"decode_interval": rng.choice((4, 8, 16))}
             if name == "hae":
@@ -235,6 +262,9 @@ class Fuzzer:
                             print(json.dumps({"step": step, **self.report.as_dict()}), flush=True)
                         kvmm = (out.kv_transfer_params or {}).get("kvmm", {})
                         self.report.compressed += bool(kvmm.get("compressed"))
+                        hit = bool(out.num_cached_tokens)
+                        self.report.cache_hits += hit
+                        self.report.compressed_on_hit += hit and bool(kvmm.get("compressed"))
                         if "error" in kvmm:
                             self.report.errors.append(
                                 f"{out.request_id} {self.log[out.request_id]}: {kvmm['error']}"
@@ -273,6 +303,7 @@ def make_engine(model_dir: Path, cfg: FuzzConfig) -> Any:
         max_num_batched_tokens=cfg.chunk,
         max_num_seqs=cfg.max_live,
         limit_mm_per_prompt={"image": 2},
+        enable_prefix_caching=cfg.prefix_caching,
     )
 
 
@@ -281,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=FuzzConfig.requests)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (replay a failure)")
+    p.add_argument("--prefix-caching", action="store_true", help="prefix caching on, prefixes repeat")
     p.add_argument("--json", default=None, help="write the report here")
     a = p.parse_args(argv)
     from transformers import AutoProcessor
@@ -289,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(os.environ.get("VLLM_KVMM_HOME", Path.home() / ".cache" / "vllm-kvmm"))
     model = build_tiny_llava(home / "fuzz" / "tiny-llava", seed=0, tokenizer=load_smollm2_tokenizer())
-    cfg = FuzzConfig(seed=a.seed, requests=a.requests, stop_at=a.stop_at)
+    cfg = FuzzConfig(seed=a.seed, requests=a.requests, stop_at=a.stop_at, prefix_caching=a.prefix_caching)
     llm = make_engine(model, cfg)
     fuzzer = Fuzzer(llm, AutoProcessor.from_pretrained(model), cfg)
     fuzzer.progress = 500

@@ -1,0 +1,34 @@
+"""The lifecycle fuzzer with prefix caching on: repeated preambles and images, marked shared prefixes,
+aborts and preemption; every invariant after every step (shared blocks counted once, ref counts equal to
+their holders, no hash past a compressing request's shared prefix) and a full pool after the drain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vllm.conftest import shutdown
+from tests.vllm.fuzz import FuzzConfig, Fuzzer, make_engine
+
+CONFIG = FuzzConfig(seed=3, requests=150, prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llava_dir: Path) -> Iterator[tuple[Any, Any]]:
+    from transformers import AutoProcessor
+
+    llm = make_engine(tiny_llava_dir, CONFIG)
+    yield llm, AutoProcessor.from_pretrained(tiny_llava_dir)
+    shutdown(llm)
+
+
+def test_fuzz_with_prefix_caching_keeps_every_invariant(engine: tuple[Any, Any]) -> None:
+    report = Fuzzer(*engine, CONFIG).run()
+    assert report.finished + report.aborted + report.refused == CONFIG.requests
+    assert report.aborted > 0 and report.preemptions > 0 and report.compressed > 0, report
+    assert report.errors == []
+    # Prefixes really were shared, and compressed behind.
+    assert report.cache_hits > 0 and report.compressed_on_hit > 0, report
