@@ -153,6 +153,12 @@ MODULE_BENCHES = (
     ),
     ("soak", "soak", "`vllm serve` on 127.0.0.1 under mixed streamed load for a set time; pool empty after"),
     (
+        "multiturn",
+        "multiturn",
+        "multi-turn VLM conversations, per turn: accuracy, TTFT and KV held; vanilla + prefix caching vs "
+        "re-compression vs an exact shared image prefix",
+    ),
+    (
         "profile-decode",
         "profile_decode",
         "GPU: batch-1 ms/token and a cProfile of decode steps, vanilla vs policies",

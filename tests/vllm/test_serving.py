@@ -38,6 +38,7 @@ def server(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         str(tiny_llava_dir),
         "--kv-policy", "meda",
         "--kv-budget", "0.5",
+        "--enable-prefix-caching",
         "--dtype", "float32",
         "--max-model-len", "2048",
         "--block-size", "16",
@@ -93,11 +94,11 @@ def _chat(client: Any, model: str, images: list, **xargs: Any) -> Any:
     )
 
 
-def _metrics(base: str) -> dict[str, float]:
+def _metrics(base: str, prefix: str = "vllm_kvmm:") -> dict[str, float]:
     text = urllib.request.urlopen(f"{base}/metrics").read().decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith("vllm_kvmm:") and ("_total{" in line or "_count{" in line):
+        if line.startswith(prefix) and ("_total{" in line or "_count{" in line):
             out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
     return out
 
@@ -127,3 +128,16 @@ def test_serve_kv_policy(server: str, tiny_llava_dir: Path, images: list) -> Non
     assert m["vllm_kvmm:blocks_freed_total"] > 0
     assert m["vllm_kvmm:compression_duration_seconds_count"] == 2  # one observation per compressed prompt
     assert "vllm_kvmm:failed_compressions_total" not in m or m["vllm_kvmm:failed_compressions_total"] == 0
+
+    # Prefix caching (the server runs with --enable-prefix-caching): the image marked shared is found in
+    # the cache by the second request.
+    with pytest.raises(BadRequestError) as bad:
+        _chat(client, model, images, kv_shared_prefix=-3)
+    assert 'kv_shared_prefix must be a number of prompt tokens (>= 0) or "images", got -3' in str(bad.value)
+    hits = _metrics(server, "vllm:")["vllm:prefix_cache_hits_total"]
+    for _ in range(2):
+        _chat(client, model, images, kv_policy="snapkv", kv_budget=0.3, kv_shared_prefix="images")
+    assert _metrics(server, "vllm:")["vllm:prefix_cache_hits_total"] - hits >= 16  # the image's blocks
+    # The image is most of this prompt: kept exact, it leaves less than a block to evict after it, so
+    # nothing is freed and neither request counts as compressed.
+    assert _metrics(server)["vllm_kvmm:compressed_requests_total"] == 2
