@@ -140,4 +140,9 @@ def test_serve_kv_policy(server: str, tiny_llava_dir: Path, images: list) -> Non
     assert _metrics(server, "vllm:")["vllm:prefix_cache_hits_total"] - hits >= 16  # the image's blocks
     # The image is most of this prompt: kept exact, it leaves less than a block to evict after it, so
     # nothing is freed and neither request counts as compressed.
-    assert _metrics(server)["vllm_kvmm:compressed_requests_total"] == 2
+    after = _metrics(server)
+    assert after["vllm_kvmm:compressed_requests_total"] == 2
+    # Both kept the same whole blocks exact (nothing was marked before).
+    assert m.get("vllm_kvmm:shared_prefix_tokens_total", 0) == 0
+    assert after["vllm_kvmm:shared_prefix_tokens_total"] > 0
+    assert after["vllm_kvmm:shared_prefix_tokens_total"] % 32 == 0

@@ -284,6 +284,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             prefixes = shared_prefixes(self._block_pool)
             shared = prefixes.shared(req_id)
             prefixes.forget(req_id)
+            self._stats.add("shared_prefix_tokens", shared)
         pol = self._policies.pop(req_id, None)
         report = self._reports.pop(req_id, None)
         if pol is None:

@@ -24,6 +24,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "kv_tokens_kept": ("vllm_kvmm:kv_token_layers_kept", "Prompt KV entries kept (tokens × layers)."),
     "blocks_freed": ("vllm_kvmm:blocks_freed", "KV blocks returned to the pool by compression."),
+    "shared_prefix_tokens": (
+        "vllm_kvmm:shared_prefix_tokens",
+        "Prompt tokens of compressing requests kept exact as a shared prefix (found in the prefix cache or "
+        "marked with kv_shared_prefix), counted when the request ends.",
+    ),
     "compression_seconds": ("vllm_kvmm:compression_seconds", "Time spent compressing (worker side)."),
     "decode_flushes": ("vllm_kvmm:decode_flushes", "Decode-time eviction flushes."),
     "failed_compressions": (
