@@ -46,7 +46,7 @@ def result(tmp_path_factory: pytest.TempPathFactory, vlm_dir: Path) -> dict[str,
 
     out = tmp_path_factory.mktemp("multiturn") / "mt.json"
     argv = ["bench", "multiturn", "--policies", "snapkv", "--conversations", str(N_CONV),
-            "--turns", str(TURNS), "--images", str(IMAGES), "--out", str(out)]  # fmt: skip
+            "--turns", str(TURNS), "--images", str(IMAGES), "--one-process", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return json.loads(out.read_text())
 

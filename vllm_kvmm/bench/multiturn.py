@@ -66,7 +66,9 @@ __all__ = [
 
 CONFIGS: tuple[str, ...] = ("vanilla+pc", "ours-recompute", "ours-shared")
 SINGLE = "vanilla single-turn"  # the full cache, each question asked alone (accuracy reference only)
-DEFAULT_CONVERSATIONS = 24
+# 16 conversations (64 prompts a configuration, 16 a cell): ~23 min on 2 CPU cores (measured: ~77 s a
+# conversation over the five configurations, ~3 min of engine starts); 24 would take ~34 min.
+DEFAULT_CONVERSATIONS = 16
 DEFAULT_TURNS = 4
 DEFAULT_IMAGES = 16
 DEFAULT_BUDGET = 0.2
@@ -129,6 +131,15 @@ def image_prefix(prompt_token_ids: Sequence[int], image_token_id: int, block: in
         return 0
     end = len(ids) - ids[::-1].index(image_token_id)
     return end - end % block
+
+
+def max_model_len(n_images: int, turns: int) -> int:
+    """A context that holds every turn's prompt and answer: the images with their labels, ~40 tokens per
+    turn of question, answer and chat markup (doubled here), and room for the template; whole 256s."""
+    from vllm_kvmm.vlm.encoder import TOKENS_PER_IMAGE
+
+    need = (TOKENS_PER_IMAGE + 8) * n_images + 80 * turns + 128
+    return -(-need // 256) * 256
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -202,9 +213,12 @@ class _Runner:
         self.tok = self.proc.tokenizer
         self.image_token_id = int(self.tok.convert_tokens_to_ids("<image>"))
         n = cfg["n_images"]
+        max_len = max_model_len(n, cfg["turns"])
+        # Every prompt is prefilled in one step (no chunking, so TTFT is one step's time), and vLLM's start-up
+        # warm-up runs at this size instead of its default 4,096 tokens (20 s less per engine on 2 cores).
         args: dict[str, Any] = dict(
-            model=cfg["model"], max_model_len=2048 + 64 * max(0, n - 16), seed=0, block_size=BLOCK,
-            dtype="float32", enforce_eager=True, limit_mm_per_prompt={"image": n},
+            model=cfg["model"], max_model_len=max_len, max_num_batched_tokens=max_len, seed=0,
+            block_size=BLOCK, dtype="float32", enforce_eager=True, limit_mm_per_prompt={"image": n},
             enable_prefix_caching=cfg["config"] != "ours-recompute",
         )  # fmt: skip
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -224,6 +238,7 @@ class _Runner:
 
         with contextlib.suppress(Exception):
             self.engine.engine_core.shutdown()
+        del self.llm, self.engine, self.scheduler
 
     def reset(self) -> None:
         """Forget what the warm-up left: prefix cache, processed-input cache and encoder outputs."""
@@ -274,8 +289,20 @@ def _answer(tok: Any, ids: Sequence[int]) -> str:
     return str(tok.decode(ids, skip_special_tokens=True)).strip()
 
 
-def _child(cfg: dict[str, Any]) -> None:
-    """One configuration: warm up, then every conversation turn by turn; reports the records."""
+def _child(job: dict[str, Any]) -> None:
+    """The child process: its configurations one after another (each engine shut down before the next
+    starts); reports each one's records and timings."""
+    import gc
+
+    results = []
+    for cfg in job["configs"]:
+        results.append(_run_config(cfg))
+        gc.collect()  # the engine's KV cache goes before the next one allocates its own
+    report({"results": results})
+
+
+def _run_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One configuration: warm up, then every conversation turn by turn; its records and timings."""
     from vllm_kvmm.bench.quality_vlm import answer_text
     from vllm_kvmm.bench.sweep import answer_tokens
 
@@ -313,7 +340,7 @@ def _child(cfg: dict[str, Any]) -> None:
     finally:
         run_s = time.perf_counter() - t_run
         runner.shutdown()
-    report({"records": records, "engine_start_s": round(runner.start_s, 1), "run_s": round(run_s, 1)})
+    return {"records": records, "engine_start_s": round(runner.start_s, 1), "run_s": round(run_s, 1)}
 
 
 def _record(
@@ -489,11 +516,13 @@ def run_multiturn(
     seed: int = 0,
     single_turn: bool = True,
     out: Path | None = None,
+    one_process: bool = False,
     command: str = "",
     log: Any = None,
 ) -> dict[str, Any]:
-    """Every configuration in its own process, vanilla first; returns (and writes to ``out``) the result:
-    ``{"meta", "rows", "records"}``. Raises ``RuntimeError`` if a configuration failed."""
+    """Every configuration in its own process (``one_process``: all in one child process, one engine after
+    another: two process starts less, for tests), vanilla first; returns (and writes to ``out``) the
+    result ``{"meta", "rows", "records"}``. Raises ``RuntimeError`` if a configuration failed."""
     from vllm_kvmm.policies import make_policy
 
     log = log or _log
@@ -508,22 +537,23 @@ def run_multiturn(
     records: list[dict[str, Any]] = []
     timings = []
     t0 = time.perf_counter()
-    for cfg in cfgs:
-        name = f"{cfg['config']} {cfg['policy']}"
-        res = run_child("vllm_kvmm.bench.multiturn", cfg, tail=4000)
+    for job in [cfgs] if one_process else [[c] for c in cfgs]:
+        names = ", ".join(f"{c['config']} {c['policy']}" for c in job)
+        res = run_child("vllm_kvmm.bench.multiturn", {"configs": job}, tail=4000)
         if res.result is None:
-            raise RuntimeError(f"{name} failed: {res.error}")
-        records += res.result["records"]
-        took = {k: res.result[k] for k in ("engine_start_s", "run_s")}
-        timings.append(dict(config=cfg["config"], policy=cfg["policy"], **took))
-        log(f"{name}: engine {res.result['engine_start_s']} s, run {res.result['run_s']} s")
+            raise RuntimeError(f"{names} failed: {res.error}")
+        for cfg, got in zip(job, res.result["results"], strict=True):
+            records += got["records"]
+            took = {k: got[k] for k in ("engine_start_s", "run_s")}
+            timings.append(dict(config=cfg["config"], policy=cfg["policy"], **took))
+            log(f"{cfg['config']} {cfg['policy']}: engine {took['engine_start_s']} s, run {took['run_s']} s")
     rows = summarize(records)
     meta = dict(
-        command=command, machine=f"CPU: {machine()}", model=str(model), split="test", n_images=n_images,
+        command=command, machine=machine(), device="cpu", model=str(model), split="test", n_images=n_images,
         conversations=n_conversations, turns=turns, budget=budget, policies=list(policies), seed=seed,
         block=BLOCK, tuning="none: policies and ρ fixed in advance, no validation split used",
         ttft="each request alone, add_request to the end of its first step with a token; CPU: ratios only",
-        timings=timings, wall_s=round(time.perf_counter() - t0, 1),
+        one_process=one_process, timings=timings, wall_s=round(time.perf_counter() - t0, 1),
     )  # fmt: skip
     result = dict(meta=meta, rows=[asdict(r) for r in rows], records=records)
     if out is not None:
@@ -556,6 +586,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         help="skip the full-cache single-turn reference (each question asked alone)",
     )  # fmt: skip
     p.add_argument("--out", default="out/multiturn.json")
+    p.add_argument(
+        "--one-process", action="store_true",
+        help="every engine in one child process, one after another (faster start; timings share a process)",
+    )  # fmt: skip
     add_child_flag(p)
     return p
 
@@ -567,6 +601,8 @@ def _command(a: argparse.Namespace) -> str:
              "--images", str(a.images), "--seed", str(a.seed), "--out", a.out]  # fmt: skip
     if not a.single_turn:
         parts.append("--no-single-turn")
+    if a.one_process:
+        parts.append("--one-process")
     return shlex.join(parts)
 
 
@@ -591,6 +627,7 @@ def run(a: argparse.Namespace) -> int:
         seed=a.seed,
         single_turn=a.single_turn,
         out=Path(a.out),
+        one_process=a.one_process,
         command=_command(a),
     )
     return 0

@@ -279,11 +279,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         ``compressed: false`` although its cache was compressed for that one step.
         """
         self._requests.pop(req_id, None)
-        shared = 0
-        if self._block_pool is not None:
-            prefixes = shared_prefixes(self._block_pool)
-            shared = prefixes.shared(req_id)
-            prefixes.forget(req_id)
+        prefixes = shared_prefixes(self._block_pool)
+        shared = prefixes.shared(req_id)
+        prefixes.forget(req_id)
+        if shared:
             self._stats.add("shared_prefix_tokens", shared)
         pol = self._policies.pop(req_id, None)
         report = self._reports.pop(req_id, None)
