@@ -116,7 +116,8 @@ def test_shared_prefix_keeps_its_hashes_and_is_hit_by_the_next_request(
     assert b.num_cached_tokens == 64 and _kvmm(b)["shared_prefix"] == 64
     for a_row, b_row in zip(a_rows, b_rows, strict=True):
         assert [x.block_id for x in b_row[:4]] == [x.block_id for x in a_row[:4]]
-        assert not {x.block_id for x in b_row[4:] if x is not null} & {x.block_id for x in a_row}
+        # Past the prefix B computes its own (A's other blocks were freed without a hash and may be reused).
+        assert not {x.block_id for x in b_row[4:] if x is not null} & {x.block_id for x in a_row[:4]}
     # Paged == dense: A computed every query and froze its first 64 tokens; B's statistics start after
     # the 64 tokens it found in the cache.
     policy = make_policy("snapkv", 0.25)

@@ -8,8 +8,9 @@ processor's chat template). Questions alternate needle ("Which image shows a red
 ("What color is the shape in image 7?"), the tasks the model answers well as single turns
 (docs/benchmarks.md: 100 % and 94 % with the full cache on 16 validation images).
 
-Configurations, each in its own process (one engine per process, started fresh; a vanilla engine must
-never follow a compressing one in a process):
+Configurations, each in its own process (one engine per process, started fresh; ``--one-process`` runs
+them one after another in a single child, vanilla first: a vanilla engine must never follow a compressing
+one in a process):
 
 * ``vanilla+pc``: vanilla vLLM with prefix caching: turn ``k + 1`` finds turn ``k``'s prompt and answer in
   the cache;
@@ -66,8 +67,9 @@ __all__ = [
 
 CONFIGS: tuple[str, ...] = ("vanilla+pc", "ours-recompute", "ours-shared")
 SINGLE = "vanilla single-turn"  # the full cache, each question asked alone (accuracy reference only)
-# 16 conversations (64 prompts a configuration, 16 a cell): ~23 min on 2 CPU cores (measured: ~77 s a
-# conversation over the five configurations, ~3 min of engine starts); 24 would take ~34 min.
+# 16 conversations (64 prompts a configuration, 16 a cell): 24 min on 2 CPU cores (measured 1,448 s with
+# the default policies: ~80 s a conversation over the five configurations, ~2 min of engine starts);
+# 24 conversations would take ~35 min.
 DEFAULT_CONVERSATIONS = 16
 DEFAULT_TURNS = 4
 DEFAULT_IMAGES = 16
@@ -487,7 +489,7 @@ def table(rows: Sequence[MultiTurnRow]) -> str:
             lab,
             *[f"{r.ttft_ratio:.2f}" for r in rs if r is not None and r.ttft_ratio is not None],
             *[f"{100 * r.held:.0f}%" for r in rs if r is not None],
-            f"{100 * last.shared_of_held:.0f}%",
+            "–" if last.policy == "full" else f"{100 * last.shared_of_held:.0f}%",
             f"{last.cached_tokens:.0f} / {last.prompt_tokens:.0f}",
         ]
         perf.append("| " + " | ".join(cells) + " |")

@@ -290,8 +290,10 @@ def plan_compression(
             every layer's layout is still computed, as the carried rounding runs in layer order, and the
             other layers' plans keep everything. Only for :attr:`KVPolicy.layer_local` policies.
         frozen: the prompt's first ``frozen`` tokens are a shared prefix (docs/design.md, "Prefix caching"):
-            hard-protected in every layer, inside the budget like sinks, and kept in place unmerged
-            (:attr:`LayerPlan.frozen`).
+            kept in place unmerged in every layer (:attr:`LayerPlan.frozen`), while the budget applies to the
+            rest of the prompt: a layer whose policy budget is ``b`` of ``N`` keeps ``frozen + b·(N −
+            frozen)/N``, and at least ``frozen`` plus its recent window (a prefix far above ``ρ·N`` would
+            otherwise leave no room for the question at the end of the prompt).
     """
     n, h = info.num_tokens, info.num_kv_heads
     frozen = min(max(frozen, 0), n)
@@ -310,7 +312,11 @@ def plan_compression(
     # same layouts on the vLLM path (groups in KV-cache-group order) as in the dense reference.
     for members in sorted(groups, key=min):
         b = min(n, math.floor(sum(budgets[m] for m in members) / len(members) + 0.5))
+        if frozen:
+            b = min(n, frozen + math.floor(b * (n - frozen) / n + 0.5))
         recent = policy.recent_window(info, b)
+        if frozen:
+            b = min(n, max(b, frozen + recent))
         target = b + carry / len(members)
         counts = _protected_counts([prot[m] for m in members], n)
         tail_start, prefix = layout(n, recent, target, granularity, counts)

@@ -273,8 +273,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         ``{"kvmm": {"policy", "budget", "compressed", "shared_prefix"?, "kv_kept"?, "budget_met"?}}``: the
         effective policy and budget, the prompt tokens kept exact as a shared prefix (when any), and for a
         compressed prompt the measured fraction of its KV kept (tokens × layers) and whether that is within
-        ``BUDGET_TOLERANCE`` of the budget (``false``: what the policy always keeps, sinks, recent window,
-        whole blocks, a shared prefix, exceeds the budget on this prompt; short prompts). A request that
+        ``BUDGET_TOLERANCE`` of the budget, applied to the prompt after the shared prefix when there is one
+        (``false``: what the policy always keeps, sinks, recent window, whole blocks, exceeds the budget on
+        this prompt; short prompts). A request that
         finishes in the very step that compressed it ends before the worker's report arrives: it says
         ``compressed: false`` although its cache was compressed for that one step.
         """
@@ -293,7 +294,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if shared:
             said["shared_prefix"] = shared
         if "kv_kept" in report:
-            report["budget_met"] = report["kv_kept"] <= (1 + BUDGET_TOLERANCE) * pol.budget
+            # With a shared prefix the budget applies to the rest of the prompt (plan_compression).
+            n = report["prompt_tokens"]
+            target = (shared + pol.budget * (n - shared)) / n if shared else pol.budget
+            report["budget_met"] = report["kv_kept"] <= (1 + BUDGET_TOLERANCE) * target
         return {"kvmm": {**said, **report}}
 
     # ---- worker side ---------------------------------------------------------------------------
