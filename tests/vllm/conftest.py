@@ -17,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +57,14 @@ def engine_factory() -> Iterator[Any]:
     yield factory
     for llm in made:
         shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir: Path) -> Any:
+    """The dense reference (the oracle) of the tiny Llama, one per module like the engines."""
+    from vllm_kvmm.reference import DenseReference
+
+    return DenseReference(tiny_llama_dir)
 
 
 def greedy(max_tokens: int, **extra: Any) -> Any:

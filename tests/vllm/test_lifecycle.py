@@ -49,11 +49,6 @@ def llm(tiny_llama_dir: Path) -> Any:
     shutdown(engine)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> DenseReference:
-    return DenseReference(tiny_llama_dir)
-
-
 def _drain(llm: Any) -> dict[str, list[int]]:
     engine, out = llm.llm_engine, {}
     while engine.has_unfinished_requests():

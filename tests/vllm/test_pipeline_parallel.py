@@ -51,11 +51,6 @@ def llm(tiny_llama_dir: Path) -> Iterator[Any]:
     shutdown(engine)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> DenseReference:
-    return DenseReference(tiny_llama_dir)
-
-
 @pytest.mark.parametrize("name,budget", [("snapkv", 0.25), ("pyramidkv", 0.25), ("lookm", 0.3)])
 def test_pp2_equals_single_device_reference(
     llm: Any, reference: DenseReference, name: str, budget: float

@@ -63,11 +63,6 @@ def llm(tiny_llama_dir: Path, vanilla: Any) -> Any:
     shutdown(engine)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> DenseReference:
-    return DenseReference(tiny_llama_dir)
-
-
 def _rows(llm: Any, rid: str) -> list[list[Any]]:
     """The request's block row in every group (real blocks and null placeholders)."""
     from vllm_kvmm.vllm_ext.spec import managers

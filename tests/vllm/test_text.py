@@ -50,11 +50,6 @@ def kvmm(engine_factory: Any, tiny_llama_dir: Path, vanilla: list[list[int]]) ->
     return llm
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> DenseReference:
-    return DenseReference(tiny_llama_dir)
-
-
 def test_plugin_without_policy_equals_no_plugin(tiny_llama_dir: Path, vanilla: list[list[int]]) -> None:
     """`vanilla` runs with the plugin loaded but no --kv-policy; here vLLM runs with no plugin at all."""
     script = (

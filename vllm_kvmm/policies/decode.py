@@ -108,12 +108,12 @@ def plan_flush(
     sinks = min(spec.sinks, n_prefix)
     if sinks > k:
         k = g * math.ceil(sinks / g)
-    n_frozen = int((positions[0, :n_prefix] < frozen).sum()) if frozen else 0
+    frozen_mask = positions[:, :n_prefix] < frozen if frozen else None
+    n_frozen = int(frozen_mask[0].sum()) if frozen_mask is not None else 0
     if n_frozen > k:
         k = g * math.ceil(n_frozen / g)
     k = min(k, n_prefix)
     prefix_slots = torch.arange(n_prefix)
-    frozen_mask = positions[:, :n_prefix] < frozen if frozen else None
     if k == n_prefix:
         head = prefix_slots.expand(h, n_prefix)
     elif spec.kind in ("score", "bin"):

@@ -160,6 +160,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         meta = KVMMStepMeta()
         meta.dropped = set(scheduler_output.finished_req_ids or ())
         meta.dropped |= set(scheduler_output.preempted_req_ids or ())
+        prefixes = shared_prefixes(self._block_pool)
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             req = self._requests.get(req_id)
             pol = self._policies.get(req_id)
@@ -182,7 +183,6 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             block_ids = self._block_ids(req_id) if completes else None
             # Fixed at the epoch's first scheduling (by the KV-cache managers first when prefix caching
             # is on: they cache this prefix only); ``before`` is then the prefix-cache hit.
-            prefixes = shared_prefixes(self._block_pool)
             shared = prefixes.protected(req, before) or 0
             meta.jobs[req_id] = PrefillJob(
                 req_id=req_id,
