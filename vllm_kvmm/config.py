@@ -18,6 +18,7 @@ __all__ = [
     "PolicyError",
     "ResolvedPolicy",
     "resolve_request",
+    "reuse_arg",
     "shared_prefix_arg",
 ]
 
@@ -27,7 +28,10 @@ XARG_POLICY, XARG_BUDGET, XARG_CONFIG = "kv_policy", "kv_budget", "kv_policy_con
 # image or video token). See vllm_ext/prefix.py.
 XARG_SHARED = "kv_shared_prefix"
 SHARED_IMAGES = "images"
-REQUEST_ARGS = (XARG_POLICY, XARG_BUDGET, XARG_CONFIG, XARG_SHARED)
+# Continue from an earlier request's compressed cache when this prompt extends its tokens (opt-in: the
+# follow-up then sees that cache, not its own prompt compressed afresh). See vllm_ext/reuse.py.
+XARG_REUSE = "kv_reuse"
+REQUEST_ARGS = (XARG_POLICY, XARG_BUDGET, XARG_CONFIG, XARG_SHARED, XARG_REUSE)
 
 
 class KVPolicyArgs(BaseModel):
@@ -141,10 +145,12 @@ class OverrideRules:
             raise PolicyError(
                 f"per-request KV-policy overrides are off on this server (--kv-overrides none); drop {named}"
             )
-        if self.allow == "budget" and any(k in extra for k in (XARG_POLICY, XARG_CONFIG, XARG_SHARED)):
+        if self.allow == "budget" and any(
+            k in extra for k in (XARG_POLICY, XARG_CONFIG, XARG_SHARED, XARG_REUSE)
+        ):
             raise PolicyError(
                 "this server lets requests set only kv_budget (--kv-overrides budget); kv_policy, "
-                "kv_policy_config and kv_shared_prefix need --kv-overrides any"
+                "kv_policy_config, kv_shared_prefix and kv_reuse need --kv-overrides any"
             )
         budget = extra.get(XARG_BUDGET)
         # Only a valid budget is held to the bounds; an invalid one gets the general (0, 1] message.
@@ -168,6 +174,17 @@ def shared_prefix_arg(extra: dict[str, Any] | None) -> int | Literal["images"]:
         raise PolicyError(
             f'kv_shared_prefix must be a number of prompt tokens (>= 0) or "images", got {value!r}'
         )
+    return value
+
+
+def reuse_arg(extra: dict[str, Any] | None, default: bool = False) -> bool:
+    """The request's ``kv_reuse`` (``default``, the server's ``--kv-reuse``, when absent).
+
+    Raises :class:`PolicyError` (an HTTP 400) for anything but ``true`` or ``false``.
+    """
+    value = (extra or {}).get(XARG_REUSE, default)
+    if not isinstance(value, bool):
+        raise PolicyError(f"kv_reuse must be true or false, got {value!r}")
     return value
 
 
@@ -214,6 +231,7 @@ def resolve_request(
     if XARG_BUDGET in extra and extra[XARG_BUDGET] is None:
         raise PolicyError("kv_budget must be a number in (0, 1], got null; leave it out for the default")
     shared_prefix_arg(extra)
+    reuse_arg(extra)
     if rules is not None:
         rules.check(extra)
     if XARG_POLICY in extra:

@@ -231,6 +231,49 @@ class DenseReference:
         )
 
     @torch.inference_mode()
+    def generate_followup(
+        self,
+        prompt: PromptInput,
+        extension_ids: Sequence[int] | torch.Tensor,
+        policy: KVPolicy,
+        max_new_tokens: int,
+        granularity: int = 1,
+        *,
+        layer_groups: Sequence[Sequence[int]] | None = None,
+        stop_at_eos: bool = False,
+        cached: int = 0,
+        shared: int = 0,
+    ) -> ReferenceOutput:
+        """A follow-up turn under compressed reuse (vllm_ext/reuse.py): greedy tokens after
+        ``prompt + extension_ids`` when the cache is ``prompt`` compressed by ``policy`` (as
+        :meth:`generate` compresses it) with ``extension_ids`` (the earlier answer, then the new turn)
+        appended exact, at their true positions, causal among themselves and never compressed.
+
+        That is the cache a follow-up continuing the first turn's compressed entry reads, at every later
+        turn too: the turns after the first are never compressed. ``plans`` are the first turn's.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        ext = torch.as_tensor(extension_ids, dtype=torch.long).flatten()
+        if ext.numel() == 0:
+            raise ValueError("extension_ids is empty: a follow-up adds at least one token")
+        info = self._info(prompt)
+        if policy.decode_spec(info) is not None:
+            raise ValueError("compressed reuse is for policies that do not evict while decoding")
+        run = self._new_run([prompt], policy, [info])
+        run.starts, run.frozen = [cached], [shared]
+        pos = RopePositions(self.model, [prompt])
+        m = ext.numel()
+        with activate(run, self._text_configs):
+            self._prefill([prompt], pos, run)
+            plans, _ = self._compress(run, policy, [info], granularity, layer_groups)
+            logits = self._forward(ext[None].to(self.device), pos.after_prompt(0, m))[:, -1]
+            tokens, _ = self._decode(
+                run, pos, logits, plans, [None], max_new_tokens, granularity, stop_at_eos, False, offset=m
+            )
+        return self._outputs(run, tokens, None, plans, [info], None, stop_at_eos)[0]
+
+    @torch.inference_mode()
     def generate_variants(
         self,
         prompt: PromptInput,
@@ -290,10 +333,12 @@ class DenseReference:
         granularity: int,
         stop_at_eos: bool,
         return_logits: bool,
+        offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy decoding over the compacted cache from the prefill ``logits`` ``[B, V]``.
 
-        Returns ``[B, T]`` tokens and, if asked, ``[B, T, V]`` logits.
+        ``offset``: tokens already appended after the prompt (a follow-up's extension). Returns ``[B, T]``
+        tokens and, if asked, ``[B, T, V]`` logits.
         """
         interval = specs[0].interval if specs[0] is not None else None
         capacity = torch.tensor([[p.num_kept for p in sample] for sample in plans])
@@ -307,7 +352,7 @@ class DenseReference:
             if stop_at_eos and bool(done.all()):
                 break
             # Token t-1 (just chosen) sits at text position N_b + t - 1, never at the cache length.
-            logits = self._forward(tok[:, None], pos.after_prompt(t - 1))[:, -1]
+            logits = self._forward(tok[:, None], pos.after_prompt(offset + t - 1))[:, -1]
             run.generated += 1
             if interval is not None and run.generated % interval == 0:
                 run.flush(specs, capacity, tails, granularity)

@@ -8,7 +8,9 @@ Worker side: hands the step's jobs to :class:`~vllm_kvmm.vllm_ext.worker.WorkerS
 forward pass and compresses finished prefills after it (``wait_for_save`` runs as the forward context
 exits), then reports the freed ranges (``build_connector_worker_meta``).
 
-It moves no KV anywhere: ``kv_role="kv_producer"`` and ``get_num_new_matched_tokens → (0, False)``.
+It moves no KV anywhere (``kv_role="kv_producer"``). Its one use of vLLM's "external tokens" is compressed
+reuse (vllm_ext/reuse.py): ``get_num_new_matched_tokens`` reports the tokens a follow-up takes from a
+compressed entry already in the pool, which the KV-cache managers then place without a copy.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from vllm_kvmm.config import (
     PolicyError,
     ResolvedPolicy,
     resolve_request,
+    reuse_arg,
     shared_prefix_arg,
 )
 from vllm_kvmm.policies import BUDGET_TOLERANCE
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.grouping import layer_index
-from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.vllm_ext.messages import Adoption, FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
 from vllm_kvmm.vllm_ext.prefix import shared_prefixes
+from vllm_kvmm.vllm_ext.reuse import Layout, Match, compressed_entries
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import CompressSpec, managers
 from vllm_kvmm.vllm_ext.worker import EngineLayout, LayerRef, worker_state
@@ -65,6 +69,14 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         # What compression did to each request, returned with its output (``kv_transfer_params``).
         self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
+        # Compressed reuse (vllm_ext/reuse.py): who asked for it, each request's layout after compression
+        # (epoch, layout), and the follow-ups that started from an entry (epoch, match; ``announced``: the
+        # worker has been told in that epoch).
+        self._num_groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 0
+        self._wants_reuse: set[str] = set()
+        self._layouts: dict[str, tuple[int, Layout]] = {}
+        self._adopted: dict[str, tuple[int, Match]] = {}
+        self._announced: dict[str, int] = {}
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
             # The compressed layers only (sliding-window groups are vLLM's), numbered 0..L-1 in decoder
             # order: the policy's layer index, whatever decoder layers lie between them.
@@ -124,10 +136,41 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         self._block_pool = gpu_block_pool
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        return 0, False
+        """Tokens past the local prefix-cache hit that a compressed entry holds for this follow-up (see
+        vllm_ext/reuse.py); vLLM counts them computed, and our managers place the entry's blocks."""
+        entries = compressed_entries(self._block_pool)
+        entries.pending.pop(request.request_id, None)
+        prefixes = shared_prefixes(self._block_pool)
+        prefixes.unfix(request.request_id)  # an earlier attempt that could not allocate fixed nothing for good
+        pol = self._policies.get(request.request_id)
+        if pol is None or not self._reusable(request.request_id, pol) or request.request_id not in self._wants_reuse:
+            return 0, False
+        match = entries.find(request, pol, num_computed_tokens, managers(self._block_pool))
+        if match is None:
+            return 0, False
+        entries.pending[request.request_id] = match
+        # The follow-up's exact prefix is the entry's: blocks after it hold KV computed over a compressed
+        # cache and must never get a token hash, whatever the follow-up marks.
+        prefixes.fix(request, match.entry.shared, num_computed_tokens)
+        return match.blocks * self.block_size - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        return None
+        match = compressed_entries(self._block_pool).pending.pop(request.request_id, None)
+        if match is not None and num_external_tokens > 0:
+            self._adopted[request.request_id] = (request.num_preemptions, match)
+            self._stats.add("reused_tokens", match.blocks * self.block_size)
+
+    def _reusable(self, req_id: str, pol: ResolvedPolicy) -> bool:
+        """Whether requests under ``pol`` can leave or take compressed entries on this engine: prefix
+        caching on, every KV-cache group ours (a sliding-window group would get fresh, empty blocks for
+        the taken tokens), and a policy that never rewrites its cache while decoding (an entry is the row
+        its prefill compression left)."""
+        return (
+            pol.compresses
+            and pol.decode_interval is None
+            and internals.prefix_caching(self._block_pool)
+            and len(managers(self._block_pool)) == self._num_groups
+        )
 
     def on_new_request(self, request: Any) -> None:
         self._requests[request.request_id] = request
@@ -150,6 +193,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             logger.error("kvmm: request %s: %s; serving it with the engine's policy", request.request_id, e)
             pol = resolve_request(None, self.settings, request.num_prompt_tokens)
         self._policies[request.request_id] = pol
+        if pol.compresses and reuse_arg(extra, self.settings.reuse):
+            self._wants_reuse.add(request.request_id)
         if pol.compresses:
             if mark == SHARED_IMAGES:
                 mark = max((off + n for off, n in _vision_runs(request)), default=0)
@@ -165,6 +210,15 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             req = self._requests.get(req_id)
             pol = self._policies.get(req_id)
             if req is None or pol is None or not pol.compresses:
+                continue
+            adopted = self._adopted.get(req_id)
+            if adopted is not None and adopted[0] == req.num_preemptions:
+                # Started from a compressed entry: the worker takes the entry's layout in the epoch's first
+                # step and the request is never compressed again (its policy does not flush).
+                if self._announced.get(req_id) != req.num_preemptions:
+                    self._announced[req_id] = req.num_preemptions
+                    layout = adopted[1].entry.layout
+                    meta.adopted[req_id] = Adoption(req_id, pol, req.num_prompt_tokens, layout, req.num_preemptions)
                 continue
             n_prompt = req.num_prompt_tokens
             before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)
@@ -225,6 +279,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             if req_id in meta.flushed:
                 st.add("decode_flushes", 1)
                 continue
+            epoch = meta.epochs.get(req_id, req.num_preemptions)
+            known = self._layouts.get(req_id)
+            layout = known[1] if known is not None and known[0] == epoch else {}
+            self._layouts[req_id] = (epoch, {**layout, **{g.group: (g.keep, g.tail) for g in groups}})
             st.add("compressed_requests", 1)
             st.add("prompt_tokens", n)
             st.add("kv_tokens_full", n * meta.num_layers)
@@ -260,14 +318,35 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         return KVMMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
-        return False, self._forget(request.request_id)
+        return False, self._forget(request)
 
     def request_finished_all_groups(
         self, request: Any, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict | None]:
-        return False, self._forget(request.request_id)
+        return False, self._forget(request)
 
-    def _forget(self, req_id: str) -> dict[str, Any] | None:
+    def _keep_entry(self, request: Any) -> None:
+        """Leave the finished ``request``'s compressed row as an entry follow-ups can reuse (reuse.py),
+        before vLLM frees its blocks: only a row whose layout is known for its current epoch (its
+        compression reported, or taken from an entry) and that no failure left half done."""
+        req_id = request.request_id
+        pol = self._policies.get(req_id)
+        if pol is None or not self._reusable(req_id, pol) or request.resumable:
+            return
+        if "error" in self._reports.get(req_id, {}):
+            return
+        epoch = request.num_preemptions
+        adopted, known = self._adopted.get(req_id), self._layouts.get(req_id)
+        if adopted is not None and adopted[0] == epoch:
+            layout, shared = adopted[1].entry.layout, adopted[1].entry.shared
+        elif known is not None and known[0] == epoch:
+            layout, shared = known[1], shared_prefixes(self._block_pool).shared(req_id)
+        else:
+            return
+        entries = compressed_entries(self._block_pool)
+        entries.record(request, pol, layout, shared, managers(self._block_pool))
+
+    def _forget(self, request: Any) -> dict[str, Any] | None:
         """Drop a request's state; returns its report for the output's ``kv_transfer_params``.
 
         ``{"kvmm": {"policy", "budget", "compressed", "shared_prefix"?, "kv_kept"?, "budget_met"?}}``: the
@@ -279,6 +358,13 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         finishes in the very step that compressed it ends before the worker's report arrives: it says
         ``compressed: false`` although its cache was compressed for that one step.
         """
+        req_id = request.request_id
+        self._keep_entry(request)
+        compressed_entries(self._block_pool).pending.pop(req_id, None)
+        self._wants_reuse.discard(req_id)
+        self._layouts.pop(req_id, None)
+        adopted = self._adopted.pop(req_id, None)
+        self._announced.pop(req_id, None)
         self._requests.pop(req_id, None)
         prefixes = shared_prefixes(self._block_pool)
         shared = prefixes.shared(req_id)
@@ -293,6 +379,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         said = {"policy": pol.name, "budget": pol.budget, "compressed": "kv_kept" in report}
         if shared:
             said["shared_prefix"] = shared
+        if adopted is not None:
+            said["reused"] = adopted[1].blocks * self.block_size
         if "kv_kept" in report:
             # With a shared prefix the budget applies to the rest of the prompt (plan_compression).
             n = report["prompt_tokens"]
@@ -315,6 +403,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if isinstance(kv_connector_metadata, KVMMStepMeta):
             state = worker_state()
             state.drop(kv_connector_metadata.dropped)
+            state.adopt(kv_connector_metadata.adopted)
             # Prefill statistics are gathered in Python during attention; decode queries are not (see
             # WorkerState.record_queries), so decode-evicting steps may replay full graphs.
             state.eager_attention = bool(kv_connector_metadata.jobs)

@@ -19,16 +19,22 @@ import torch
 
 __all__ = [
     "READS",
+    "block_hashes",
+    "block_key",
     "builder_schedule",
+    "cache_block",
+    "cached_block",
     "capture_size",
     "check_reads",
     "has_cli_flag",
     "metadata_schedule",
     "null_block",
+    "prefix_caching",
     "num_cached_blocks",
     "replace_common_metadata",
     "req_blocks",
     "seq_lens_cpu",
+    "set_num_cached_blocks",
     "step_req_ids",
     "uses_full_cuda_graph",
 ]
@@ -64,6 +70,11 @@ READS: tuple[str, ...] = (
     "SingleTypeKVCacheManager.num_cached_block",
     "SingleTypeKVCacheManager.block_pool",
     "BlockPool.null_block",
+    "BlockPool._insert_block_hash",
+    "BlockPool.cached_block_hash_to_block",
+    "BlockPool.enable_caching",
+    "Request.block_hashes",
+    "Request.num_tokens",
     "Request.resumable",
     "Request.num_preemptions",
     "Request.num_computed_tokens",
@@ -195,9 +206,43 @@ def num_cached_blocks(manager: Any, req_id: str) -> int:
     return manager.num_cached_block.get(req_id, 0)
 
 
+def set_num_cached_blocks(manager: Any, req_id: str, n: int) -> None:
+    """Mark the first ``n`` blocks of a request's row as cached (vLLM then never hashes them again)."""
+    manager.num_cached_block[req_id] = n
+
+
 def null_block(manager: Any) -> Any:
     """The placeholder block standing for a logical block that holds nothing (the pool's, public)."""
     return manager.block_pool.null_block
+
+
+def block_hashes(request: Any) -> list[bytes]:
+    """The request's chained hashes of its whole blocks of tokens (prompt and output so far, multimodal
+    hashes and cache salt folded in): vLLM's own prefix-cache keys, before the group id."""
+    return request.block_hashes
+
+
+def block_key(digest: bytes, group: int) -> bytes:
+    """A prefix-cache table key: ``digest`` (32 bytes) for KV-cache group ``group``."""
+    from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
+
+    return make_block_hash_with_group_id(BlockHash(digest), group)
+
+
+def cache_block(pool: Any, key: bytes, block: Any) -> None:
+    """Put ``block`` into the pool's prefix-cache table under one more ``key`` (a block may carry several;
+    reallocating it drops them all). vLLM's own insertion, which keeps its per-block bookkeeping."""
+    pool._insert_block_hash(key, block, None)
+
+
+def cached_block(pool: Any, key: bytes) -> Any:
+    """The block cached under ``key`` (``None``: none, e.g. evicted since)."""
+    return pool.cached_block_hash_to_block.get_one_block(key)
+
+
+def prefix_caching(pool: Any) -> bool:
+    """Whether the engine caches prefixes (its block pool keeps a hash table)."""
+    return bool(pool.enable_caching)
 
 
 def has_cli_flag(parser: Any, flag: str) -> bool:

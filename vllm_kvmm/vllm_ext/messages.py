@@ -15,7 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from vllm_kvmm.config import ResolvedPolicy
 
-__all__ = ["CompressedGroup", "FlushJob", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
+__all__ = ["Adoption", "CompressedGroup", "FlushJob", "KVMMStepMeta", "KVMMWorkerMeta", "PrefillJob"]
 
 
 @dataclass
@@ -58,10 +58,26 @@ class FlushJob:
 
 
 @dataclass
+class Adoption:
+    """A follow-up that starts from a compressed entry (vllm_ext/reuse.py), in its epoch's first step.
+
+    ``layout``: per group, ``(keep, tail)`` of the entry's row (groups not listed are whole); the worker
+    reads that compact view from this step on and never compresses the request again.
+    """
+
+    req_id: str
+    policy: ResolvedPolicy
+    num_prompt_tokens: int
+    layout: dict[int, tuple[int, int]]
+    epoch: int = 0
+
+
+@dataclass
 class KVMMStepMeta(KVConnectorMetadata):
     """Scheduler → worker, one per step."""
 
     jobs: dict[str, PrefillJob] = field(default_factory=dict)
+    adopted: dict[str, Adoption] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)  # finished, aborted or preempted: forget them
     decoding: dict[str, int] = field(default_factory=dict)  # decode-evicting requests -> length after step
     flushes: dict[str, FlushJob] = field(default_factory=dict)

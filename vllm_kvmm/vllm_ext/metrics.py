@@ -29,6 +29,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Prompt tokens of compressing requests kept exact as a shared prefix (found in the prefix cache or "
         "marked with kv_shared_prefix), counted when the request ends.",
     ),
+    "reused_tokens": (
+        "vllm_kvmm:reused_tokens",
+        "Tokens follow-up requests took from earlier requests' compressed caches (kv_reuse) instead of "
+        "prefilling them, counted when the request is admitted.",
+    ),
     "compression_seconds": ("vllm_kvmm:compression_seconds", "Time spent compressing (worker side)."),
     "decode_flushes": ("vllm_kvmm:decode_flushes", "Decode-time eviction flushes."),
     "failed_compressions": (

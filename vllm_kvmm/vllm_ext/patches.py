@@ -85,10 +85,25 @@ def check_vllm_internals() -> None:
             "num_external_computed_tokens",
         ],
         "cache_blocks": ["self", "request", "num_tokens", "retention_interval"],
+        "allocate_external_computed_blocks": [
+            "self",
+            "request_id",
+            "num_local_computed_tokens",
+            "num_external_computed_tokens",
+        ],
     }
     for name, expected in overridden.items():
         if list(inspect.signature(getattr(FullAttentionManager, name)).parameters) != expected:
             problems.append(f"FullAttentionManager.{name}({', '.join(expected)}) changed")
+    from vllm.v1.core.block_pool import BlockPool
+
+    if list(inspect.signature(BlockPool._insert_block_hash).parameters) != [
+        "self",
+        "block_hash_with_group_id",
+        "block",
+        "num_tokens",
+    ]:
+        problems.append("BlockPool._insert_block_hash(self, block_hash_with_group_id, block, num_tokens) changed")
     from vllm.platforms.interface import Platform
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):
@@ -223,6 +238,13 @@ def _add_flags(parser: Any) -> None:
     group.add_argument(
         "--kv-budget-max", type=_budget, default=None, help="highest kv_budget a request may ask for"
     )
+    group.add_argument(
+        "--kv-reuse",
+        action="store_true",
+        default=None,
+        help="follow-up requests continue from an earlier request's compressed cache when their prompt "
+        "extends its tokens (needs --enable-prefix-caching; a request opts out with kv_reuse: false)",
+    )
 
 
 def _budget(text: str) -> float:
@@ -260,6 +282,11 @@ def engine_overrides(settings: KVMMSettings, engine_args: Any) -> dict[str, Any]
         # Off unless asked for (vLLM's default is on): with it, a prompt's compression depends on what
         # earlier requests left in the cache (a hit's queries never run), which an operator should choose.
         out["enable_prefix_caching"] = False
+    if settings.reuse and not engine_args.enable_prefix_caching:
+        raise ValueError(
+            "vllm-kvmm: --kv-reuse finds earlier requests' compressed caches through vLLM's prefix cache: "
+            "add --enable-prefix-caching"
+        )
     if (engine_args.pipeline_parallel_size or 1) > 1:
         try:
             refuse_under_pipeline_parallelism(settings.policy)
@@ -343,6 +370,7 @@ def apply_cli_args(engine_args: Any, args: Any) -> None:
         overrides=getattr(args, "kv_overrides", None) or "any",
         budget_min=getattr(args, "kv_budget_min", None) or 0.0,
         budget_max=getattr(args, "kv_budget_max", None) or 1.0,
+        reuse=bool(getattr(args, "kv_reuse", None)),
     )
     settings.build_policy()  # fail at start-up with the policy's own message
     _refuse_conflicts(settings, engine_args)

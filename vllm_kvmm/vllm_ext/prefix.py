@@ -65,6 +65,19 @@ class SharedPrefixes:
             entry.protected = max(cached, entry.mark)
         return entry.protected
 
+    def fix(self, request: Any, protected: int, cached: int) -> None:
+        """Fix the current epoch's shared prefix to ``protected`` ahead of the usual first caller (a
+        follow-up taking a compressed entry keeps the entry's, vllm_ext/reuse.py)."""
+        entry = self._entries.get(request.request_id)
+        if entry is not None:
+            entry.epoch, entry.protected, entry.cached = request.num_preemptions, protected, cached
+
+    def unfix(self, req_id: str) -> None:
+        """Let the next caller fix the current epoch's prefix again (an admission that did not happen)."""
+        entry = self._entries.get(req_id)
+        if entry is not None:
+            entry.epoch = -1
+
     def shared(self, req_id: str) -> int:
         """The current epoch's shared prefix in tokens (0 before it is fixed or for other requests)."""
         entry = self._entries.get(req_id)

@@ -17,7 +17,7 @@ from vllm_kvmm.policies import KVPolicy
 __all__ = ["ADDITIONAL_CONFIG_KEY", "KVMMSettings", "settings_from_vllm_config"]
 
 ADDITIONAL_CONFIG_KEY = "kv_policy"
-_RULE_FIELDS = ("overrides", "budget_min", "budget_max")
+_RULE_FIELDS = ("overrides", "budget_min", "budget_max", "reuse")
 
 
 class KVMMSettings(BaseModel):
@@ -25,6 +25,8 @@ class KVMMSettings(BaseModel):
 
     ``groups``: KV-cache groups the attention layers are split into (``None`` = one per layer, which
     gives true per-layer budgets; fewer groups share one budget per group of consecutive layers).
+    ``reuse``: follow-ups continue from earlier requests' compressed caches unless they say
+    ``kv_reuse: false`` (``--kv-reuse``; needs prefix caching, vllm_ext/reuse.py).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,6 +38,7 @@ class KVMMSettings(BaseModel):
     overrides: Literal["any", "budget", "none"] = "any"
     budget_min: float = Field(0.0, ge=0.0, le=1.0)
     budget_max: float = Field(1.0, gt=0.0, le=1.0)
+    reuse: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> KVMMSettings:

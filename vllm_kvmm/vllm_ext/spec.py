@@ -19,6 +19,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.prefix import shared_prefixes
+from vllm_kvmm.vllm_ext.reuse import compressed_entries
 
 __all__ = ["CompressManager", "CompressSpec", "managers", "register_specs"]
 
@@ -73,6 +74,20 @@ class CompressManager(FullAttentionManager):
         hit = new_computed_blocks[: num_local_computed_tokens // self.block_size]
         super().add_local_computed_blocks(
             request_id, hit, num_local_computed_tokens, num_external_computed_tokens
+        )
+
+    def allocate_external_computed_blocks(
+        self, request_id: str, num_local_computed_tokens: int, num_external_computed_tokens: int
+    ) -> None:
+        """vLLM's fresh blocks for the connector's tokens, unless they are a compressed entry the connector
+        matched (vllm_ext/reuse.py): then the entry's own blocks (and nulls), already holding that KV.
+        Adopted blocks count as cached: they are never hashed again."""
+        row = internals.req_blocks(self, request_id)
+        if compressed_entries(self.block_pool).adopt(self, request_id, row):
+            internals.set_num_cached_blocks(self, request_id, len(row))
+            return
+        super().allocate_external_computed_blocks(
+            request_id, num_local_computed_tokens, num_external_computed_tokens
         )
 
     def cache_blocks(self, request: Any, num_tokens: int, retention_interval: int | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_kvmm.policies import PromptInfo
-from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
+from vllm_kvmm.vllm_ext.messages import Adoption, FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.worker.compaction import compress
 from vllm_kvmm.vllm_ext.worker.flush import flush
 from vllm_kvmm.vllm_ext.worker.layout import EngineLayout, StepRows
@@ -87,9 +87,20 @@ class WorkerState:
             self.rows.seq_lens = seq_lens_cpu.tolist() if seq_lens_cpu is not None else None
             self.queries.step_tokens(self.rows.qsl[-1])
 
+    def adopt(self, adoptions: dict[str, Adoption]) -> None:
+        """Follow-ups starting from a compressed entry: their state, with the entry's compact layout, before
+        this step's attention metadata is built (their first step already reads the compact view)."""
+        for req_id, ad in adoptions.items():
+            vision = torch.zeros(ad.num_prompt_tokens, dtype=torch.bool)
+            info = PromptInfo(ad.num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
+            compact = {g: (tuple(range(keep)), tail) for g, (keep, tail) in ad.layout.items()}
+            self.requests[req_id] = RequestState(policy=ad.policy.build(), info=info, compact=compact)
+
     def begin_step(self, meta: KVMMStepMeta) -> None:
         """Forget dropped requests and register this step's prefill jobs, decodes and flushes."""
-        self.drop(meta.dropped)
+        # A request preempted and admitted again from an entry in the same step keeps its new state.
+        self.drop(meta.dropped - meta.adopted.keys())
+        self.adopt({r: a for r, a in meta.adopted.items() if r not in self.requests})
         self.jobs = meta.jobs
         self.decoding = meta.decoding
         self.flushes = meta.flushes

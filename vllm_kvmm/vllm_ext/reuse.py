@@ -1,0 +1,193 @@
+"""Compressed reuse across turns: a follow-up request continues from a finished request's compressed cache.
+
+A chat's next turn sends the previous prompt, the model's answer and a new question. With prefix caching
+alone (``prefix.py``) only the shared prefix is found again and everything after it is re-prefilled and
+re-compressed. With reuse (``vllm_xargs: {"kv_reuse": true}`` or ``--kv-reuse``) the follow-up takes the
+earlier request's *compressed* blocks as they are and prefills only what follows them: it sees the cache
+the earlier request would have seen had it gone on decoding the new tokens. That is a different cache
+from compressing the whole new prompt from scratch, hence opt-in; ``bench multiturn`` measures it.
+
+**Entries.** When a compressing request ends (``record``), its row — whole computed blocks ``[0, h)`` of
+every group, the compacted prefix, the freed middle as null blocks, the exact tail and the answer — becomes
+an *entry*. Every real block of it gets one more key in vLLM's own prefix-cache table, derived from the
+entry's id (never from tokens, so no ordinary lookup can hit it), and vLLM then frees the blocks as usual:
+they sit in its free queue, counted free, until vLLM reallocates them, which drops their keys. So an entry
+costs no memory, vLLM's eviction and reference counting govern its blocks, and nothing can leak: an entry
+is usable exactly while every one of its blocks still carries its key (``find`` checks).
+
+**Keys.** An entry is found under ``(block hash of its block h'−1, policy key)`` for every ``h'`` from its
+last compacted group's tail to ``h``: the compacted blocks hold what the prompt's compression chose, and
+every block from the tail on holds exact tokens at their own positions, so any such ``h'`` is a valid
+prefix of it. vLLM's block hashes chain every token and multimodal hash before them, so a follow-up finds
+the entry whose tokens its prompt starts with, under the same resolved policy (name, budget, fields) only.
+
+**Adoption.** ``find`` runs in the connector's ``get_num_new_matched_tokens``; the tokens past the local
+prefix-cache hit are reported as the connector's ("external"), and vLLM's coordinator then asks each
+group's manager to place them (:meth:`CompressManager.allocate_external_computed_blocks`), which appends
+the entry's blocks (touched: reference + 1) and nulls instead of fresh blocks. The follow-up's worker state
+starts with the entry's compact layout, so its first step already reads the compact view; it is not
+compressed again (its KV grows by the new turn). See docs/design.md, "Prefix caching", layer 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vllm_kvmm.config import ResolvedPolicy
+from vllm_kvmm.vllm_ext import internals
+
+__all__ = ["CompressedEntries", "Entry", "Layout", "compressed_entries", "policy_key"]
+
+# group -> (compacted prefix blocks ``keep``, first block of the in-place tail); groups not listed are whole.
+Layout = dict[int, tuple[int, int]]
+
+# Entries remembered per engine (a few hundred bytes each; the blocks are the pool's).
+MAX_ENTRIES = 4096
+
+
+def policy_key(policy: ResolvedPolicy) -> str:
+    """What must match for a follow-up to reuse an entry: the resolved policy, budget and fields."""
+    return json.dumps(asdict(policy), sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A finished request's compressed row: blocks ``[0, blocks)`` of every group."""
+
+    ident: bytes
+    blocks: int
+    layout: Layout
+    shared: int  # tokens of the exact shared prefix at its start (prefix.py)
+    policy: str  # policy_key
+
+    def is_null(self, group: int, j: int) -> bool:
+        keep, tail = self.layout.get(group, (0, 0))
+        return keep <= j < tail
+
+    def key(self, group: int, j: int) -> bytes:
+        """Block ``j`` of ``group``'s key in vLLM's prefix-cache table."""
+        digest = hashlib.sha256(b"vllm-kvmm/entry" + self.ident + j.to_bytes(4, "big")).digest()
+        return internals.block_key(digest, group)
+
+    @property
+    def first_valid(self) -> int:
+        """The shortest prefix (blocks) it can be reused at: through every compacted group's tail."""
+        return max((tail for _, tail in self.layout.values()), default=1)
+
+
+@dataclass(frozen=True)
+class Match:
+    entry: Entry
+    blocks: int  # blocks of the entry the follow-up takes (``h'``)
+
+
+class CompressedEntries:
+    """One engine's entries (scheduler side) and the adoptions under way in this ``schedule()``."""
+
+    def __init__(self) -> None:
+        self._index: OrderedDict[tuple[bytes, str], tuple[Entry, int]] = OrderedDict()
+        self._count = 0
+        self.pending: dict[str, Match] = {}
+
+    def __len__(self) -> int:
+        return len({id(e) for e, _ in self._index.values()})
+
+    def record(
+        self, request: Any, policy: ResolvedPolicy, layout: Layout, shared: int, mgrs: dict[int, Any]
+    ) -> Entry | None:
+        """Make ``request``'s row (before vLLM frees it) an entry; ``None`` when it has no whole block.
+
+        ``layout``: what its compression (or the entry it adopted) left in each group.
+        """
+        pool = next(iter(mgrs.values())).block_pool
+        bs = next(iter(mgrs.values())).block_size
+        hashes = internals.block_hashes(request)
+        h = min(request.num_computed_tokens // bs, len(hashes))
+        self._count += 1
+        ident = hashlib.sha256(f"{request.request_id}/{request.num_preemptions}/{self._count}".encode()).digest()
+        entry = Entry(ident, h, dict(layout), shared, policy_key(policy))
+        if h < entry.first_valid:
+            return None
+        null = internals.null_block(next(iter(mgrs.values())))
+        rows = {g: internals.req_blocks(m, request.request_id)[:h] for g, m in mgrs.items()}
+        for g, row in rows.items():
+            # The row must be what the layout says (a request that finished in the step that compressed it
+            # has not had its middle freed yet: it is not recorded).
+            if len(row) < h or any((b is null) != entry.is_null(g, j) for j, b in enumerate(row)):
+                return None
+        for g, row in rows.items():
+            for j, block in enumerate(row):
+                if block is not null:
+                    internals.cache_block(pool, entry.key(g, j), block)
+        for n in range(entry.first_valid, h + 1):
+            self._index[(hashes[n - 1], entry.policy)] = (entry, n)
+            self._index.move_to_end((hashes[n - 1], entry.policy))
+        while len(self._index) > MAX_ENTRIES * 8:
+            self._index.popitem(last=False)
+        return entry
+
+    def find(self, request: Any, policy: ResolvedPolicy, local: int, mgrs: dict[int, Any]) -> Match | None:
+        """The longest usable entry whose tokens ``request`` starts with, under the same policy.
+
+        ``local``: tokens vLLM's own prefix cache found (exact blocks). An entry is usable when its blocks
+        all still carry their keys, it leaves at least one token to compute, and the local hit lies inside
+        its exact shared prefix (a longer exact hit is better than any compressed entry).
+        """
+        bs = next(iter(mgrs.values())).block_size
+        pool = next(iter(mgrs.values())).block_pool
+        hashes = internals.block_hashes(request)
+        key = policy_key(policy)
+        top = min(len(hashes), (request.num_tokens - 1) // bs)
+        for n in range(top, local // bs, -1):
+            found = self._index.get((hashes[n - 1], key))
+            if found is None:
+                continue
+            entry, at = found
+            if at != n or local > entry.shared:
+                continue
+            if all(
+                entry.is_null(g, j) or internals.cached_block(pool, entry.key(g, j)) is not None
+                for g in mgrs
+                for j in range(local // bs, n)
+            ):
+                self._index.move_to_end((hashes[n - 1], key))
+                return Match(entry, n)
+            del self._index[(hashes[n - 1], key)]  # a block was reallocated: never usable again
+        return None
+
+    def adopt(self, manager: Any, request_id: str, row: list[Any]) -> bool:
+        """Append the pending match's blocks of ``manager``'s group to ``row`` (touched); ``False``: none
+        pending for this request."""
+        match = self.pending.get(request_id)
+        if match is None:
+            return False
+        g = manager.kv_cache_group_id
+        null = internals.null_block(manager)
+        blocks = []
+        for j in range(len(row), match.blocks):
+            if match.entry.is_null(g, j):
+                blocks.append(null)
+                continue
+            block = internals.cached_block(manager.block_pool, match.entry.key(g, j))
+            if block is None:  # checked by find in this same schedule(); nothing allocates in between
+                raise RuntimeError(f"vllm-kvmm: compressed entry block {j} of group {g} vanished")
+            blocks.append(block)
+        manager.block_pool.touch([b for b in blocks if b is not null])
+        row.extend(blocks)
+        return True
+
+
+_BY_POOL: weakref.WeakKeyDictionary[Any, CompressedEntries] = weakref.WeakKeyDictionary()
+
+
+def compressed_entries(block_pool: Any) -> CompressedEntries:
+    """The engine's :class:`CompressedEntries` (one per block pool, created on first use)."""
+    found = _BY_POOL.get(block_pool)
+    if found is None:
+        found = _BY_POOL[block_pool] = CompressedEntries()
+    return found
