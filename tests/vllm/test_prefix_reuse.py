@@ -17,18 +17,14 @@ import pytest
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown
 from tests.vllm.helpers import block_pool
-from vllm_kvmm.config import ResolvedPolicy
-from vllm_kvmm.policies import make_policy, policy_names
+from vllm_kvmm.policies import make_policy
 from vllm_kvmm.reference import DenseReference, PromptInput
 
 SYS = [(13 * j) % 3000 + 300 for j in range(64)]  # a 64-token shared prefix: 4 blocks
 NEW = 8
-# Policies whose prefill compression is their last word (entries are made for them only).
-PREFILL_ONLY = [
-    n
-    for n in policy_names()
-    if n != "full" and ResolvedPolicy.of(make_policy(n, 0.25), 400).decode_interval is None
-]
+# Text-evicting policies (HAE and MEDA-released evict vision tokens only; every policy runs on images in
+# test_prefix_reuse_vlm.py).
+TEXT = ["snapkv", "pyramidkv", "meda", "lookm"]
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -83,7 +79,7 @@ def _assert_pool_full(llm: Any) -> None:
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but the null block
 
 
-@pytest.mark.parametrize("name", PREFILL_ONLY)
+@pytest.mark.parametrize("name", TEXT)
 def test_a_follow_up_takes_the_entry_blocks_and_equals_the_dense_reference(
     llm: Any, reference: DenseReference, name: str
 ) -> None:
@@ -91,7 +87,8 @@ def test_a_follow_up_takes_the_entry_blocks_and_equals_the_dense_reference(
     a_ids = SYS + _ids(1, 300)
     params = greedy(NEW, kv_policy=name, kv_budget=0.25, kv_shared_prefix=len(SYS))
     a, a_rows = _run(llm, f"{name}-a", a_ids, params)
-    assert _kvmm(a)["compressed"]
+    assert _kvmm(a)["compressed"], _kvmm(a)
+    p = max(a.num_cached_tokens, len(SYS))  # the exact prefix A compressed behind
     _assert_pool_full(llm)  # the entry holds no memory: its blocks are free until vLLM reuses them
     a_out = list(a.outputs[0].token_ids)
     ext = a_out + _ids(5, 40)
@@ -102,7 +99,9 @@ def test_a_follow_up_takes_the_entry_blocks_and_equals_the_dense_reference(
     assert _ids_of(b_rows, h, null) == _ids_of(a_rows, h, null)
     assert any(x is None for row in _ids_of(b_rows, h, null) for x in row)
     policy = make_policy(name, 0.25)
-    ref = reference.generate_followup(PromptInput.from_ids(a_ids), ext, policy, NEW, BLOCK, shared=len(SYS))
+    ref = reference.generate_followup(
+        PromptInput.from_ids(a_ids), ext, policy, NEW, BLOCK, cached=a.num_cached_tokens, shared=p
+    )
     assert list(b.outputs[0].token_ids) == ref.token_ids
     _assert_pool_full(llm)
 
@@ -138,13 +137,16 @@ def test_the_third_turn_reuses_the_second(llm: Any, reference: DenseReference) -
     assert _kvmm(b)["reused"] == (len(t1) + NEW - 1) // BLOCK * BLOCK
     assert _kvmm(c)["reused"] == (len(t2) + NEW - 1) // BLOCK * BLOCK
     policy = make_policy("snapkv", 0.25)
-    ref = reference.generate_followup(PromptInput.from_ids(t1), t3[len(t1) :], policy, NEW, BLOCK)
+    hit = a.num_cached_tokens  # SYS, cached by earlier tests: A compressed behind it
+    ref = reference.generate_followup(
+        PromptInput.from_ids(t1), t3[len(t1) :], policy, NEW, BLOCK, cached=hit, shared=hit
+    )
     assert list(c.outputs[0].token_ids) == ref.token_ids
 
 
 def test_no_entry_under_a_decode_evicting_policy_or_after_a_cache_reset(llm: Any) -> None:
     a_ids = SYS + _ids(4, 270)
-    extra = {"kv_policy": "h2o", "kv_budget": 0.25, "kv_reuse": True}
+    extra = {"kv_policy": "h2o", "kv_budget": 0.25, "kv_policy_config": {"decode_interval": 4}, "kv_reuse": True}
     a, _ = _run(llm, "h-a", a_ids, greedy(NEW, **extra))
     b, _ = _run(llm, "h-b", a_ids + list(a.outputs[0].token_ids) + _ids(9, 20), greedy(NEW, **extra))
     assert "reused" not in _kvmm(b)
@@ -159,14 +161,17 @@ def test_an_aborted_follow_up_leaves_the_entry_usable(llm: Any, reference: Dense
     extra = {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_shared_prefix": 64, "kv_reuse": True}
     a_ids = SYS + _ids(10, 290)
     a, _ = _run(llm, "x-a", a_ids, greedy(NEW, **extra))
-    follow = a_ids + list(a.outputs[0].token_ids) + _ids(11, 35)
-    aborted, _ = _run(llm, "x-b", follow, greedy(NEW, **extra), abort_after=2)
+    a_out = list(a.outputs[0].token_ids)
+    aborted, _ = _run(llm, "x-b", a_ids + a_out + _ids(11, 35), greedy(NEW, **extra), abort_after=2)
     assert aborted is None or aborted.finished
     _assert_pool_full(llm)
+    follow = a_ids + a_out + _ids(12, 35)  # another question: only A's part is shared with the aborted one
     b, _ = _run(llm, "x-c", follow, greedy(NEW, **extra))
     assert _kvmm(b)["reused"] == (len(a_ids) + NEW - 1) // BLOCK * BLOCK
+    hit = a.num_cached_tokens
     ref = reference.generate_followup(
-        PromptInput.from_ids(a_ids), follow[len(a_ids) :], make_policy("snapkv", 0.25), NEW, BLOCK, shared=64
-    )
+        PromptInput.from_ids(a_ids), follow[len(a_ids) :], make_policy("snapkv", 0.25), NEW, BLOCK,
+        cached=hit, shared=max(hit, 64),
+    )  # fmt: skip
     assert list(b.outputs[0].token_ids) == ref.token_ids
     _assert_pool_full(llm)
