@@ -180,12 +180,14 @@ def shared_prefix_arg(extra: dict[str, Any] | None) -> int | Literal["images"]:
 def reuse_arg(extra: dict[str, Any] | None, default: bool = False) -> bool:
     """The request's ``kv_reuse`` (``default``, the server's ``--kv-reuse``, when absent).
 
-    Raises :class:`PolicyError` (an HTTP 400) for anything but ``true`` or ``false``.
+    Raises :class:`PolicyError` (an HTTP 400) for anything but ``true`` or ``false`` (or ``1`` / ``0``: vLLM's
+    OpenAI server types ``vllm_xargs`` values as strings or numbers, so a JSON ``true`` reaches the engine
+    as ``1``).
     """
     value = (extra or {}).get(XARG_REUSE, default)
-    if not isinstance(value, bool):
-        raise PolicyError(f"kv_reuse must be true or false, got {value!r}")
-    return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise PolicyError(f"kv_reuse must be true or false, got {value!r}")
 
 
 def refuse_under_pipeline_parallelism(name: str) -> None:

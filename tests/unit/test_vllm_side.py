@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.core.block_pool import BlockPool
 
-from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request
+from vllm_kvmm.config import FULL, PolicyError, ResolvedPolicy, resolve_request, reuse_arg
 from vllm_kvmm.policies import make_policy
 from vllm_kvmm.vllm_ext import internals
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, KVMMWorkerMeta
@@ -113,6 +113,10 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
     assert resolve_request({}, None) == FULL
     assert resolve_request({"kv_shared_prefix": "images"}, engine, 100) == resolve_request(None, engine, 100)
     assert resolve_request({"kv_shared_prefix": 0}, None) == FULL
+    assert resolve_request({"kv_reuse": True}, engine, 100) == resolve_request(None, engine, 100)
+    # Over HTTP vLLM types vllm_xargs values as strings or numbers: a JSON true arrives as 1.
+    assert [reuse_arg({"kv_reuse": v}) for v in (True, 1, False, 0)] == [True, True, False, False]
+    assert reuse_arg({}, default=True) and not reuse_arg(None)
     for bad, msg in [
         ({"kv_budget": None}, "kv_budget must be a number in (0, 1], got null"),
         ({"kv_budget": float("nan")}, "kv_budget must be a number in (0, 1], got nan"),
@@ -126,6 +130,8 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
         ({"kv_shared_prefix": True}, "kv_shared_prefix must be a number of prompt tokens (>= 0) or"),
         ({"kv_shared_prefix": "system"}, "or \"images\", got 'system'"),
         ({"kv_shared_prefix": 1.5}, "got 1.5"),
+        ({"kv_reuse": 2}, "kv_reuse must be true or false, got 2"),
+        ({"kv_reuse": "yes"}, "kv_reuse must be true or false, got 'yes'"),
     ]:
         with pytest.raises(PolicyError) as e:
             resolve_request(bad, None)
@@ -141,8 +147,14 @@ def test_resolve_request_once_with_the_decode_cadence() -> None:
             "overrides are off on this server (--kv-overrides none); drop ['kv_budget']",
         ),
         ("budget", {"kv_policy": "full"}, "only kv_budget (--kv-overrides budget); kv_policy,"),
-        ("budget", {"kv_shared_prefix": 64}, "kv_policy_config and kv_shared_prefix need --kv-overrides any"),
+        (
+            "budget",
+            {"kv_shared_prefix": 64},
+            "kv_policy_config, kv_shared_prefix and kv_reuse need --kv-overrides any",
+        ),
+        ("budget", {"kv_reuse": True}, "kv_shared_prefix and kv_reuse need --kv-overrides any"),
         ("none", {"kv_shared_prefix": "images"}, "drop ['kv_shared_prefix']"),
+        ("none", {"kv_reuse": False}, "drop ['kv_reuse']"),
         ("budget", {"kv_budget": 0.05}, "kv_budget 0.05 is outside this server's bounds [0.1, 0.8]"),
         ("any", {"kv_policy": "snapkv", "kv_budget": 0.9}, "kv_budget 0.9 is outside this server's bounds"),
     ],

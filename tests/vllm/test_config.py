@@ -44,6 +44,26 @@ def test_prefix_caching_stays_off_unless_asked_for() -> None:
     )
 
 
+def test_reuse_needs_prefix_caching() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_kvmm
+    from vllm_kvmm.vllm_ext.patches import engine_overrides
+    from vllm_kvmm.vllm_ext.settings import KVMMSettings, settings_from_vllm_config
+
+    reuse = KVMMSettings(policy="snapkv", budget=0.5, reuse=True)
+    with pytest.raises(
+        ValueError, match="--kv-reuse finds earlier requests' compressed caches through vLLM's"
+    ):
+        engine_overrides(reuse, EngineArgs(model="m"))
+    assert engine_overrides(reuse, EngineArgs(model="m", enable_prefix_caching=True)) is not None
+    # engine_args(reuse=True) turns prefix caching on and carries the setting to the engine.
+    args = vllm_kvmm.engine_args("snapkv", 0.5, reuse=True)
+    assert args["enable_prefix_caching"] is True
+    assert settings_from_vllm_config(EngineArgs(model="m", **args)).reuse is True
+    assert "enable_prefix_caching" not in vllm_kvmm.engine_args("snapkv", 0.5)
+
+
 def _attention_spec(kind: str) -> Any:
     """A KV-cache spec of one layer kind vLLM 0.26 builds (tiny shapes)."""
     from vllm.v1 import kv_cache_interface as kv
@@ -201,7 +221,14 @@ def test_http_middleware_rejects_before_the_app() -> None:
 
 def test_cli_flags_listed_and_validated() -> None:
     helped = subprocess.run([VLLM, "serve", "--help=vllm-kvmm"], capture_output=True, text=True, timeout=300)
-    for flag in ("--kv-policy", "--kv-budget", "--kv-overrides", "--kv-budget-min", "--kv-budget-max"):
+    for flag in (
+        "--kv-policy",
+        "--kv-budget",
+        "--kv-overrides",
+        "--kv-budget-min",
+        "--kv-budget-max",
+        "--kv-reuse",
+    ):
         assert flag in helped.stdout
     said = " ".join(helped.stdout.split())  # argparse wraps the group's description
     assert "--pipeline-parallel-size with the layer-local policies" in said
@@ -225,6 +252,13 @@ def test_cli_flags_listed_and_validated() -> None:
         "error: vllm-kvmm: --kv-policy needs an unquantised KV cache; got --kv-cache-dtype fp8"
         in conflict.stderr
     )
+    reuse = subprocess.run(
+        [VLLM, "serve", "some-model", "--kv-policy", "snapkv", "--kv-reuse"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert reuse.returncode == 2 and "add --enable-prefix-caching" in reuse.stderr
 
 
 @pytest.mark.parametrize(
@@ -266,7 +300,7 @@ def test_http_check_applies_the_servers_override_rules() -> None:
         status, body, seen = _asgi(KVPolicyRequestCheck, refused)
         assert status == 400 and seen is None
         assert (
-            "kv_policy, kv_policy_config and kv_shared_prefix need --kv-overrides any"
+            "kv_policy, kv_policy_config, kv_shared_prefix and kv_reuse need --kv-overrides any"
             in json.loads(body)["error"]["message"]
         )
         allowed = json.dumps({"model": "m", "vllm_xargs": {"kv_budget": 0.5}}).encode()

@@ -33,7 +33,9 @@ def _ids(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir: Path) -> Any:
-    engine = make_llm(str(tiny_llama_dir), "full", enable_prefix_caching=True, num_gpu_blocks_override=4 * 160)
+    engine = make_llm(
+        str(tiny_llama_dir), "full", enable_prefix_caching=True, num_gpu_blocks_override=4 * 160
+    )
     yield engine
     shutdown(engine)
 
@@ -93,7 +95,9 @@ def test_a_follow_up_takes_the_entry_blocks_and_equals_the_dense_reference(
     a_out = list(a.outputs[0].token_ids)
     ext = a_out + _ids(5, 40)
     h = (len(a_ids) + NEW - 1) // BLOCK  # A's whole computed blocks
-    b, b_rows = _run(llm, f"{name}-b", a_ids + ext, greedy(NEW, kv_policy=name, kv_budget=0.25, kv_reuse=True))
+    b, b_rows = _run(
+        llm, f"{name}-b", a_ids + ext, greedy(NEW, kv_policy=name, kv_budget=0.25, kv_reuse=True)
+    )
     assert _kvmm(b)["reused"] == h * BLOCK and not _kvmm(b)["compressed"]
     # The same blocks, the freed middle null in both.
     assert _ids_of(b_rows, h, null) == _ids_of(a_rows, h, null)
@@ -113,7 +117,10 @@ def test_only_the_same_policy_with_opt_in_reuses(llm: Any, reference: DenseRefer
     for rid, extra in (
         ("p-budget", {"kv_policy": "snapkv", "kv_budget": 0.5, "kv_reuse": True}),
         ("p-policy", {"kv_policy": "pyramidkv", "kv_budget": 0.25, "kv_reuse": True}),
-        ("p-config", {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_policy_config": {"window": 8}, "kv_reuse": True}),
+        (
+            "p-config",
+            {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_policy_config": {"window": 8}, "kv_reuse": True},
+        ),
         ("p-optout", {"kv_policy": "snapkv", "kv_budget": 0.25}),
     ):
         out, _ = _run(llm, rid, follow, greedy(NEW, **extra))
@@ -122,7 +129,9 @@ def test_only_the_same_policy_with_opt_in_reuses(llm: Any, reference: DenseRefer
         assert out.num_cached_tokens == 64 and _kvmm(out)["compressed"], rid
         config = extra.get("kv_policy_config", {})
         policy = make_policy(extra["kv_policy"], extra["kv_budget"], config)
-        (ref,) = reference.generate([PromptInput.from_ids(follow)], policy, NEW, BLOCK, cached=[64], shared=[64])
+        (ref,) = reference.generate(
+            [PromptInput.from_ids(follow)], policy, NEW, BLOCK, cached=[64], shared=[64]
+        )
         assert list(out.outputs[0].token_ids) == ref.token_ids, rid
 
 
@@ -146,7 +155,12 @@ def test_the_third_turn_reuses_the_second(llm: Any, reference: DenseReference) -
 
 def test_no_entry_under_a_decode_evicting_policy_or_after_a_cache_reset(llm: Any) -> None:
     a_ids = SYS + _ids(4, 270)
-    extra = {"kv_policy": "h2o", "kv_budget": 0.25, "kv_policy_config": {"decode_interval": 4}, "kv_reuse": True}
+    extra = {
+        "kv_policy": "h2o",
+        "kv_budget": 0.25,
+        "kv_policy_config": {"decode_interval": 4},
+        "kv_reuse": True,
+    }
     a, _ = _run(llm, "h-a", a_ids, greedy(NEW, **extra))
     b, _ = _run(llm, "h-b", a_ids + list(a.outputs[0].token_ids) + _ids(9, 20), greedy(NEW, **extra))
     assert "reused" not in _kvmm(b)

@@ -20,7 +20,11 @@ NEW = 6
 MESSAGES = [
     {
         "role": "user",
-        "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two pictures."}],
+        "content": [
+            {"type": "image"},
+            {"type": "image"},
+            {"type": "text", "text": "Compare the two pictures."},
+        ],
     }
 ]
 # Every policy whose prefill compression is its last word (a decode-time flush would rewrite an entry).
@@ -72,22 +76,29 @@ def test_a_follow_up_about_the_same_images_equals_the_dense_reference(
     pics = images[:2]
     a = _run(llm, f"{name}-a", {"prompt": text, "multi_modal_data": {"image": pics}}, greedy(NEW, **extra))
     assert _kvmm(a)["compressed"], _kvmm(a)
-    ext = list(a.outputs[0].token_ids) + tok.encode(" USER: And the colours? ASSISTANT:", add_special_tokens=False)
+    ext = list(a.outputs[0].token_ids) + tok.encode(
+        " USER: And the colours? ASSISTANT:", add_special_tokens=False
+    )
     image_token = int(tok.convert_tokens_to_ids("<image>"))
     ids = _collapsed(list(a.prompt_token_ids), image_token) + ext
-    b = _run(llm, f"{name}-b", {"prompt_token_ids": ids, "multi_modal_data": {"image": pics}}, greedy(NEW, **extra))
+    b = _run(
+        llm, f"{name}-b", {"prompt_token_ids": ids, "multi_modal_data": {"image": pics}}, greedy(NEW, **extra)
+    )
     assert list(b.prompt_token_ids) == list(a.prompt_token_ids) + ext
     assert _kvmm(b)["reused"] == (len(a.prompt_token_ids) + NEW - 1) // BLOCK * BLOCK
     first = prompt_from_messages(processor, MESSAGES, pics)
     assert first.input_ids.tolist() == list(a.prompt_token_ids)
     hit = a.num_cached_tokens  # the images of an earlier case may be in the prefix cache
-    ref = reference.generate_followup(
-        first, ext, make_policy(name, 0.25), NEW, BLOCK, cached=hit, shared=hit
-    )
+    ref = reference.generate_followup(first, ext, make_policy(name, 0.25), NEW, BLOCK, cached=hit, shared=hit)
     assert list(b.outputs[0].token_ids) == ref.token_ids
     # The same tokens over other images: the placeholders match, the image hashes do not.
     other = [images[2], images[0]]
-    c = _run(llm, f"{name}-c", {"prompt_token_ids": ids, "multi_modal_data": {"image": other}}, greedy(NEW, **extra))
+    c = _run(
+        llm,
+        f"{name}-c",
+        {"prompt_token_ids": ids, "multi_modal_data": {"image": other}},
+        greedy(NEW, **extra),
+    )
     assert "reused" not in _kvmm(c)
     pool = block_pool(llm)
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1

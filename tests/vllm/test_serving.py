@@ -78,7 +78,8 @@ def _image_url(images: list) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _chat(client: Any, model: str, images: list, **xargs: Any) -> Any:
+def _chat(client: Any, model: str, images: list, history: list | None = None, **xargs: Any) -> Any:
+    """One chat turn about ``images[0]``; ``history``: earlier answers and questions after the first."""
     messages = [
         {
             "role": "user",
@@ -86,7 +87,8 @@ def _chat(client: Any, model: str, images: list, **xargs: Any) -> Any:
                 {"type": "image_url", "image_url": {"url": _image_url(images)}},
                 {"type": "text", "text": "Describe the image in detail, please."},
             ],
-        }
+        },
+        *(history or []),
     ]
     extra = {"vllm_xargs": xargs} if xargs else None
     return client.chat.completions.create(
@@ -146,3 +148,21 @@ def test_serve_kv_policy(server: str, tiny_llava_dir: Path, images: list) -> Non
     assert m.get("vllm_kvmm:shared_prefix_tokens_total", 0) == 0
     assert after["vllm_kvmm:shared_prefix_tokens_total"] > 0
     assert after["vllm_kvmm:shared_prefix_tokens_total"] % 32 == 0
+
+    # Compressed reuse: the next turn of a chat about another image continues the first turn's compressed
+    # cache (the tiny model's answer re-tokenised may differ from its tokens, but the first turn's prompt
+    # and compressed tail are found whatever follows).
+    with pytest.raises(BadRequestError) as bad:
+        _chat(client, model, images, kv_reuse="yes")
+    assert "kv_reuse must be true or false, got 'yes'" in str(bad.value)
+    other = images[1:]
+    reuse = {"kv_policy": "snapkv", "kv_budget": 0.3, "kv_reuse": True}
+    first = _chat(client, model, other, **reuse)
+    turn = [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And the colours?"},
+    ]
+    second = _chat(client, model, other, history=turn, **reuse)
+    assert second.usage.completion_tokens == 8
+    reused = _metrics(server).get("vllm_kvmm:reused_tokens_total", 0)
+    assert reused >= 32 and reused % 16 == 0

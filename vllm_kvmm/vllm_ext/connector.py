@@ -141,9 +141,14 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         entries = compressed_entries(self._block_pool)
         entries.pending.pop(request.request_id, None)
         prefixes = shared_prefixes(self._block_pool)
-        prefixes.unfix(request.request_id)  # an earlier attempt that could not allocate fixed nothing for good
+        # An earlier attempt that could not allocate blocks fixed nothing for good.
+        prefixes.unfix(request.request_id)
         pol = self._policies.get(request.request_id)
-        if pol is None or not self._reusable(request.request_id, pol) or request.request_id not in self._wants_reuse:
+        if (
+            pol is None
+            or not self._reusable(request.request_id, pol)
+            or request.request_id not in self._wants_reuse
+        ):
             return 0, False
         match = entries.find(request, pol, num_computed_tokens, managers(self._block_pool))
         if match is None:
@@ -218,7 +223,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 if self._announced.get(req_id) != req.num_preemptions:
                     self._announced[req_id] = req.num_preemptions
                     layout = adopted[1].entry.layout
-                    meta.adopted[req_id] = Adoption(req_id, pol, req.num_prompt_tokens, layout, req.num_preemptions)
+                    meta.adopted[req_id] = Adoption(
+                        req_id, pol, req.num_prompt_tokens, layout, req.num_preemptions
+                    )
                 continue
             n_prompt = req.num_prompt_tokens
             before = req.num_computed_tokens  # not yet advanced for this step (see docs/design.md)

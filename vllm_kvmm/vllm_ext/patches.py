@@ -103,7 +103,9 @@ def check_vllm_internals() -> None:
         "block",
         "num_tokens",
     ]:
-        problems.append("BlockPool._insert_block_hash(self, block_hash_with_group_id, block, num_tokens) changed")
+        problems.append(
+            "BlockPool._insert_block_hash(self, block_hash_with_group_id, block, num_tokens) changed"
+        )
     from vllm.platforms.interface import Platform
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):

@@ -109,7 +109,9 @@ class CompressedEntries:
         hashes = internals.block_hashes(request)
         h = min(request.num_computed_tokens // bs, len(hashes))
         self._count += 1
-        ident = hashlib.sha256(f"{request.request_id}/{request.num_preemptions}/{self._count}".encode()).digest()
+        ident = hashlib.sha256(
+            f"{request.request_id}/{request.num_preemptions}/{self._count}".encode()
+        ).digest()
         entry = Entry(ident, h, dict(layout), shared, policy_key(policy))
         if h < entry.first_valid:
             return None
