@@ -10,7 +10,8 @@ engine step :func:`check_invariants` checks:
 * no block held twice (two requests, two groups, or twice in one row) and none with a wrong ref count;
   with prefix caching (``--prefix-caching``) a block may be shared, at the same place of the same group,
   and its ref count is the number of rows holding it; a compressing request's blocks after its shared
-  prefix never carry a hash (compaction rewrites them);
+  prefix never carry a hash (compaction rewrites them), except those a follow-up took from a compressed
+  entry (``kv_reuse``: a third of the requests continue a finished one, most under its policy);
 * no blocks held by a request the scheduler no longer has;
 * each request's held blocks are what its layout says: per group, the real blocks sit exactly at the
   compacted prefix ``live``, the recycle bin and ``[tail, …)`` (all positions when not compacted);
@@ -90,6 +91,8 @@ class FuzzReport:
     compressed: int = 0
     cache_hits: int = 0  # finished requests that found part of their prompt in the prefix cache
     compressed_on_hit: int = 0  # ... and were compressed behind that prefix
+    follow_ups: int = 0  # requests continuing a finished one (prefix caching only)
+    reused: int = 0  # finished requests that continued a compressed entry (kv_reuse)
     errors: list[str] = field(default_factory=list)  # contained compression failures (each one a bug)
     seconds: float = 0.0
 
@@ -110,6 +113,7 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
     later, when the next step's metadata says so).
     """
     from vllm_kvmm.vllm_ext.prefix import shared_prefixes
+    from vllm_kvmm.vllm_ext.reuse import compressed_entries
     from vllm_kvmm.vllm_ext.spec import managers
     from vllm_kvmm.vllm_ext.worker import worker_state
 
@@ -121,6 +125,7 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
     blocks_by_id: dict[int, Any] = {}
     rows: dict[tuple[str, int], list[Any]] = {}
     prefixes = shared_prefixes(pool)
+    conn = sched.connector
     for g, mgr in sorted(managers(pool).items()):
         for req, blocks in mgr.req_to_blocks.items():
             real = [b for b in blocks if b is not null]
@@ -128,6 +133,9 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
                 raise Violation(f"group {g} holds {len(real)} blocks of ended request {req}")
             rows[(req, g)] = blocks
             first_private = prefixes.shared(req) // mgr.block_size
+            adopted = conn._adopted.get(req)
+            if adopted is not None and adopted[0] == sched.requests[req].num_preemptions:
+                first_private = max(first_private, adopted[1].blocks)  # the entry's blocks keep their keys
             for i, b in enumerate(blocks):
                 if b is null:
                     continue
@@ -162,11 +170,13 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
         st = state.requests.get(req)
         if req in live and (st is None or g not in st.compact) and any(b is null for b in blocks):
             raise Violation(f"{req} group {g} is not compacted but has null blocks")
-    conn = sched.connector
-    for name in ("_requests", "_policies", "_reports"):
+    for name in ("_requests", "_policies", "_reports", "_wants_reuse", "_layouts", "_adopted", "_announced"):
         stale = set(getattr(conn, name)) - live
         if stale:
             raise Violation(f"the connector's {name} keeps ended requests {sorted(stale)[:3]}")
+    stale = set(compressed_entries(pool).pending)
+    if stale:  # an adoption is placed in the schedule() that found it
+        raise Violation(f"adoptions pending after a step: {sorted(stale)[:3]}")
 
 
 class Fuzzer:
@@ -178,6 +188,9 @@ class Fuzzer:
         self.report = FuzzReport()
         self.log: dict[str, dict[str, Any]] = {}  # request -> how it was made (for the failure message)
         self.progress = 0  # print the report every this many finished requests (0: never)
+        # Finished requests a follow-up may continue (prefix caching): (prompt, output ids, extra args).
+        self.done: list[tuple[dict[str, Any], list[int], list[int], dict[str, Any]]] = []
+        self.made: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     def _prompt(self, rid: str) -> tuple[dict[str, Any], Any]:
         from PIL import Image
@@ -186,6 +199,8 @@ class Fuzzer:
         from vllm_kvmm.policies import POLICIES, DecodeCadence
 
         rng, cfg = self.rng, self.cfg
+        if cfg.prefix_caching and self.done and rng.random() < 0.35:
+            return self._follow_up(rid)
         n_img = rng.choice((1, 2)) if rng.random() < cfg.image_prob else 0
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, cfg.max_prompt_words)))
         content: list[dict[str, Any]] = [{"type": "image"}] * n_img + [{"type": "text", "text": words}]
@@ -215,9 +230,38 @@ class Fuzzer:
             if name == "hae":
                 config["decode_budget"] = rng.choice((0.2, 0.5))
             extra["kv_policy_config"] = config
+        if cfg.prefix_caching and rng.random() < 0.5:
+            extra["kv_reuse"] = True
         self.report.policies[name] += 1
         self.log[rid] = {"images": n_img, "words": len(words.split()), **extra}
+        self.made[rid] = (prompt, extra)
         return prompt, greedy(rng.randint(1, cfg.max_new), **extra)
+
+    def _follow_up(self, rid: str) -> tuple[dict[str, Any], Any]:
+        """The next turn of a finished request: its prompt (image placeholders collapsed, as vLLM expands
+        them), its answer and new words; mostly under the same policy, usually with ``kv_reuse``."""
+        from tests.vllm.conftest import greedy
+        from vllm_kvmm.policies import POLICIES
+
+        rng, cfg = self.rng, self.cfg
+        prompt, out_ids, prompt_ids, extra = self.done[rng.randrange(len(self.done))]
+        image = self.processor.tokenizer.convert_tokens_to_ids("<image>")
+        ids = [t for i, t in enumerate(prompt_ids) if t != image or i == 0 or prompt_ids[i - 1] != image]
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20)))
+        ids += out_ids + self.processor.tokenizer.encode(f" USER: {words} ASSISTANT:", add_special_tokens=False)
+        follow: dict[str, Any] = {"prompt_token_ids": ids}
+        if "multi_modal_data" in prompt:
+            follow["multi_modal_data"] = prompt["multi_modal_data"]
+        extra = dict(extra)
+        if rng.random() < 0.2:
+            name = rng.choice(sorted(POLICIES))
+            extra = {"kv_policy": name, "kv_budget": 1.0 if name == "full" else rng.choice(BUDGETS)}
+        extra["kv_reuse"] = rng.random() < 0.8
+        self.report.follow_ups += 1
+        self.report.policies[extra["kv_policy"]] += 1
+        self.log[rid] = {"follow_up": True, "tokens": len(ids), **extra}
+        self.made[rid] = (follow, extra)
+        return follow, greedy(rng.randint(1, cfg.max_new), **extra)
 
     def _add_bad(self, rid: str) -> None:
         from tests.vllm.conftest import greedy
@@ -262,6 +306,12 @@ class Fuzzer:
                             print(json.dumps({"step": step, **self.report.as_dict()}), flush=True)
                         kvmm = (out.kv_transfer_params or {}).get("kvmm", {})
                         self.report.compressed += bool(kvmm.get("compressed"))
+                        self.report.reused += "reused" in kvmm
+                        prompt, extra = self.made.pop(out.request_id)
+                        if cfg.prefix_caching and len(out.prompt_token_ids) < 300:
+                            ids = list(out.outputs[0].token_ids)
+                            self.done.append((prompt, ids, list(out.prompt_token_ids), extra))
+                            self.done = self.done[-50:]
                         hit = bool(out.num_cached_tokens)
                         self.report.cache_hits += hit
                         self.report.compressed_on_hit += hit and bool(kvmm.get("compressed"))

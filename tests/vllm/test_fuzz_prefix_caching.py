@@ -1,6 +1,7 @@
 """The lifecycle fuzzer with prefix caching on: repeated preambles and images, marked shared prefixes,
-aborts and preemption; every invariant after every step (shared blocks counted once, ref counts equal to
-their holders, no hash past a compressing request's shared prefix) and a full pool after the drain."""
+follow-ups continuing finished requests' compressed caches (kv_reuse), aborts and preemption; every
+invariant after every step (shared blocks counted once, ref counts equal to their holders, no hash past a
+compressing request's shared prefix but an adopted entry's) and a full pool after the drain."""
 
 from __future__ import annotations
 
@@ -32,3 +33,5 @@ def test_fuzz_with_prefix_caching_keeps_every_invariant(engine: tuple[Any, Any])
     assert report.errors == []
     # Prefixes really were shared, and compressed behind.
     assert report.cache_hits > 0 and report.compressed_on_hit > 0, report
+    # Follow-ups were made and some continued a compressed entry.
+    assert report.follow_ups > 0 and report.reused > 0, report
