@@ -174,9 +174,13 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
         stale = set(getattr(conn, name)) - live
         if stale:
             raise Violation(f"the connector's {name} keeps ended requests {sorted(stale)[:3]}")
-    stale = set(compressed_entries(pool).pending)
-    if stale:  # an adoption is placed in the schedule() that found it
-        raise Violation(f"adoptions pending after a step: {sorted(stale)[:3]}")
+    # An adoption is placed in the schedule() that found it, or the request is still waiting (vLLM could
+    # not allocate its blocks; the next attempt looks again).
+    stale = {
+        r for r in compressed_entries(pool).pending if r not in live or sched.requests[r].num_computed_tokens
+    }
+    if stale:
+        raise Violation(f"adoptions pending for ended or running requests: {sorted(stale)[:3]}")
 
 
 class Fuzzer:
@@ -244,16 +248,19 @@ class Fuzzer:
         from vllm_kvmm.policies import POLICIES
 
         rng, cfg = self.rng, self.cfg
-        prompt, out_ids, prompt_ids, extra = self.done[rng.randrange(len(self.done))]
+        # Half of them the latest such request (its entry is the likeliest to be in the pool still).
+        latest = rng.random() < 0.5
+        prompt, out_ids, prompt_ids, extra = self.done[-1 if latest else rng.randrange(len(self.done))]
         image = self.processor.tokenizer.convert_tokens_to_ids("<image>")
         ids = [t for i, t in enumerate(prompt_ids) if t != image or i == 0 or prompt_ids[i - 1] != image]
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20)))
-        ids += out_ids + self.processor.tokenizer.encode(f" USER: {words} ASSISTANT:", add_special_tokens=False)
+        turn = self.processor.tokenizer.encode(f" USER: {words} ASSISTANT:", add_special_tokens=False)
+        ids += out_ids + turn
         follow: dict[str, Any] = {"prompt_token_ids": ids}
         if "multi_modal_data" in prompt:
             follow["multi_modal_data"] = prompt["multi_modal_data"]
         extra = dict(extra)
-        if rng.random() < 0.2:
+        if rng.random() < 0.15:
             name = rng.choice(sorted(POLICIES))
             extra = {"kv_policy": name, "kv_budget": 1.0 if name == "full" else rng.choice(BUDGETS)}
         extra["kv_reuse"] = rng.random() < 0.8
@@ -308,10 +315,13 @@ class Fuzzer:
                         self.report.compressed += bool(kvmm.get("compressed"))
                         self.report.reused += "reused" in kvmm
                         prompt, extra = self.made.pop(out.request_id)
-                        if cfg.prefix_caching and len(out.prompt_token_ids) < 300:
+                        # Follow-ups continue recent requests whose cache was compressed (the ones
+                        # that may leave an entry), so that entries are often still in the pool.
+                        cached = kvmm.get("compressed") or "reused" in kvmm
+                        if cfg.prefix_caching and cached and len(out.prompt_token_ids) < 300:
                             ids = list(out.outputs[0].token_ids)
                             self.done.append((prompt, ids, list(out.prompt_token_ids), extra))
-                            self.done = self.done[-50:]
+                            self.done = self.done[-8:]
                         hit = bool(out.num_cached_tokens)
                         self.report.cache_hits += hit
                         self.report.compressed_on_hit += hit and bool(kvmm.get("compressed"))

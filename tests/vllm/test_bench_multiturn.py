@@ -3,7 +3,8 @@
 What must hold whatever the model answers: turn 2 is a chat continuation of turn 1; vanilla vLLM with
 prefix caching hits turn 1's prompt at turn 2; the compressing engine without prefix caching never hits;
 with ``kv_shared_prefix="images"`` turn 2 hits at least the images' block-rounded prefix, which stays exact
-and so holds at least as much KV as re-compressing everything.
+and so holds at least as much KV as re-compressing everything; with ``kv_reuse`` turn 2 continues turn 1's
+compressed cache (at least through the images) and holds less than keeping the images exact.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def test_result_has_every_configuration_turn_and_conversation(result: dict[str, 
             assert r.ttft_ratio == pytest.approx(1.0)
     assert all(r.policy == "snapkv" and r.budget == 0.2 for r in rows if r.config.startswith("ours"))
     md = table(rows)
-    assert "ours-shared snapkv@0.2" in md and "TTFT ×vanilla t2" in md
+    assert "ours-shared snapkv@0.2" in md and "ours-reuse snapkv@0.2" in md and "TTFT ×vanilla t2" in md
 
 
 def test_later_turns_grow_the_prompt_and_vanilla_hits_the_previous_turn(result: dict[str, Any]) -> None:
@@ -140,3 +141,17 @@ def test_shared_images_are_hit_from_turn_two_and_hold_at_least_recompute(result:
         # The exact prefix is held: at least the images' token-layers.
         layers = r["prompt_token_layers"] // r["prompt_tokens"]
         assert r["held_token_layers"] >= r["image_prefix"] * layers
+
+
+def test_reuse_continues_the_previous_turns_compressed_cache(result: dict[str, Any]) -> None:
+    van = _records(result, "vanilla+pc")
+    for (c, turn), r in _records(result, "ours-reuse").items():
+        if turn == 1:
+            assert r["reused"] == 0 and r["kv_kept"] is not None
+            continue
+        one = _records(result, "ours-reuse")[c, 1]
+        # Turn 1's prompt (whole blocks) and more come from its compressed cache: the hit covers it too.
+        assert r["reused"] >= one["prompt_tokens"] - one["prompt_tokens"] % 16 >= r["image_prefix"] > 0
+        assert r["num_cached_tokens"] >= r["reused"] and r["kv_kept"] is None
+        # Turn 1 compressed the text after the images; vanilla holds everything.
+        assert r["held_token_layers"] < van[c, turn]["held_token_layers"]

@@ -73,7 +73,9 @@ def _rows(llm: Any, rid: str) -> list[list[Any]]:
 
 
 def _run(llm: Any, rid: str, ids: list[int], params: Any, watch: bool = False) -> tuple[Any, list]:
-    """Run one request alone to the end; with ``watch``, its block rows after its first step."""
+    """Run one request alone to the end; with ``watch``, its block rows after its first step, as
+    ``(block id, has a hash)`` then (``None`` for a null block): a finished request's blocks get entry keys
+    (reuse.py), so their hashes must be read while it runs."""
     engine = llm.llm_engine
     engine.add_request(rid, {"prompt_token_ids": ids}, params)
     rows, out = [], None
@@ -82,7 +84,9 @@ def _run(llm: Any, rid: str, ids: list[int], params: Any, watch: bool = False) -
             if o.finished:
                 out = o
         if watch and not rows and engine.has_unfinished_requests():
-            rows = _rows(llm, rid)
+            null = block_pool(llm).null_block
+            seen = _rows(llm, rid)
+            rows = [[None if b is null else (b.block_id, b.block_hash is not None) for b in r] for r in seen]
     return out, rows
 
 
@@ -95,8 +99,6 @@ def test_shared_prefix_keeps_its_hashes_and_is_hit_by_the_next_request(
 ) -> None:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
-    pool = block_pool(llm)
-    null = pool.null_block
     params = greedy(NEW, kv_policy="snapkv", kv_budget=0.25, kv_shared_prefix=len(SYS))
     a_ids, b_ids = SYS + _ids(1, 300), SYS + _ids(2, 250)
     a, a_rows = _run(llm, "a", a_ids, params, watch=True)
@@ -104,15 +106,15 @@ def test_shared_prefix_keeps_its_hashes_and_is_hit_by_the_next_request(
     for row in a_rows:
         # Compacted: the shared prefix keeps its hashes, no block after it has one (compaction rewrote
         # them, or may rewrite them at a flush), and the evicted middle is back in the pool.
-        assert all(b.block_hash is not None for b in row[:4])
-        assert all(b.block_hash is None for b in row[4:] if b is not null)
-        assert any(b is null for b in row[4:])
+        assert all(x is not None and x[1] for x in row[:4])
+        assert not any(x[1] for x in row[4:] if x is not None)
+        assert None in row[4:]
     b, b_rows = _run(llm, "b", b_ids, params, watch=True)
     assert b.num_cached_tokens == 64 and _kvmm(b)["shared_prefix"] == 64
     for a_row, b_row in zip(a_rows, b_rows, strict=True):
-        assert [x.block_id for x in b_row[:4]] == [x.block_id for x in a_row[:4]]
+        assert [x[0] for x in b_row[:4]] == [x[0] for x in a_row[:4]]
         # Past the prefix B computes its own (A's other blocks were freed without a hash and may be reused).
-        assert not {x.block_id for x in b_row[4:] if x is not null} & {x.block_id for x in a_row[:4]}
+        assert not {x[0] for x in b_row[4:] if x is not None} & {x[0] for x in a_row[:4]}
     # Paged == dense: A computed every query and froze its first 64 tokens; B's statistics start after
     # the 64 tokens it found in the cache.
     policy = make_policy("snapkv", 0.25)

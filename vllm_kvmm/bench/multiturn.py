@@ -18,7 +18,10 @@ one in a process):
   compresses the whole conversation again (what a compressing server did before prefix caching worked);
 * ``ours-shared``: the same policy and ρ, prefix caching on, every request marking its images as a shared
   prefix (``kv_shared_prefix="images"``): the prompt through the last image token (whole blocks) stays
-  exact and is hit from turn 2 on, the text after it is compressed.
+  exact and is hit from turn 2 on, the text after it is compressed;
+* ``ours-reuse``: as ``ours-shared``, and every request asks for compressed reuse (``kv_reuse``,
+  vllm_ext/reuse.py): turn ``k + 1`` continues turn ``k``'s compressed cache (its blocks as they are) and
+  prefills only what follows it; the later turns are not compressed again.
 
 Per turn and configuration: exact-match accuracy with its 95 % Wilson interval, the time to the first
 token (each request alone: wall time from ``add_request`` to the end of the first engine step that gave it
@@ -65,7 +68,7 @@ __all__ = [
     "table",
 ]
 
-CONFIGS: tuple[str, ...] = ("vanilla+pc", "ours-recompute", "ours-shared")
+CONFIGS: tuple[str, ...] = ("vanilla+pc", "ours-recompute", "ours-shared", "ours-reuse")
 SINGLE = "vanilla single-turn"  # the full cache, each question asked alone (accuracy reference only)
 # 16 conversations (64 prompts a configuration, 16 a cell): 24 min on 2 CPU cores (measured 1,448 s with
 # the default policies: ~80 s a conversation over the five configurations, ~2 min of engine starts);
@@ -165,6 +168,7 @@ class TurnRecord:
     shared_prefix: int  # tokens kept exact as the shared prefix (compressing engines' report; 0 otherwise)
     image_prefix: int  # tokens through the last image token, whole blocks
     kv_kept: float | None  # the engine's report (tokens × layers kept / prompt's); None if not compressed
+    reused: int  # tokens taken from the previous turn's compressed cache (ours-reuse; 0 otherwise)
     held_token_layers: int  # real blocks held after the first output step × block size × group layers
     prompt_token_layers: int  # prompt tokens × layers (the uncompressed prompt KV)
 
@@ -258,8 +262,10 @@ class _Runner:
         extra: dict[str, Any] | None = None
         if self.cfg["config"] != "vanilla+pc":
             extra = {"kv_policy": self.cfg["policy"], "kv_budget": self.cfg["budget"]}
-            if self.cfg["config"] == "ours-shared":
+            if self.cfg["config"] in ("ours-shared", "ours-reuse"):
                 extra["kv_shared_prefix"] = "images"
+            if self.cfg["config"] == "ours-reuse":
+                extra["kv_reuse"] = True
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, extra_args=extra)
         text = self.proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         prompt = {"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
@@ -367,7 +373,8 @@ def _record(
             num_cached_tokens=int(out.num_cached_tokens or 0),
             shared_prefix=int(rep.get("shared_prefix", 0)),
             image_prefix=image_prefix(prompt, runner.image_token_id),
-            kv_kept=None if kept is None else float(kept), held_token_layers=held,
+            kv_kept=None if kept is None else float(kept), reused=int(rep.get("reused", 0)),
+            held_token_layers=held,
             prompt_token_layers=len(prompt) * runner.layers,
         )
     )  # fmt: skip
@@ -393,6 +400,7 @@ class MultiTurnRow:
     prompt_tokens: float  # means over the conversations
     cached_tokens: float
     shared_prefix: float
+    reused: float  # tokens taken from the previous turn's compressed cache
     kv_kept: float | None  # the engine's report (compressed requests)
     held: float  # token-layers held after prefill / the prompt's token-layers (uncompressed = ~1)
     held_token_layers: float
@@ -440,6 +448,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[MultiTurnRow]:
                 prompt_tokens=_mean([r["prompt_tokens"] for r in rs]),
                 cached_tokens=_mean([r["num_cached_tokens"] for r in rs]),
                 shared_prefix=_mean([r["shared_prefix"] for r in rs]),
+                reused=_mean([r.get("reused", 0) for r in rs]),
                 kv_kept=_mean(kept) if len(kept) == len(rs) else None,
                 held=_mean([r["held_token_layers"] / max(1, r["prompt_token_layers"]) for r in rs]),
                 held_token_layers=_mean(held),
@@ -477,6 +486,7 @@ def table(rows: Sequence[MultiTurnRow]) -> str:
         *[f"KV held t{t}" for t in turns],
         f"shared of held t{turns[-1]}",
         f"cache hit t{turns[-1]} (tokens)",
+        f"reused t{turns[-1]} (tokens)",
     ]
     perf = ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
     for lab in labels:
@@ -491,12 +501,14 @@ def table(rows: Sequence[MultiTurnRow]) -> str:
             *[f"{100 * r.held:.0f}%" for r in rs if r is not None],
             "–" if last.policy == "full" else f"{100 * last.shared_of_held:.0f}%",
             f"{last.cached_tokens:.0f} / {last.prompt_tokens:.0f}",
+            f"{last.reused:.0f}",
         ]
         perf.append("| " + " | ".join(cells) + " |")
     perf.append(
         "(TTFT: geometric mean over conversations of the request's time to first token over vanilla+pc's "
         "for the same conversation and turn, each request alone; KV held: token-layers held right after "
-        "prefill over prompt tokens × layers; shared: the exact image prefix's part of it)"
+        "prefill over prompt tokens × layers; shared: the exact image prefix's part of it; cache hit: vLLM's "
+        "count, exact prefix and reused compressed tokens together)"
     )
     return "\n".join(acc) + "\n\n" + "\n".join(perf)
 
@@ -535,7 +547,7 @@ def run_multiturn(
                 n_images=n_images, seed=seed)  # fmt: skip
     cfgs = [dict(base, config="vanilla+pc", policy="full", budget=1.0, single_turn=single_turn)]
     for p in policies:
-        cfgs += [dict(base, config=c, policy=p, single_turn=False) for c in ("ours-recompute", "ours-shared")]
+        cfgs += [dict(base, config=c, policy=p, single_turn=False) for c in CONFIGS[1:]]
     records: list[dict[str, Any]] = []
     timings = []
     t0 = time.perf_counter()

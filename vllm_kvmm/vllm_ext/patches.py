@@ -85,6 +85,16 @@ def check_vllm_internals() -> None:
             "num_external_computed_tokens",
         ],
         "cache_blocks": ["self", "request", "num_tokens", "retention_interval"],
+        "get_num_blocks_to_allocate": [
+            "self",
+            "request_id",
+            "num_tokens",
+            "new_computed_blocks",
+            "total_computed_tokens",
+            "num_local_computed_tokens",
+            "num_tokens_main_model",
+            "apply_admission_cap",
+        ],
         "allocate_external_computed_blocks": [
             "self",
             "request_id",

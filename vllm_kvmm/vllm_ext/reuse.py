@@ -15,11 +15,13 @@ they sit in its free queue, counted free, until vLLM reallocates them, which dro
 costs no memory, vLLM's eviction and reference counting govern its blocks, and nothing can leak: an entry
 is usable exactly while every one of its blocks still carries its key (``find`` checks).
 
-**Keys.** An entry is found under ``(block hash of its block h'−1, policy key)`` for every ``h'`` from its
-last compacted group's tail to ``h``: the compacted blocks hold what the prompt's compression chose, and
-every block from the tail on holds exact tokens at their own positions, so any such ``h'`` is a valid
-prefix of it. vLLM's block hashes chain every token and multimodal hash before them, so a follow-up finds
-the entry whose tokens its prompt starts with, under the same resolved policy (name, budget, fields) only.
+**Keys.** An entry is found under ``(block hash of its block h'−1, policy key)`` for every ``h'`` from the
+end of its prompt (whole blocks; and at least its last compacted group's tail) to ``h``: the compacted
+blocks hold what the prompt's compression chose, and every block from the tail on holds exact tokens at
+their own positions, so any such ``h'`` is a valid prefix of it; a follow-up must carry the whole earlier
+prompt (a chat template that re-tokenises the answer still matches through it). vLLM's block hashes chain
+every token and multimodal hash before them, so a follow-up finds the entry whose tokens its prompt starts
+with, under the same resolved policy (name, budget, fields) only.
 
 **Adoption.** ``find`` runs in the connector's ``get_num_new_matched_tokens``; the tokens past the local
 prefix-cache hit are reported as the connector's ("external"), and vLLM's coordinator then asks each
@@ -64,6 +66,7 @@ class Entry:
     layout: Layout
     shared: int  # tokens of the exact shared prefix at its start (prefix.py)
     policy: str  # policy_key
+    prompt: int  # whole blocks of the prompt whose compression it holds
 
     def is_null(self, group: int, j: int) -> bool:
         keep, tail = self.layout.get(group, (0, 0))
@@ -76,8 +79,9 @@ class Entry:
 
     @property
     def first_valid(self) -> int:
-        """The shortest prefix (blocks) it can be reused at: through every compacted group's tail."""
-        return max((tail for _, tail in self.layout.values()), default=1)
+        """The shortest prefix (blocks) it is reused at: its whole prompt, and every compacted group's tail
+        (a shorter prefix would hand out a compression chosen by queries the follow-up does not share)."""
+        return max(1, self.prompt, *(tail for _, tail in self.layout.values()))
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,15 @@ class CompressedEntries:
         return len({id(e) for e, _ in self._index.values()})
 
     def record(
-        self, request: Any, policy: ResolvedPolicy, layout: Layout, shared: int, mgrs: dict[int, Any]
+        self,
+        request: Any,
+        policy: ResolvedPolicy,
+        layout: Layout,
+        shared: int,
+        mgrs: dict[int, Any],
     ) -> Entry | None:
-        """Make ``request``'s row (before vLLM frees it) an entry; ``None`` when it has no whole block.
+        """Make ``request``'s row (before vLLM frees it) an entry; ``None`` when it cannot be one (no whole
+        block past its prompt's, or a row that is not what ``layout`` says).
 
         ``layout``: what its compression (or the entry it adopted) left in each group.
         """
@@ -112,7 +122,7 @@ class CompressedEntries:
         ident = hashlib.sha256(
             f"{request.request_id}/{request.num_preemptions}/{self._count}".encode()
         ).digest()
-        entry = Entry(ident, h, dict(layout), shared, policy_key(policy))
+        entry = Entry(ident, h, dict(layout), shared, policy_key(policy), request.num_prompt_tokens // bs)
         if h < entry.first_valid:
             return None
         null = internals.null_block(next(iter(mgrs.values())))
@@ -161,6 +171,20 @@ class CompressedEntries:
                 return Match(entry, n)
             del self._index[(hashes[n - 1], key)]  # a block was reallocated: never usable again
         return None
+
+    def blocks_taken(self, manager: Any, request_id: str, start: int) -> int | None:
+        """Blocks of ``manager``'s group the pending match takes out of the free queue from logical block
+        ``start`` on (``None``: nothing pending); the others are in use already, or null."""
+        match = self.pending.get(request_id)
+        if match is None:
+            return None
+        g = manager.kv_cache_group_id
+        taken = 0
+        for j in range(start, match.blocks):
+            if not match.entry.is_null(g, j):
+                block = internals.cached_block(manager.block_pool, match.entry.key(g, j))
+                taken += block is not None and block.ref_cnt == 0
+        return taken
 
     def adopt(self, manager: Any, request_id: str, row: list[Any]) -> bool:
         """Append the pending match's blocks of ``manager``'s group to ``row`` (touched); ``False``: none

@@ -76,6 +76,36 @@ class CompressManager(FullAttentionManager):
             request_id, hit, num_local_computed_tokens, num_external_computed_tokens
         )
 
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[Any],
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+    ) -> int:
+        """vLLM's count, except that a compressed entry the connector matched (reuse.py) supplies the
+        blocks of its tokens: only those of its blocks that leave the free queue are counted, not a fresh
+        block for each (an entry holds a fraction of its length; a follow-up must fit as it will)."""
+        n = super().get_num_blocks_to_allocate(
+            request_id,
+            num_tokens,
+            new_computed_blocks,
+            total_computed_tokens,
+            num_local_computed_tokens,
+            num_tokens_main_model,
+            apply_admission_cap,
+        )
+        entries = compressed_entries(self.block_pool)
+        match = entries.pending.get(request_id)
+        if match is None:  # pending only while a waiting request is being admitted
+            return n
+        # vLLM counted blocks [hit, match.blocks) as fresh ones.
+        start = len(new_computed_blocks)
+        return n - (match.blocks - start) + (entries.blocks_taken(self, request_id, start) or 0)
+
     def allocate_external_computed_blocks(
         self, request_id: str, num_local_computed_tokens: int, num_external_computed_tokens: int
     ) -> None:
