@@ -401,3 +401,99 @@ def test_start_up_refuses_when_vllm_moved_an_internal(monkeypatch: pytest.Monkey
         RuntimeError, match=r"vLLM internals moved: SingleTypeKVCacheManager\.req_to_blocks is gone"
     ):
         patches.check_vllm_internals()
+
+
+# ---- compressed reuse (vllm_ext/reuse.py) ----------------------------------------------------------
+def _reuse_setup() -> tuple[Any, BlockPool, list[CompressManager]]:
+    """A scheduler-side connector (snapkv 0.25) over two groups of one caching pool of 20 blocks."""
+    from vllm_kvmm.vllm_ext.connector import KVMMConnector
+
+    settings = KVMMSettings(policy="snapkv", budget=0.25)
+    groups = SimpleNamespace(kv_cache_groups=[None, None])
+    conn = KVMMConnector(_vllm_config(settings), KVConnectorRole.SCHEDULER, groups)
+    pool = BlockPool(num_gpu_blocks=20, enable_caching=True, hash_block_size=BS)
+    mgrs = [
+        CompressManager(
+            CompressSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.float32, group_index=g),
+            block_pool=pool,
+            enable_caching=True,
+            kv_cache_group_id=g,
+            scheduler_block_size=BS,
+        )
+        for g in range(2)
+    ]
+    conn.bind_gpu_block_pool(pool)
+    return conn, pool, mgrs
+
+
+def _chat_request(req_id: str, tokens: int, prompt: int, extra: dict | None) -> SimpleNamespace:
+    """A request whose whole blocks hash to ``h0, h1, ...`` (the same tokens, the same hashes)."""
+    r = _request(req_id, prompt, extra)
+    r.num_tokens = tokens
+    r.block_hashes = [f"h{i}".encode() for i in range(tokens // BS)]
+    return r
+
+
+def _admit(conn: Any, mgrs: list[CompressManager], r: Any) -> int:
+    """vLLM's admission of a new request with no local hit: connector tokens, block count, placement."""
+    ext, load_async = conn.get_num_new_matched_tokens(r, 0)
+    assert not load_async
+    counts = {
+        m.get_num_blocks_to_allocate(r.request_id, r.num_tokens, [], ext, 0, r.num_tokens) for m in mgrs
+    }
+    for m in mgrs:
+        m.add_local_computed_blocks(r.request_id, [], 0, ext)
+    if ext:
+        for m in mgrs:
+            m.allocate_external_computed_blocks(r.request_id, 0, ext)
+    for m in mgrs:
+        m.allocate_new_blocks(r.request_id, r.num_tokens, r.num_tokens)
+    conn.update_state_after_alloc(r, None, ext)
+    r.num_computed_tokens = ext
+    (count,) = counts
+    return count
+
+
+def test_a_finished_compressed_row_is_an_entry_a_follow_up_takes_without_fresh_blocks() -> None:
+    conn, pool, mgrs = _reuse_setup()
+    a = _chat_request("a", 80, 64, None)  # 64 prompt tokens, 16 generated
+    conn.on_new_request(a)
+    for m in mgrs:
+        m.allocate_new_blocks("a", 80, 80)  # group 0: blocks 1-5, group 1: 6-10
+    done = [CompressedGroup(g, 1, 3, 40, (1, 2)) for g in (0, 1)]  # keep block 0, tail from block 3
+    meta = KVMMWorkerMeta(compressed={"a": done}, prompt_tokens={"a": 64}, kept_token_layers={"a": 80},
+                          epochs={"a": 0}, num_layers=2)  # fmt: skip
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=meta))
+    a.num_computed_tokens = 79  # the last token's KV was never computed: 4 whole blocks
+    conn.request_finished(a, [])
+    for m in mgrs:
+        m.free("a")
+    assert pool.get_num_free_blocks() == 19  # the entry holds nothing
+
+    # B: A's 80 tokens and 20 more, asking for reuse under the same policy.
+    b = _chat_request("b", 100, 100, {"kv_reuse": True})
+    conn.on_new_request(b)
+    # vLLM would count 7 fresh blocks per group; the entry brings 4, of which 2 real ones leave the queue.
+    assert _admit(conn, mgrs, b) == 5
+    assert _ids(mgrs[0], "b")[:4] == [1, 0, 0, 4] and _ids(mgrs[1], "b")[:4] == [6, 0, 0, 9]
+    assert b.num_computed_tokens == 64 and pool.get_num_free_blocks() == 19 - 4 - 2 * 3
+    meta = _step(conn, {"b": 36})
+    assert meta.jobs == {} and meta.adopted["b"].layout == {0: (1, 3), 1: (1, 3)}
+    assert _step(conn, {"b": 1}).adopted == {}  # told once per epoch
+    # C: the same tokens under another budget never takes it; D without kv_reuse neither.
+    for rid, extra in (("c", {"kv_budget": 0.5, "kv_reuse": True}), ("d", None)):
+        r = _chat_request(rid, 100, 100, extra)
+        conn.on_new_request(r)
+        assert conn.get_num_new_matched_tokens(r, 0) == (0, False)
+        conn.request_finished(r, [])
+    _, params = conn.request_finished(b, [])
+    assert params["kvmm"]["reused"] == 64 and params["kvmm"]["compressed"] is False
+    for m in mgrs:
+        m.free("b")
+    assert pool.get_num_free_blocks() == 19
+    # Reallocating one of the entry's blocks ends it: E finds nothing.
+    for m in mgrs:
+        m.allocate_new_blocks("x", 16 * 9, 16 * 9)
+    e = _chat_request("e", 100, 100, {"kv_reuse": True})
+    conn.on_new_request(e)
+    assert conn.get_num_new_matched_tokens(e, 0) == (0, False)
