@@ -4,7 +4,7 @@ What must hold whatever the model answers: turn 2 is a chat continuation of turn
 prefix caching hits turn 1's prompt at turn 2; the compressing engine without prefix caching never hits;
 with ``kv_shared_prefix="images"`` turn 2 hits at least the images' block-rounded prefix, which stays exact
 and so holds at least as much KV as re-compressing everything; with ``kv_reuse`` turn 2 continues turn 1's
-compressed cache (at least through the images) and holds less than keeping the images exact.
+compressed cache (its whole prompt, images included) and holds less than keeping the images exact.
 """
 
 from __future__ import annotations
@@ -144,14 +144,15 @@ def test_shared_images_are_hit_from_turn_two_and_hold_at_least_recompute(result:
 
 
 def test_reuse_continues_the_previous_turns_compressed_cache(result: dict[str, Any]) -> None:
-    van = _records(result, "vanilla+pc")
+    van, shared = _records(result, "vanilla+pc"), _records(result, "ours-shared")
     for (c, turn), r in _records(result, "ours-reuse").items():
         if turn == 1:
-            assert r["reused"] == 0 and r["kv_kept"] is not None
+            assert r["reused"] == 0 and r["kv_kept"] is not None and r["shared_prefix"] == 0
             continue
         one = _records(result, "ours-reuse")[c, 1]
         # Turn 1's prompt (whole blocks) and more come from its compressed cache: the hit covers it too.
         assert r["reused"] >= one["prompt_tokens"] - one["prompt_tokens"] % 16 >= r["image_prefix"] > 0
         assert r["num_cached_tokens"] >= r["reused"] and r["kv_kept"] is None
-        # Turn 1 compressed the text after the images; vanilla holds everything.
+        # Turn 1 compressed its images too: less than vanilla, and than keeping the images exact.
+        assert r["held_token_layers"] < shared[c, turn]["held_token_layers"]
         assert r["held_token_layers"] < van[c, turn]["held_token_layers"]

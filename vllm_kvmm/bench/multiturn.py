@@ -19,9 +19,11 @@ one in a process):
 * ``ours-shared``: the same policy and ρ, prefix caching on, every request marking its images as a shared
   prefix (``kv_shared_prefix="images"``): the prompt through the last image token (whole blocks) stays
   exact and is hit from turn 2 on, the text after it is compressed;
-* ``ours-reuse``: as ``ours-shared``, and every request asks for compressed reuse (``kv_reuse``,
-  vllm_ext/reuse.py): turn ``k + 1`` continues turn ``k``'s compressed cache (its blocks as they are) and
-  prefills only what follows it; the later turns are not compressed again.
+* ``ours-reuse``: the same policy and ρ, prefix caching on, every request asking for compressed reuse
+  (``kv_reuse``, vllm_ext/reuse.py) and marking nothing: turn 1 compresses images and question like
+  ``ours-recompute``, and turn ``k + 1`` continues turn ``k``'s compressed cache (its blocks as they are),
+  prefilling only the answer and the new question, never compressed again. The images stay as turn 1's
+  question had them selected.
 
 Per turn and configuration: exact-match accuracy with its 95 % Wilson interval, the time to the first
 token (each request alone: wall time from ``add_request`` to the end of the first engine step that gave it
@@ -262,7 +264,7 @@ class _Runner:
         extra: dict[str, Any] | None = None
         if self.cfg["config"] != "vanilla+pc":
             extra = {"kv_policy": self.cfg["policy"], "kv_budget": self.cfg["budget"]}
-            if self.cfg["config"] in ("ours-shared", "ours-reuse"):
+            if self.cfg["config"] == "ours-shared":
                 extra["kv_shared_prefix"] = "images"
             if self.cfg["config"] == "ours-reuse":
                 extra["kv_reuse"] = True

@@ -6,9 +6,10 @@ epochs (first admission, each resumption after preemption) is first scheduled:
     P = max(tokens found in vLLM's prefix cache, the prefix the request marks as shared)
 
 Tokens ``[0, P)`` are never written by compaction or decode-time flushes (``LayerPlan.frozen``), so their
-blocks keep their hashes and can be shared; no block from ``P`` on ever gets a hash (compaction rewrites
-them), so no other request can hit KV that compression changed. Requests that never compress (``full``)
-are cached exactly as vLLM caches them. See docs/design.md, "Prefix caching".
+blocks keep their hashes and can be shared; no block from ``P`` on ever gets a token hash (compaction
+rewrites them), so no other request can hit KV that compression changed (compressed reuse, reuse.py, keys
+them apart). Requests that never compress (``full``) are cached exactly as vLLM caches them. See
+docs/design.md, "Prefix caching".
 
 One :class:`SharedPrefixes` per engine, found through the engine's block pool: the scheduler-side connector
 admits requests into it, and the KV-cache managers (:class:`~vllm_kvmm.vllm_ext.spec.CompressManager`)
