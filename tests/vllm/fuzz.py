@@ -133,7 +133,8 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
                 raise Violation(f"group {g} holds {len(real)} blocks of ended request {req}")
             rows[(req, g)] = blocks
             first_private = prefixes.shared(req) // mgr.block_size
-            adopted = conn._adopted.get(req)
+            tracked = compressed_entries(pool).requests.get(req)
+            adopted = tracked.adopted if tracked is not None else None
             if adopted is not None and adopted[0] == sched.requests[req].num_preemptions:
                 first_private = max(first_private, adopted[1].blocks)  # the entry's blocks keep their keys
             for i, b in enumerate(blocks):
@@ -170,8 +171,11 @@ def check_invariants(llm: Any, ended: set[str]) -> None:
         st = state.requests.get(req)
         if req in live and (st is None or g not in st.compact) and any(b is null for b in blocks):
             raise Violation(f"{req} group {g} is not compacted but has null blocks")
-    for name in ("_requests", "_policies", "_reports", "_wants_reuse", "_layouts", "_adopted", "_announced"):
-        stale = set(getattr(conn, name)) - live
+    reuse = compressed_entries(pool).requests
+    for name, held in [(n, getattr(conn, n)) for n in ("_requests", "_policies", "_reports")] + [
+        ("reuse tracking", reuse)
+    ]:
+        stale = set(held) - live
         if stale:
             raise Violation(f"the connector's {name} keeps ended requests {sorted(stale)[:3]}")
     # An adoption is placed in the schedule() that found it, or the request is still waiting (vLLM could

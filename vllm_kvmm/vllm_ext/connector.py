@@ -41,7 +41,7 @@ from vllm_kvmm.vllm_ext.grouping import layer_index
 from vllm_kvmm.vllm_ext.messages import Adoption, FlushJob, KVMMStepMeta, KVMMWorkerMeta, PrefillJob
 from vllm_kvmm.vllm_ext.metrics import KVMMPromMetrics, KVMMStats
 from vllm_kvmm.vllm_ext.prefix import shared_prefixes
-from vllm_kvmm.vllm_ext.reuse import Layout, Match, compressed_entries
+from vllm_kvmm.vllm_ext.reuse import compressed_entries
 from vllm_kvmm.vllm_ext.settings import settings_from_vllm_config
 from vllm_kvmm.vllm_ext.spec import CompressSpec, managers
 from vllm_kvmm.vllm_ext.worker import EngineLayout, LayerRef, worker_state
@@ -69,14 +69,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         # What compression did to each request, returned with its output (``kv_transfer_params``).
         self._reports: dict[str, dict[str, Any]] = {}
         self._stats = KVMMStats()
-        # Compressed reuse (vllm_ext/reuse.py): who asked for it, each request's layout after compression
-        # (epoch, layout), and the follow-ups that started from an entry (epoch, match; ``announced``: the
-        # worker has been told in that epoch).
+        # Compressed reuse (vllm_ext/reuse.py) needs every KV-cache group to be ours.
         self._num_groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 0
-        self._wants_reuse: set[str] = set()
-        self._layouts: dict[str, tuple[int, Layout]] = {}
-        self._adopted: dict[str, tuple[int, Match]] = {}
-        self._announced: dict[str, int] = {}
         if role == KVConnectorRole.WORKER and kv_cache_config is not None:
             # The compressed layers only (sliding-window groups are vLLM's), numbered 0..L-1 in decoder
             # order: the policy's layer index, whatever decoder layers lie between them.
@@ -144,11 +138,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         # An earlier attempt that could not allocate blocks fixed nothing for good.
         prefixes.unfix(request.request_id)
         pol = self._policies.get(request.request_id)
-        if (
-            pol is None
-            or not self._reusable(request.request_id, pol)
-            or request.request_id not in self._wants_reuse
-        ):
+        if pol is None or not self._reusable(pol) or not entries.wants(request.request_id):
             return 0, False
         match = entries.find(request, pol, num_computed_tokens, managers(self._block_pool))
         if match is None:
@@ -160,12 +150,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         return match.blocks * self.block_size - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        match = compressed_entries(self._block_pool).pending.pop(request.request_id, None)
-        if match is not None and num_external_tokens > 0:
-            self._adopted[request.request_id] = (request.num_preemptions, match)
+        match = compressed_entries(self._block_pool).placed(request, num_external_tokens)
+        if match is not None:
             self._stats.add("reused_tokens", match.blocks * self.block_size)
 
-    def _reusable(self, req_id: str, pol: ResolvedPolicy) -> bool:
+    def _reusable(self, pol: ResolvedPolicy) -> bool:
         """Whether requests under ``pol`` can leave or take compressed entries on this engine: prefix
         caching on, every KV-cache group ours (a sliding-window group would get fresh, empty blocks for
         the taken tokens), and a policy that never rewrites its cache while decoding (an entry is the row
@@ -198,9 +187,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             logger.error("kvmm: request %s: %s; serving it with the engine's policy", request.request_id, e)
             pol = resolve_request(None, self.settings, request.num_prompt_tokens)
         self._policies[request.request_id] = pol
-        if pol.compresses and reuse_arg(extra, self.settings.reuse):
-            self._wants_reuse.add(request.request_id)
         if pol.compresses:
+            compressed_entries(self._block_pool).admit(
+                request.request_id, reuse_arg(extra, self.settings.reuse)
+            )
             if mark == SHARED_IMAGES:
                 mark = max((off + n for off, n in _vision_runs(request)), default=0)
             n = min(int(mark), request.num_prompt_tokens)
@@ -211,18 +201,18 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         meta.dropped = set(scheduler_output.finished_req_ids or ())
         meta.dropped |= set(scheduler_output.preempted_req_ids or ())
         prefixes = shared_prefixes(self._block_pool)
+        entries = compressed_entries(self._block_pool)
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             req = self._requests.get(req_id)
             pol = self._policies.get(req_id)
             if req is None or pol is None or not pol.compresses:
                 continue
-            adopted = self._adopted.get(req_id)
-            if adopted is not None and adopted[0] == req.num_preemptions:
+            match, first = entries.adoption(req)
+            if match is not None:
                 # Started from a compressed entry: the worker takes the entry's layout in the epoch's first
                 # step and the request is never compressed again (its policy does not flush).
-                if self._announced.get(req_id) != req.num_preemptions:
-                    self._announced[req_id] = req.num_preemptions
-                    layout = adopted[1].entry.layout
+                if first:
+                    layout = match.entry.layout
                     meta.adopted[req_id] = Adoption(
                         req_id, pol, req.num_prompt_tokens, layout, req.num_preemptions
                     )
@@ -273,6 +263,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if not isinstance(meta, KVMMWorkerMeta):
             return
         mgrs = managers(self._block_pool)
+        entries = compressed_entries(self._block_pool)
         st = self._stats
         for req_id, groups in meta.compressed.items():
             req = self._requests.get(req_id)
@@ -287,9 +278,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
                 st.add("decode_flushes", 1)
                 continue
             epoch = meta.epochs.get(req_id, req.num_preemptions)
-            known = self._layouts.get(req_id)
-            layout = known[1] if known is not None and known[0] == epoch else {}
-            self._layouts[req_id] = (epoch, {**layout, **{g.group: (g.keep, g.tail) for g in groups}})
+            entries.reported(req_id, epoch, {g.group: (g.keep, g.tail) for g in groups})
             st.add("compressed_requests", 1)
             st.add("prompt_tokens", n)
             st.add("kv_tokens_full", n * meta.num_layers)
@@ -332,26 +321,16 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
     ) -> tuple[bool, dict | None]:
         return False, self._forget(request)
 
-    def _keep_entry(self, request: Any) -> None:
+    def _end_reuse(self, request: Any) -> Any:
         """Leave the finished ``request``'s compressed row as an entry follow-ups can reuse (reuse.py),
-        before vLLM frees its blocks: only a row whose layout is known for its current epoch (its
-        compression reported, or taken from an entry) and that no failure left half done."""
+        before vLLM frees its blocks, unless a contained failure may have left it half done; returns the
+        entry it had started from (for its report)."""
         req_id = request.request_id
         pol = self._policies.get(req_id)
-        if pol is None or not self._reusable(req_id, pol) or request.resumable:
-            return
-        if "error" in self._reports.get(req_id, {}):
-            return
-        epoch = request.num_preemptions
-        adopted, known = self._adopted.get(req_id), self._layouts.get(req_id)
-        if adopted is not None and adopted[0] == epoch:
-            layout, shared = adopted[1].entry.layout, adopted[1].entry.shared
-        elif known is not None and known[0] == epoch:
-            layout, shared = known[1], shared_prefixes(self._block_pool).shared(req_id)
-        else:
-            return
-        entries = compressed_entries(self._block_pool)
-        entries.record(request, pol, layout, shared, managers(self._block_pool))
+        ok = pol is not None and self._reusable(pol) and "error" not in self._reports.get(req_id, {})
+        shared = shared_prefixes(self._block_pool).shared(req_id)
+        mgrs = managers(self._block_pool)
+        return compressed_entries(self._block_pool).finish(request, pol if ok else None, shared, mgrs)
 
     def _forget(self, request: Any) -> dict[str, Any] | None:
         """Drop a request's state; returns its report for the output's ``kv_transfer_params``.
@@ -366,12 +345,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         ``compressed: false`` although its cache was compressed for that one step.
         """
         req_id = request.request_id
-        self._keep_entry(request)
-        compressed_entries(self._block_pool).pending.pop(req_id, None)
-        self._wants_reuse.discard(req_id)
-        self._layouts.pop(req_id, None)
-        adopted = self._adopted.pop(req_id, None)
-        self._announced.pop(req_id, None)
+        adopted = self._end_reuse(request)
         self._requests.pop(req_id, None)
         prefixes = shared_prefixes(self._block_pool)
         shared = prefixes.shared(req_id)
@@ -387,7 +361,7 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         if shared:
             said["shared_prefix"] = shared
         if adopted is not None:
-            said["reused"] = adopted[1].blocks * self.block_size
+            said["reused"] = adopted.blocks * self.block_size
         if "kv_kept" in report:
             # With a shared prefix the budget applies to the rest of the prompt (plan_compression).
             n = report["prompt_tokens"]

@@ -37,7 +37,7 @@ import hashlib
 import json
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_kvmm.config import ResolvedPolicy
@@ -90,16 +90,85 @@ class Match:
     blocks: int  # blocks of the entry the follow-up takes (``h'``)
 
 
+@dataclass
+class Tracked:
+    """What reuse knows of one live compressing request (epochs: its preemption count at the time)."""
+
+    wants: bool  # it asked for reuse (kv_reuse, or the server's --kv-reuse)
+    layout: tuple[int, Layout] = field(default_factory=lambda: (-1, {}))  # (epoch, its compression's)
+    adopted: tuple[int, Match] | None = None  # the entry it started from, and in which epoch
+    announced: int = -1  # the epoch in which the worker was told of that adoption
+
+
 class CompressedEntries:
-    """One engine's entries (scheduler side) and the adoptions under way in this ``schedule()``."""
+    """One engine's entries and the live compressing requests that may leave or take one (scheduler side),
+    with the adoptions under way in this ``schedule()`` (``pending``)."""
 
     def __init__(self) -> None:
         self._index: OrderedDict[tuple[bytes, str], tuple[Entry, int]] = OrderedDict()
         self._count = 0
         self.pending: dict[str, Match] = {}
+        self.requests: dict[str, Tracked] = {}
 
     def __len__(self) -> int:
         return len({id(e) for e, _ in self._index.values()})
+
+    # ---- the requests' side (called by the connector) ----------------------------------------------
+    def admit(self, req_id: str, wants: bool) -> None:
+        """A compressing request arrived; ``wants``: it asked for reuse."""
+        self.requests[req_id] = Tracked(wants)
+
+    def wants(self, req_id: str) -> bool:
+        tracked = self.requests.get(req_id)
+        return tracked is not None and tracked.wants
+
+    def reported(self, req_id: str, epoch: int, layout: Layout) -> None:
+        """The worker compressed (part of, under pipeline parallelism) the request's groups in ``epoch``."""
+        tracked = self.requests.get(req_id)
+        if tracked is None:
+            return
+        known = tracked.layout[1] if tracked.layout[0] == epoch else {}
+        tracked.layout = (epoch, {**known, **layout})
+
+    def placed(self, request: Any, num_external_tokens: int) -> Match | None:
+        """vLLM allocated the request (``update_state_after_alloc``): the match it took, if any."""
+        match = self.pending.pop(request.request_id, None)
+        tracked = self.requests.get(request.request_id)
+        if match is None or num_external_tokens <= 0 or tracked is None:
+            return None
+        tracked.adopted = (request.num_preemptions, match)
+        return match
+
+    def adoption(self, request: Any) -> tuple[Match | None, bool]:
+        """The entry the request started from in its current epoch (``None``: it is compressed as usual),
+        and whether the worker is yet to hear of it (true once per epoch)."""
+        tracked = self.requests.get(request.request_id)
+        epoch = request.num_preemptions
+        if tracked is None or tracked.adopted is None or tracked.adopted[0] != epoch:
+            return None, False
+        first = tracked.announced != epoch
+        tracked.announced = epoch
+        return tracked.adopted[1], first
+
+    def finish(
+        self, request: Any, policy: ResolvedPolicy | None, shared: int, mgrs: dict[int, Any]
+    ) -> Match | None:
+        """The request ends (before vLLM frees its blocks): with ``policy`` (``None``: it may not leave
+        one), make its row an entry when its layout is known for its current epoch; forget it. Returns the
+        entry it had started from, for its report."""
+        self.pending.pop(request.request_id, None)
+        tracked = self.requests.pop(request.request_id, None)
+        if tracked is None:
+            return None
+        epoch = request.num_preemptions
+        adopted = tracked.adopted
+        if policy is not None and adopted is not None and adopted[0] == epoch:
+            self.record(request, policy, adopted[1].entry.layout, adopted[1].entry.shared, mgrs)
+        elif policy is not None and tracked.layout[0] == epoch:
+            self.record(request, policy, tracked.layout[1], shared, mgrs)
+        return adopted[1] if adopted is not None else None
+
+    # ---- entries ----------------------------------------------------------------------------------
 
     def record(
         self,
