@@ -29,13 +29,15 @@ from vllm_kvmm.vllm_ext.worker import RequestState, WorkerState, compact_view, v
 BS = 16
 
 
-def _pool_and_managers(groups: int = 1, blocks: int = 10) -> tuple[BlockPool, list[CompressManager]]:
-    pool = BlockPool(num_gpu_blocks=blocks, enable_caching=False, hash_block_size=BS)
+def _pool_and_managers(
+    groups: int = 1, blocks: int = 10, caching: bool = False
+) -> tuple[BlockPool, list[CompressManager]]:
+    pool = BlockPool(num_gpu_blocks=blocks, enable_caching=caching, hash_block_size=BS)
     mgrs = [
         CompressManager(
             CompressSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.float32, group_index=g),
             block_pool=pool,
-            enable_caching=False,
+            enable_caching=caching,
             kv_cache_group_id=g,
             scheduler_block_size=BS,
         )
@@ -411,17 +413,7 @@ def _reuse_setup() -> tuple[Any, BlockPool, list[CompressManager]]:
     settings = KVMMSettings(policy="snapkv", budget=0.25)
     groups = SimpleNamespace(kv_cache_groups=[None, None])
     conn = KVMMConnector(_vllm_config(settings), KVConnectorRole.SCHEDULER, groups)
-    pool = BlockPool(num_gpu_blocks=20, enable_caching=True, hash_block_size=BS)
-    mgrs = [
-        CompressManager(
-            CompressSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.float32, group_index=g),
-            block_pool=pool,
-            enable_caching=True,
-            kv_cache_group_id=g,
-            scheduler_block_size=BS,
-        )
-        for g in range(2)
-    ]
+    pool, mgrs = _pool_and_managers(groups=2, blocks=20, caching=True)
     conn.bind_gpu_block_pool(pool)
     return conn, pool, mgrs
 

@@ -31,6 +31,16 @@ def block_pool(llm: Any) -> Any:
     return scheduler(llm).kv_cache_manager.block_pool
 
 
+def block_rows(llm: Any, rid: str) -> list[list[Any]]:
+    """A running request's block row in every KV-cache group (real blocks and null placeholders);
+    ``rid``: the id given to ``add_request`` (the engine may have appended a suffix)."""
+    from vllm_kvmm.vllm_ext.spec import managers
+
+    mgrs = managers(block_pool(llm))
+    req = next(r for r in mgrs[0].req_to_blocks if r == rid or r.startswith(f"{rid}-"))
+    return [list(mgrs[g].req_to_blocks[req]) for g in sorted(mgrs)]
+
+
 class PreemptionCounter:
     """Counts scheduler preemptions while active (``with PreemptionCounter(llm) as c:``; then ``c.count``)."""
 

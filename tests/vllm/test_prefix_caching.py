@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown, token_ids
-from tests.vllm.helpers import assert_same_kept_sets, block_pool, plans_by_output_id
+from tests.vllm.helpers import assert_same_kept_sets, block_pool, block_rows, plans_by_output_id
 from vllm_kvmm.policies import make_policy, policy_names
 from vllm_kvmm.reference import DenseReference, PromptInput
 
@@ -63,15 +63,6 @@ def llm(tiny_llama_dir: Path, vanilla: Any) -> Any:
     shutdown(engine)
 
 
-def _rows(llm: Any, rid: str) -> list[list[Any]]:
-    """The request's block row in every group (real blocks and null placeholders)."""
-    from vllm_kvmm.vllm_ext.spec import managers
-
-    mgrs = managers(block_pool(llm))
-    req = next(r for r in mgrs[0].req_to_blocks if r == rid or r.startswith(f"{rid}-"))
-    return [list(mgrs[g].req_to_blocks[req]) for g in sorted(mgrs)]
-
-
 def _run(llm: Any, rid: str, ids: list[int], params: Any, watch: bool = False) -> tuple[Any, list]:
     """Run one request alone to the end; with ``watch``, its block rows after its first step, as
     ``(block id, has a hash)`` then (``None`` for a null block): a finished request's blocks get entry keys
@@ -85,7 +76,7 @@ def _run(llm: Any, rid: str, ids: list[int], params: Any, watch: bool = False) -
                 out = o
         if watch and not rows and engine.has_unfinished_requests():
             null = block_pool(llm).null_block
-            seen = _rows(llm, rid)
+            seen = block_rows(llm, rid)
             rows = [[None if b is null else (b.block_id, b.block_hash is not None) for b in r] for r in seen]
     return out, rows
 

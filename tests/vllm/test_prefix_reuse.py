@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.vllm.conftest import BLOCK, greedy, make_llm, shutdown
-from tests.vllm.helpers import block_pool
+from tests.vllm.helpers import block_pool, block_rows
 from vllm_kvmm.policies import make_policy
 from vllm_kvmm.reference import DenseReference, PromptInput
 
@@ -40,14 +40,6 @@ def llm(tiny_llama_dir: Path) -> Any:
     shutdown(engine)
 
 
-def _rows(llm: Any, rid: str) -> list[list[Any]]:
-    from vllm_kvmm.vllm_ext.spec import managers
-
-    mgrs = managers(block_pool(llm))
-    req = next(r for r in mgrs[0].req_to_blocks if r == rid or r.startswith(f"{rid}-"))
-    return [list(mgrs[g].req_to_blocks[req]) for g in sorted(mgrs)]
-
-
 def _run(llm: Any, rid: str, ids: list[int], params: Any, abort_after: int | None = None) -> tuple[Any, list]:
     """Run one request alone; returns its final output and its block rows just before it finished."""
     engine = llm.llm_engine
@@ -62,7 +54,7 @@ def _run(llm: Any, rid: str, ids: list[int], params: Any, abort_after: int | Non
             if o.finished:
                 out = o
         if engine.has_unfinished_requests():
-            rows = _rows(llm, rid)
+            rows = block_rows(llm, rid)
             if abort_after is not None and steps >= abort_after:
                 engine.abort_request([next(r for r in engine.output_processor.request_states)])
     return out, rows

@@ -110,9 +110,6 @@ class CompressedEntries:
         self.pending: dict[str, Match] = {}
         self.requests: dict[str, Tracked] = {}
 
-    def __len__(self) -> int:
-        return len({id(e) for e, _ in self._index.values()})
-
     # ---- the requests' side (called by the connector) ----------------------------------------------
     def admit(self, req_id: str, wants: bool) -> None:
         """A compressing request arrived; ``wants``: it asked for reuse."""
@@ -169,7 +166,6 @@ class CompressedEntries:
         return adopted[1] if adopted is not None else None
 
     # ---- entries ----------------------------------------------------------------------------------
-
     def record(
         self,
         request: Any,
