@@ -156,3 +156,14 @@ def test_reuse_continues_the_previous_turns_compressed_cache(result: dict[str, A
         # Turn 1 compressed its images too: less than vanilla, and than keeping the images exact.
         assert r["held_token_layers"] < shared[c, turn]["held_token_layers"]
         assert r["held_token_layers"] < van[c, turn]["held_token_layers"]
+
+
+def test_shared_reuse_keeps_the_images_exact_and_continues_the_previous_turn(result: dict[str, Any]) -> None:
+    both = _records(result, "ours-shared-reuse")
+    for (c, turn), r in both.items():
+        assert r["shared_prefix"] == r["image_prefix"] > 0
+        if turn > 1:
+            one = both[c, 1]
+            assert r["reused"] >= one["prompt_tokens"] - one["prompt_tokens"] % 16
+            layers = r["prompt_token_layers"] // r["prompt_tokens"]
+            assert r["held_token_layers"] >= r["image_prefix"] * layers

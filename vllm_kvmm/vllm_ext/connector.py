@@ -285,6 +285,10 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             kept = meta.kept_token_layers.get(req_id, 0)
             st.add("kv_tokens_kept", kept)
             self._reports[req_id] = {"prompt_tokens": n, "kv_kept": kept / max(1, n * meta.num_layers)}
+        for req_id, epoch in meta.settled.items():
+            req = self._requests.get(req_id)
+            if req is not None and req.num_preemptions == epoch:
+                entries.reported(req_id, epoch, {})  # its layout is final (groups compressed, if any, above)
         for req_id, why in meta.failed.items():
             req, pol = self._requests.get(req_id), self._policies.get(req_id)
             if req is None or pol is None or req.num_preemptions != meta.epochs.get(req_id, -1):

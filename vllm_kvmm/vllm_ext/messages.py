@@ -109,6 +109,9 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     flushed: set[str] = field(default_factory=set)  # reports from decode-time flushes, not prefills
     # Requests whose compression or flush failed (contained: see WorkerState.contain) -> what failed.
     failed: dict[str, str] = field(default_factory=dict)
+    # Requests whose prompt compression ran to its end this step, whether or not it freed anything
+    # (``compressed`` lists only those that did) -> epoch: their layout is final (compressed reuse).
+    settled: dict[str, int] = field(default_factory=dict)
     num_layers: int = 0  # the compressed layers the kept counts cover (this stage's, then summed)
     stages: set[int] = field(default_factory=set)  # pipeline stages whose compressions this holds
     seconds: float = 0.0
@@ -140,6 +143,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         self.flushed |= other.flushed
         for req, why in other.failed.items():
             self.failed.setdefault(req, why)
+        self.settled.update(other.settled)
         self.seconds = max(self.seconds, other.seconds)
         self.durations = self.durations or list(other.durations)
         return self

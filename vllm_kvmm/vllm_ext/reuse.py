@@ -120,7 +120,8 @@ class CompressedEntries:
         return tracked is not None and tracked.wants
 
     def reported(self, req_id: str, epoch: int, layout: Layout) -> None:
-        """The worker compressed (part of, under pipeline parallelism) the request's groups in ``epoch``."""
+        """The worker compressed ``layout``'s groups of the request in ``epoch`` (a part of them under
+        pipeline parallelism; ``{}``: its compression ended, whatever it freed: the layout is final)."""
         tracked = self.requests.get(req_id)
         if tracked is None:
             return

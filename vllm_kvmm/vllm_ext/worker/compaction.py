@@ -89,6 +89,8 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
             out.epochs[job.req_id] = job.epoch
             out.num_layers = len(engine.layers)
             out.stages.add(engine.stage)
+    # Reached only when every group is done: this epoch's layout is final (an entry may be made of it).
+    state.out.settled[job.req_id] = job.epoch
 
 
 def check_finite(stats: list[LayerStats | None]) -> None:

@@ -157,7 +157,7 @@ class WorkerState:
     def take_output(self) -> KVMMWorkerMeta | None:
         """What this step compressed, freed and failed, for the scheduler (``None``: nothing)."""
         out, self.out = self.out, KVMMWorkerMeta()
-        return out if out.compressed or out.seconds or out.failed else None
+        return out if out.compressed or out.seconds or out.failed or out.settled else None
 
     # ---- failures ----------------------------------------------------------------------------
     def _healthy(self, req_id: str) -> bool:
