@@ -91,8 +91,7 @@ class WorkerState:
         """Follow-ups starting from a compressed entry: their state, with the entry's compact layout, before
         this step's attention metadata is built (their first step already reads the compact view)."""
         for req_id, ad in adoptions.items():
-            vision = torch.zeros(ad.num_prompt_tokens, dtype=torch.bool)
-            info = PromptInfo(ad.num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
+            info = self._prompt_info(ad.num_prompt_tokens, [])  # never compressed again: no statistics
             compact = {g: (tuple(range(keep)), tail) for g, (keep, tail) in ad.layout.items()}
             self.requests[req_id] = RequestState(policy=ad.policy.build(), info=info, compact=compact)
 
@@ -117,13 +116,17 @@ class WorkerState:
 
     def _new_request(self, job: PrefillJob) -> RequestState:
         policy = job.policy.build()
-        vision = torch.zeros(job.num_prompt_tokens, dtype=torch.bool)
-        for off, length in job.vision:
-            vision[off : off + length] = True
-        info = PromptInfo(job.num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
+        info = self._prompt_info(job.num_prompt_tokens, job.vision)
         return RequestState(
             policy=policy, info=info, cached=job.cached, shared=job.shared, decode=policy.decode_spec(info)
         )
+
+    def _prompt_info(self, num_prompt_tokens: int, vision_runs: list[tuple[int, int]]) -> PromptInfo:
+        """A prompt as policies see it: its length, vision mask (from ``(offset, length)`` runs) and shape."""
+        vision = torch.zeros(num_prompt_tokens, dtype=torch.bool)
+        for off, length in vision_runs:
+            vision[off : off + length] = True
+        return PromptInfo(num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
 
     def after_forward(self) -> None:
         """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""
