@@ -196,6 +196,33 @@ def test_chunked_prefill_equals_one_call(case):
     assert_stats_close(got, naive_stats(q, k, vision, scale, ALL.window))
 
 
+@pytest.mark.parametrize(
+    "request_, first",
+    [(StatsRequest(window=7), 20 - 7), (StatsRequest(t2v=True), 10), (StatsRequest(window=4, t2v=True), 10)],
+)
+def test_chunks_before_the_first_counted_query_are_skipped_unread(request_, first):
+    # Window-only and text→vision statistics count only the last queries: a chunked prefill's earlier
+    # chunks pass without their keys (the vLLM worker then reads no keys for them).
+    n = 20
+    q, k = make_qk(n, seed=7)
+    vision = spans_mask(n, [(2, 10)])  # the last vision token is 9: text→vision rows start at 10
+    acc = StatsAccumulator(request_, n, H, H_KV, vision, 0.5, chunk=4)
+    assert acc.first_query == first
+    with pytest.raises(ValueError, match=f"statistics count queries from {first}"):
+        acc.skip(0, first + 1)
+    acc.skip(0, 6)
+    with pytest.raises(ValueError, match="expected start 6"):
+        acc.skip(0, 2)
+    acc.skip(6, first - 6)
+    acc.update(q[first:], k, first)
+    assert acc.done
+    one = attention_stats(request_, q, k, vision, 0.5)
+    for name in ("window", "t2v_sum", "t2v_max"):
+        if getattr(one, name) is not None:
+            torch.testing.assert_close(getattr(acc.result(), name), getattr(one, name), rtol=1e-5, atol=1e-6)
+    assert StatsAccumulator(StatsRequest(colsum=True, window=7), n, H, H_KV, vision, 0.5).first_query == 0
+
+
 def test_chunk_may_carry_more_keys_than_visible():
     # vLLM may hand over the keys of the whole prompt: future keys must stay invisible (causal)
     n = 20

@@ -1,4 +1,5 @@
-"""Token-slot reads and writes of the CPU paged cache round-trip exactly, for every dtype and layout."""
+"""Token-slot reads and writes of the paged caches round-trip exactly, for every dtype and layout; a per-head
+gather and a keys-only read return exactly what a full read holds at those places."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def test_cpu_round_trip(dtype: torch.dtype, block_size: int, head_size: int) -> 
     k2, v2 = io.read(cache, blocks, n)
     assert torch.equal(k2, k) and torch.equal(v2, v)
     assert cache[[0, 2, 5]].abs().sum() == 0  # nothing else was touched
+    assert torch.equal(io.read_keys(cache, blocks, n), k)
+    _check_gather(io, cache, slots, k, v)
+
+
+def _check_gather(
+    io: object, cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """``gather`` at per-head positions (different tokens per head, unordered, repeated) equals ``k``/``v``
+    there."""
+    n, h = k.shape[0], k.shape[1]
+    pos = torch.stack([torch.tensor([n - 1, 0, 7, 7, 3]), torch.tensor([2, n - 2, 0, 5, 1])])[:h]  # [H, K]
+    gk, gv = io.gather(cache, slots[pos])  # type: ignore[attr-defined]
+    assert gk.shape == (pos.shape[1], h, k.shape[2])
+    for head in range(h):
+        assert torch.equal(gk[:, head], k[pos[head], head]) and torch.equal(gv[:, head], v[pos[head], head])
 
 
 def test_flash_layout_round_trip() -> None:
@@ -43,3 +59,5 @@ def test_flash_layout_round_trip() -> None:
     assert torch.equal(k2, k) and torch.equal(v2, v)
     key_cache, value_cache = cache.transpose(1, 2).split(d, dim=-1)  # what FlashAttention's forward reads
     assert torch.equal(key_cache[3, 0], k[0]) and torch.equal(value_cache[0, 1], v[bs + 1])
+    assert torch.equal(io.read_keys(cache, blocks, n), k)
+    _check_gather(io, cache, slots, k, v)

@@ -1,9 +1,14 @@
-"""Per-step decode overhead of the extension vs vanilla vLLM, side by side (any device; CPU by default).
+"""Fixed costs of the extension vs vanilla vLLM, side by side (any device; CPU by default).
 
-A 32-layer tiny random Llama (one KV-cache group per layer under a policy), one 1,000-token request,
-128 greedy tokens; per-token time = (t(129 tokens) − t(1 token)) / 128, each configuration in its own
-process. On a small model the step is mostly fixed cost, which is what this isolates: metadata for 32
-groups, the compact view, the statistics hooks.
+A 32-layer tiny random Llama (one KV-cache group per layer under a policy), each configuration in its own
+process, best of three:
+
+* decode: one 1,000-token request, 128 greedy tokens; per-token time = (t(129 tokens) − t(1 token)) / 128.
+  On a small model the step is mostly fixed cost, which is what this isolates: metadata for 32 groups,
+  the compact view, the statistics hooks.
+* TTFT alone: one request of ``--ttft-tokens`` prompt tokens (a different prompt each time: no prefix-cache
+  hit) to its first token — prefill, the statistics and the compression step a request alone waits for;
+  ``compress_ms`` is the compression step alone (the worker's device-synchronised timer).
 
     vllm-kvmm bench overhead            # vanilla, full, snapkv@0.25, meda@0.25
 
@@ -27,9 +32,10 @@ def _child(cfg: dict) -> None:
     from vllm import LLM, SamplingParams
 
     import vllm_kvmm
+    from vllm_kvmm.vllm_ext.worker.state import worker_state
 
     kw: dict = dict(
-        model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=2048, block_size=16, seed=0
+        model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=4096, block_size=16, seed=0
     )
     if cfg["policy"]:
         kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
@@ -43,7 +49,19 @@ def _child(cfg: dict) -> None:
 
     run(4)
     best = min((run(129) - run(1)) / 128 for _ in range(3))
-    report({"ms_per_token": round(1000 * best, 3)})
+
+    worker = worker_state()
+
+    def first_token(k: int) -> tuple[float, float]:
+        ids = [100 + (7 * i + k) % 5000 for i in range(cfg["ttft_tokens"])]
+        t, c = time.perf_counter(), worker.seconds_total
+        llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+        return time.perf_counter() - t, worker.seconds_total - c
+
+    first_token(0)
+    ttft, compress = min(first_token(k) for k in range(1, 4))
+    report({"ms_per_token": round(1000 * best, 3), "ttft_ms": round(1000 * ttft, 1),
+            "compress_ms": round(1000 * compress, 1)})  # fmt: skip
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -58,6 +76,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default="vanilla,full,snapkv@0.25,meda@0.25",
         help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET]",
     )
+    p.add_argument("--ttft-tokens", type=int, default=3000, help="prompt tokens of the TTFT-alone request")
     add_child_flag(p)
     return p
 
@@ -77,19 +96,25 @@ def run(a: argparse.Namespace) -> int:
     for cfg in a.configs.split(","):
         name, _, budget = cfg.partition("@")
         child = dict(model=str(model), policy=None if name == "vanilla" else name,
-                     budget=float(budget) if budget else None)  # fmt: skip
+                     budget=float(budget) if budget else None, ttft_tokens=a.ttft_tokens)  # fmt: skip
         res = run_child("vllm_kvmm.bench.overhead", child, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, tail=2000)
         if res.result is None:
             failed += 1
             print(f"{cfg}: failed\n{res.error}")
             continue
-        rows.append((cfg, res.result["ms_per_token"]))
-        print(f"{cfg}: {rows[-1][1]} ms/token", flush=True)
+        rows.append((cfg, res.result))
+        print(f"{cfg}: {res.result}", flush=True)
     base = dict(rows).get("vanilla")
     if base:
-        print("\n| config | decode ms/token | vs vanilla |\n|---|---|---|")
-        for cfg, ms in rows:
-            print(f"| {cfg} | {ms} | {ms / base:.3f}x |")
+        print(
+            f"\n| config | decode ms/token | vs vanilla | TTFT alone, {a.ttft_tokens} tokens (ms) "
+            "| vs vanilla | compression (ms) |\n|---|---|---|---|---|---|"
+        )
+        for cfg, r in rows:
+            print(
+                f"| {cfg} | {r['ms_per_token']} | {r['ms_per_token'] / base['ms_per_token']:.3f}x "
+                f"| {r['ttft_ms']} | {r['ttft_ms'] / base['ttft_ms']:.3f}x | {r['compress_ms']} |"
+            )
     return 1 if failed else 0
 
 

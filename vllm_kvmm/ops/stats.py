@@ -187,6 +187,28 @@ class StatsAccumulator:
         """True once every prompt query has been seen."""
         return self._acc.seen >= self.n
 
+    @property
+    def first_query(self) -> int:
+        """The first prompt position whose query counts: window-only and text→vision statistics read just
+        the last rows (``N``: none counts)."""
+        req = self.request
+        first = 0 if (req.colsum or req.entropy or req.cross_entropy) else self.n
+        if req.window:
+            first = min(first, self.window_from)
+        if req.t2v:
+            first = min(first, self.t2v_from)
+        return first
+
+    def skip(self, q_start: int, n_q: int) -> None:
+        """Pass over the queries ``[q_start, q_start + n_q)``, which must all lie before :attr:`first_query`:
+        the caller need not read their keys (a chunked prefill's early chunks under window statistics)."""
+        if q_start != self._acc.seen or q_start + n_q > self.first_query:
+            raise ValueError(
+                f"cannot skip queries [{q_start}, {q_start + n_q}): expected start {self._acc.seen}, "
+                f"and statistics count queries from {self.first_query}"
+            )
+        self._acc.seen += n_q
+
     def update(self, q: torch.Tensor, k: torch.Tensor, q_start: int) -> None:
         """Add the queries of positions ``[q_start, q_start + n_q)``.
 
@@ -205,14 +227,7 @@ class StatsAccumulator:
                 f"chunk [{q_start}, {q_start + n_q}) with {k.shape[0]} keys does not fit a prompt of {self.n}"
             )
         k = k[: self.n]
-        # Window-only and text→vision statistics read just the last rows: skip the queries before them.
-        req = self.request
-        first = 0 if (req.colsum or req.entropy or req.cross_entropy) else self.n
-        if req.window:
-            first = min(first, self.window_from)
-        if req.t2v:
-            first = min(first, self.t2v_from)
-        skip = max(0, first - q_start)
+        skip = max(0, self.first_query - q_start)
         if self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda):
             if skip < n_q:
                 self._update_triton(q[skip:], k, q_start + skip)

@@ -74,13 +74,33 @@ class CpuPagedKV:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, H_kv, d]`` of the first ``n`` tokens stored in ``block_ids`` (in order)."""
         k_cache, v_cache = self._split(kv_cache)
+        return self._unpack(k_cache, block_ids, n, self.key_order), self._unpack(
+            v_cache, block_ids, n, self.value_order
+        )
+
+    def read_keys(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Keys ``[n, H_kv, d]`` only (:meth:`read` without the values: half the traffic)."""
+        return self._unpack(self._split(kv_cache)[0], block_ids, n, self.key_order)
+
+    def _unpack(
+        self, cache: torch.Tensor, block_ids: torch.Tensor, n: int, order: torch.Tensor
+    ) -> torch.Tensor:
         bs, d = self.block_size, self.head_size
-        nb, h = len(block_ids), k_cache.shape[1]
-        k = k_cache[block_ids].reshape(nb, h, bs * d)[:, :, self.key_order].view(nb, h, bs, d)
-        v = v_cache[block_ids].reshape(nb, h, bs * d)[:, :, self.value_order].view(nb, h, bs, d)
-        k = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], d)[:n]
-        v = v.permute(0, 2, 1, 3).reshape(-1, v.shape[1], d)[:n]
-        return k, v
+        nb, h = len(block_ids), cache.shape[1]
+        x = cache[block_ids].reshape(nb, h, bs * d)[:, :, order].view(nb, h, bs, d)
+        return x.permute(0, 2, 1, 3).reshape(-1, h, d)[:n]
+
+    def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[K, H_kv, d]`` at flat slots ``slots`` ``[H_kv, K]`` — a different token per head
+        (a compaction's kept set), reading only those tokens' ``d`` elements, never whole pages."""
+        nb, h, bs, _ = kv_cache.shape
+        d = self.head_size
+        pages = kv_cache.view(nb, h, 2, bs * d)  # per (block, head): the key page, then the value page
+        blk, off = (slots // bs).unsqueeze(-1), slots % bs  # [H_kv, K, 1], [H_kv, K]
+        head = torch.arange(h).view(h, 1, 1)
+        k = pages[blk, head, 0, self.key_order.view(bs, d)[off]]  # [H_kv, K, d]
+        v = pages[blk, head, 1, self.value_order.view(bs, d)[off]]
+        return k.transpose(0, 1), v.transpose(0, 1)
 
     def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[n, H_kv, d]`` into flat slots ``block_id·bs + offset`` (``[n]``)."""
@@ -120,6 +140,18 @@ class FlashPagedKV:
         k = k_cache[ids].reshape(-1, k_cache.shape[2], self.head_size)[:n]
         v = v_cache[ids].reshape(-1, v_cache.shape[2], self.head_size)[:n]
         return k, v
+
+    def read_keys(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int) -> torch.Tensor:
+        k_cache = self._split(kv_cache)[0]
+        return k_cache[block_ids.to(kv_cache.device)].reshape(-1, k_cache.shape[2], self.head_size)[:n]
+
+    def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[K, H_kv, d]`` at flat slots ``slots`` ``[H_kv, K]`` (a token per head)."""
+        k_cache, v_cache = self._split(kv_cache)  # [nb, bs, H, d]
+        slots = slots.to(kv_cache.device)
+        blk, off = slots // self.block_size, slots % self.block_size
+        head = torch.arange(slots.shape[0], device=kv_cache.device).unsqueeze(1)
+        return k_cache[blk, off, head].transpose(0, 1), v_cache[blk, off, head].transpose(0, 1)
 
     def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         k_cache, v_cache = self._split(kv_cache)

@@ -123,16 +123,25 @@ def _kept_kv(
     """``(slots, keys, values)`` that compact one layer (``None``: nothing moves).
 
     The frozen prefix is kept in place unchanged (``apply_plan``), so its slots are not written at all:
-    its blocks may be read by other requests at the same time.
+    its blocks may be read by other requests at the same time. Without merging the tail is unchanged too,
+    so only the kept prefix moves, and only its tokens are read (ρ of the prompt, not all of it).
     """
     bs = engine.block_size
     if plan.is_identity or plan.prefix_keep == plan.tail_start:
         return None
-    k, v = engine.paged.read(engine.kv_caches[name], ids, n)  # [N, H_kv, d]
+    cache = engine.kv_caches[name]
+    f = min(plan.frozen, plan.prefix_keep) if merge is None else min(plan.frozen, plan.num_kept)
+    if merge is None:
+        if f == plan.prefix_keep:
+            return None
+        src = plan.keep[:, f : plan.prefix_keep]  # [H_kv, K]: the kept prefix, per head
+        k2, v2 = engine.paged.gather(cache, ids[src // bs] * bs + src % bs)  # [K, H_kv, d]
+        pos = torch.arange(f, plan.prefix_keep)
+        return ids[pos // bs] * bs + pos % bs, k2, v2
+    k, v = engine.paged.read(cache, ids, n)  # [N, H_kv, d]
     k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
     # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
     pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
-    f = min(plan.frozen, plan.num_kept)
     pos, k2, v2 = pos[f:], k2[:, f:], v2[:, f:]
     slots = ids[pos // bs] * bs + pos % bs
     return slots, k2.transpose(0, 1), v2.transpose(0, 1)

@@ -105,8 +105,11 @@ def _accumulate(
             world=engine.tp_world,
             start=st.cached,
         )
+    if q_start + job.num_new <= acc.first_query:  # no query of this chunk counts: its keys are not read
+        acc.skip(q_start, job.num_new)
+        return
     n_blocks = -(-seq_len // engine.block_size)
-    k, _ = engine.paged.read(kv_cache, md.block_table[row, :n_blocks], seq_len)
+    k = engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], seq_len)
     acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
 
 
