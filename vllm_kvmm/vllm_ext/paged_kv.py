@@ -93,13 +93,16 @@ class CpuPagedKV:
     def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[K, H_kv, d]`` at flat slots ``slots`` ``[H_kv, K]`` — a different token per head
         (a compaction's kept set), reading only those tokens' ``d`` elements, never whole pages."""
-        nb, h, bs, _ = kv_cache.shape
+        _, h, bs, _ = kv_cache.shape
         d = self.head_size
-        pages = kv_cache.view(nb, h, 2, bs * d)  # per (block, head): the key page, then the value page
-        blk, off = (slots // bs).unsqueeze(-1), slots % bs  # [H_kv, K, 1], [H_kv, K]
-        head = torch.arange(h).view(h, 1, 1)
-        k = pages[blk, head, 0, self.key_order.view(bs, d)[off]]  # [H_kv, K, d]
-        v = pages[blk, head, 1, self.value_order.view(bs, d)[off]]
+        # Flat offsets into the contiguous cache (one 1-D index_select is far faster on the CPU than
+        # indexing four dimensions at once): each (block, head) holds its key page, then its value page.
+        page = (slots // bs * h + torch.arange(h).unsqueeze(1)) * (2 * bs * d)  # [H_kv, K]
+        off = slots % bs
+        flat = kv_cache.view(-1)
+        k = flat.index_select(0, (page.unsqueeze(-1) + self.key_order.view(bs, d)[off]).view(-1))
+        v = flat.index_select(0, (page.unsqueeze(-1) + bs * d + self.value_order.view(bs, d)[off]).view(-1))
+        k, v = k.view(h, -1, d), v.view(h, -1, d)  # [H_kv, K, d]
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
