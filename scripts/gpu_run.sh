@@ -10,7 +10,8 @@
 #     2: the same workload for lookm, hae, pyramidkv (vanilla and the ideal again: ratios within one run),
 #        then the Qwen2-7B GQA shape (text, 8k × 48) for snapkv and meda
 #     3: decode-heavy (vanilla vs h2o, streamingllm, hae's recycle bin; 1k prompts, 4k outputs, dummy
-#        weights), then profile-decode (batch-1 ms/token + cProfile) of vanilla, snapkv and meda at 8k
+#        weights), then profile-decode (batch-1 ms/token + cProfile; TTFT alone + torch.profiler) of
+#        vanilla, snapkv and meda at 8k
 #   --cpu: the rehearsal on this machine: the same steps at tiny dimensions (minutes, not hours).
 set -uo pipefail
 part="${1:?usage: bash scripts/gpu_run.sh 1|2|3 [--cpu]}"
@@ -26,7 +27,7 @@ if [ "$mode" = "--cpu" ]; then
   perf=(--scale tiny --ctx 512 --requests 4 --out 8 --images 2)
   gqa=(--scale tiny --ctx 512 --requests 4 --out 8)
   decode=(--prompt 128 --out 96 --requests 2 --interval 16)
-  profile=(--ctx 512 --steps 8)
+  profile=(--scale tiny --ctx 512 --steps 8)
   tests=(tests/gpu)  # they skip without CUDA: the rehearsal checks the command, not the kernels
   limit=600
 else
@@ -79,13 +80,9 @@ case "$part" in
       model=(--model "$dest")
     fi
     step decode "${bench[@]}" decode "${model[@]}" "${decode[@]}" --budget 0.25
-    if [ "$mode" = "--cpu" ]; then
-      echo "[gpu_run] profile_decode: GPU only (it times with CUDA events), not rehearsed" | tee -a "$OUT/summary.txt"
-    else
-      step profile_decode "${bench[@]}" profile-decode "${profile[@]}" --configs vanilla,snapkv,meda \
-        --budget 0.2 --model-root "$models" --out /tmp/kvmm_profile
-      tar -czf "$OUT/profile.tgz" -C /tmp kvmm_profile 2>/dev/null || true
-    fi
+    step profile_decode "${bench[@]}" profile-decode "${profile[@]}" --configs vanilla,snapkv,meda \
+      --budget 0.2 --model-root "$models" --out /tmp/kvmm_profile
+    tar -czf "$OUT/profile.tgz" -C /tmp kvmm_profile 2>/dev/null || true
     ;;
   *) echo "unknown part $part (1, 2 or 3)"; exit 2 ;;
 esac

@@ -1,13 +1,19 @@
-"""Where a decode step's time goes: batch-1 ms/token and a cProfile of the engine, vanilla vs a policy.
+"""Where a request's time goes, vanilla vs a policy: its decode steps and its TTFT alone.
 
 Runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so one profile sees the scheduler, the
 model runner and our hooks. Each configuration runs in its own subprocess (a clean GPU)::
 
     vllm-kvmm bench profile-decode --configs vanilla,full,snapkv --ctx 4096 --out out/profile
 
-(``python -m vllm_kvmm.bench.profile_decode`` takes the same flags.) Prints, per configuration, the
-batch-1 ms/token; writes under ``--out`` the full ``pstats`` dump, the functions with the largest own
-and cumulative time during ``--steps`` decode steps (``NAME.txt``) and the child's output (``NAME.log``).
+(``python -m vllm_kvmm.bench.profile_decode`` takes the same flags; ``--scale tiny`` runs it on a CPU.)
+Prints, per configuration, the batch-1 ms/token and the TTFT alone; writes under ``--out``:
+
+* ``NAME.txt``: the functions with the largest own and cumulative time during ``--steps`` decode steps
+  (cProfile; the full dump in ``NAME.pstats``);
+* ``NAME.prefill.txt``: one request alone to its first token under ``torch.profiler`` — the operators and
+  kernels by device time, with our stages as ranges (``kvmm.statistics``, ``kvmm.compression``), so the
+  gap to vanilla's TTFT is attributed;
+* ``NAME.log``: the child's output.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vllm_kvmm.bench.archs import write_model
@@ -32,6 +38,7 @@ def _child(cfg: dict) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    cuda = torch.cuda.is_available()
     kw = dict(
         model=cfg["model"], load_format="dummy", skip_tokenizer_init=True, gpu_memory_utilization=0.85,
         max_model_len=cfg["ctx"] + cfg["steps"] + 64, enable_prefix_caching=False, max_num_seqs=64, seed=0,
@@ -48,10 +55,12 @@ def _child(cfg: dict) -> None:
 
     def run(out: int) -> float:
         sp = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0.0, detokenize=False)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         llm.generate(prompt, sp, use_tqdm=False)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     run(8)
@@ -68,8 +77,28 @@ def _child(cfg: dict) -> None:
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(45)
     (out / f"{cfg['name']}.txt").write_text(buf.getvalue())
+    (out / f"{cfg['name']}.prefill.txt").write_text(_prefill_profile(lambda: run(1), cuda))
     ms = 1000 * (tt - tp) / cfg["steps"]
-    report(dict(config=cfg["name"], bs1_ms_per_tok=round(ms, 3)))
+    report(dict(config=cfg["name"], bs1_ms_per_tok=round(ms, 3), ttft_alone_ms=round(1000 * tp, 1)))
+
+
+def _prefill_profile(first_token: Callable[[], float], cuda: bool) -> str:
+    """``torch.profiler`` tables of one request alone to its first token: prefill, statistics, compression."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        seconds = first_token()
+    table = prof.key_averages()
+    by = "device_time_total" if cuda else "cpu_time_total"
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return (
+        f"one request alone to its first token: {1000 * seconds:.1f} ms (under the profiler)\n\n"
+        f"## by total time ({by}; our stages are the kvmm.* ranges)\n"
+        + table.table(sort_by=by, row_limit=40)
+        + f"\n## by own time ({own})\n"
+        + table.table(sort_by=own, row_limit=40)
+    )
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -88,6 +117,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--steps", type=int, default=128, help="decode steps timed and profiled")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--arch", default="llama2-7b-mha", help="llama2-7b-mha | qwen2-7b-gqa (dummy weights)")
+    p.add_argument("--scale", default="full", help="full | tiny (tiny dimensions, for a CPU rehearsal)")
     p.add_argument("--model-root", default="out/models")
     p.add_argument("--out", default="out/profile", help="folder for the .pstats, .txt and .log files")
     add_child_flag(p)
@@ -99,7 +129,7 @@ def run(a: argparse.Namespace) -> int:
     if a.child:
         _child(json.loads(a.child))
         return 0
-    model = write_model(Path(a.model_root), a.arch, images=False).path
+    model = write_model(Path(a.model_root), a.arch, images=False, scale=a.scale).path
     failed = 0
     for name in a.configs.split(","):
         cfg = dict(

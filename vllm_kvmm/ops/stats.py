@@ -314,27 +314,32 @@ class StatsAccumulator:
         # Keys beyond the last query of this block are never visible: trim them.
         n_vis = start + n_q
         kk = k[:n_vis].float()
-        qq = q.float()
-        # [H, n_q, n_vis] logits, GQA by repeating KV heads.
-        kk_h = kk.repeat_interleave(g, dim=1) if g > 1 else kk
-        z = torch.einsum("qhd,khd->hqk", qq, kk_h) * self.scale
-        qpos = torch.arange(start, start + n_q, device=dev)
-        kpos = torch.arange(n_vis, device=dev)
-        causal = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n_q, n_vis]
-        zc = z.masked_fill(~causal, float("-inf"))
-        lse = torch.logsumexp(zc, dim=-1, keepdim=True)
-        p = torch.exp(zc - lse)  # [H, n_q, n_vis]; exact zeros above the diagonal
+        # [H, n_q, n_vis] logits; query head h reads KV head h // g (grouped, no repeated keys).
+        qq = q.float().view(n_q, self.h_kv, g, -1)
+        z = torch.einsum("qcgd,kcd->cgqk", qq, kk).reshape(self.h, n_q, n_vis)
+        z.mul_(self.scale)
+        # Only the block's last n_q keys lie after some of its queries: mask that square in place, with
+        # the most negative finite value (exp gives exact zeros, and p·z stays 0 for the entropy).
+        future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
+        z[:, :, start:].masked_fill_(future, torch.finfo(z.dtype).min)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        # [H, n_q, n_vis]; exact zeros above the diagonal. In place unless the entropy still needs z.
+        p = torch.exp(z - lse) if req.entropy else z.sub_(lse).exp_()
 
         if req.colsum:
             self._add_keys("colsum", p.sum(1))
         if req.window and start + n_q > self.window_from:
             self._add_keys("window", p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
-            # H = lse − Σ_j p_j z_j; p is exactly 0 above the diagonal, where z is finite.
+            # H = lse − Σ_j p_j z_j; p is exactly 0 above the diagonal, where z holds a finite stand-in.
             self._add_entropy(lse.squeeze(-1) - (p * z).sum(-1))
         vis_k = self._vision_on(dev)[:n_vis]
         vis_q = self._vision_on(dev)[start : start + n_q]
         if req.cross_entropy and bool(self.vision.any()):
+            causal = (
+                torch.arange(n_vis, device=dev).unsqueeze(0)
+                <= torch.arange(start, n_vis, device=dev)[:, None]
+            )
             self._cross_entropy(p, causal, vis_q, vis_k, start)
         if req.t2v and start + n_q > self.t2v_from:
             text = (torch.arange(start, start + n_q) >= self.t2v_from) & ~self.vision[start : start + n_q]

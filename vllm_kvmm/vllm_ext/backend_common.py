@@ -123,13 +123,16 @@ class StatsObservingImpl:
             return out
         state.queries.record(layer.layer_name, query)
         if state.jobs or state.decoding:
-            observe(
-                state,
-                layer.layer_name,
-                query[: attn_metadata.num_actual_tokens],
-                kv_cache,
-                attn_metadata,
-                self.num_heads,
-                self.scale,
-            )
+            with torch.profiler.record_function(
+                "kvmm.statistics"
+            ):  # a range in profiles (bench profile-decode)
+                observe(
+                    state,
+                    layer.layer_name,
+                    query[: attn_metadata.num_actual_tokens],
+                    kv_cache,
+                    attn_metadata,
+                    self.num_heads,
+                    self.scale,
+                )
         return out

@@ -147,7 +147,10 @@ class WorkerState:
         """Run one compression or flush, time it (device-synchronised) and contain its failure."""
         t0 = time.perf_counter()
         try:
-            work(self, job, self.requests[job.req_id])
+            with torch.profiler.record_function(
+                f"kvmm.{stage}"
+            ):  # a range in profiles (bench profile-decode)
+                work(self, job, self.requests[job.req_id])
         except Exception as e:
             self.contain(job.req_id, job.epoch, stage, e)
         if torch.cuda.is_available():
