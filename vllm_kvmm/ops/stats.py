@@ -322,9 +322,14 @@ class StatsAccumulator:
         # the most negative finite value (exp gives exact zeros, and p·z stays 0 for the entropy).
         future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
         z[:, :, start:].masked_fill_(future, torch.finfo(z.dtype).min)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        # [H, n_q, n_vis]; exact zeros above the diagonal. In place unless the entropy still needs z.
-        p = torch.exp(z - lse) if req.entropy else z.sub_(lse).exp_()
+        # [H, n_q, n_vis]; exact zeros above the diagonal. The entropy needs z and the log-sum-exp; the other
+        # statistics only p, computed in place (on a CPU, logsumexp's own passes cost more than the softmax).
+        if req.entropy:
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            p = torch.exp(z - lse)
+        else:
+            p = z.sub_(z.amax(-1, keepdim=True)).exp_()
+            p.div_(p.sum(-1, keepdim=True))
 
         if req.colsum:
             self._add_keys("colsum", p.sum(1))
