@@ -121,7 +121,10 @@ class StatsObservingImpl:
         state = worker_state()
         if attn_metadata is None or layer.layer_name not in state.engine.layers:
             return out
-        state.queries.record(layer.layer_name, query)
+        # The copy is needed only by decode-evicting requests' flushes, and in every CUDA-graph capture (a
+        # replayed graph repeats it whatever the step holds).
+        if state.decoding or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+            state.queries.record(layer.layer_name, query)
         if state.jobs or state.decoding:
             with torch.profiler.record_function(
                 "kvmm.statistics"
