@@ -318,34 +318,25 @@ class StatsAccumulator:
         qq = q.float().view(n_q, self.h_kv, g, -1)
         z = torch.einsum("qcgd,kcd->cgqk", qq, kk).reshape(self.h, n_q, n_vis)
         z.mul_(self.scale)
-        # Only the block's last n_q keys lie after some of its queries: mask that square in place, with
-        # the most negative finite value (exp gives exact zeros, and p·z stays 0 for the entropy).
+        # Only the block's last n_q keys lie after some of its queries: mask that square in place (the most
+        # negative finite value: exp gives exact zeros).
         future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
         z[:, :, start:].masked_fill_(future, torch.finfo(z.dtype).min)
-        # [H, n_q, n_vis]; exact zeros above the diagonal. The entropy needs z and the log-sum-exp; the other
-        # statistics only p, computed in place (on a CPU, logsumexp's own passes cost more than the softmax).
-        if req.entropy:
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            p = torch.exp(z - lse)
-        else:
-            p = z.sub_(z.amax(-1, keepdim=True)).exp_()
-            p.div_(p.sum(-1, keepdim=True))
+        # [H, n_q, n_vis], exact zeros above the diagonal: the softmax in place, from the row maximum (on a
+        # CPU, logsumexp's own passes cost more than the softmax itself).
+        p = z.sub_(z.amax(-1, keepdim=True)).exp_()
+        p.div_(p.sum(-1, keepdim=True))
 
         if req.colsum:
             self._add_keys("colsum", p.sum(1))
         if req.window and start + n_q > self.window_from:
             self._add_keys("window", p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
-            # H = lse − Σ_j p_j z_j; p is exactly 0 above the diagonal, where z holds a finite stand-in.
-            self._add_entropy(lse.squeeze(-1) - (p * z).sum(-1))
+            self._add_entropy(-torch.special.xlogy(p, p).sum(-1))  # −Σ p log p; 0 where p is 0
         vis_k = self._vision_on(dev)[:n_vis]
         vis_q = self._vision_on(dev)[start : start + n_q]
         if req.cross_entropy and bool(self.vision.any()):
-            causal = (
-                torch.arange(n_vis, device=dev).unsqueeze(0)
-                <= torch.arange(start, n_vis, device=dev)[:, None]
-            )
-            self._cross_entropy(p, causal, vis_q, vis_k, start)
+            self._cross_entropy(p, vis_q, vis_k, start)
         if req.t2v and start + n_q > self.t2v_from:
             text = (torch.arange(start, start + n_q) >= self.t2v_from) & ~self.vision[start : start + n_q]
             rows = torch.nonzero(text).flatten()
@@ -356,7 +347,6 @@ class StatsAccumulator:
     def _cross_entropy(
         self,
         p: torch.Tensor,
-        causal: torch.Tensor,
         vis_q: torch.Tensor,
         vis_k: torch.Tensor,
         start: int,
@@ -376,9 +366,9 @@ class StatsAccumulator:
         pm = torch.einsum("hqk,hq->qk", p, 1.0 / (mass.clamp_min(1e-38) * heads))  # [n_q, n_vis]
         if self.all_reduce is not None:
             pm = self.all_reduce(pm)  # the other ranks' heads
-        want = torch.where(vis_q.unsqueeze(1), ~vis_k.unsqueeze(0), vis_k.unsqueeze(0)) & causal
-        logp = torch.where(want, pm.clamp_min(1e-30).log(), torch.zeros((), device=p.device))
-        self._add_cross(-(pm * logp).sum(-1), start)
+        # Each row's other-modality keys; the future ones need no mask: p, hence pm, is exactly 0 there.
+        pm.mul_(vis_q.unsqueeze(1) != vis_k.unsqueeze(0))
+        self._add_cross(-torch.special.xlogy(pm, pm).sum(-1), start)
 
     def _add_cross(self, ent: torch.Tensor, start: int) -> None:
         """Add the cross-modal row entropies ``[n_q]`` of positions ``[start, start + n_q)``."""
