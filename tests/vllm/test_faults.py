@@ -141,16 +141,16 @@ def test_compaction_failure_keeps_the_groups_done_before_it(
     from vllm_kvmm.vllm_ext.worker import compaction
 
     calls = {"target": 0}
-    original = compaction.apply_plan
+    original = compaction._kept_kv  # one layer's kept KV, computed before its group is written
 
-    def third_layer_fails(plan: Any, *args: Any) -> Any:
+    def third_layer_fails(engine: Any, name: str, plan: Any, *args: Any) -> Any:
         if plan.num_tokens == TARGET:
             calls["target"] += 1
             if calls["target"] == 3:
                 raise ValueError("third layer")
-        return original(plan, *args)
+        return original(engine, name, plan, *args)
 
-    monkeypatch.setattr(compaction, "apply_plan", third_layer_fails)
+    monkeypatch.setattr(compaction, "_kept_kv", third_layer_fails)
     report = _check(_run(llm), clean, "compression", compressed=True)
     # Layers 0 and 1 (one per KV-cache group) were compacted and reported; 2 and 3 keep the whole prompt.
     assert calls["target"] == 3
