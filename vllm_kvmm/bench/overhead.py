@@ -38,7 +38,7 @@ def _child(cfg: dict) -> None:
         model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=4096, block_size=16, seed=0
     )
     if cfg["policy"]:
-        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
+        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"], cfg.get("groups")))
     llm = LLM(**kw)
     prompt = [{"prompt_token_ids": list(range(100, 1100))}]
 
@@ -74,7 +74,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--configs",
         default="vanilla,full,snapkv@0.25,meda@0.25",
-        help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET]",
+        help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET][/GROUPS] (GROUPS: --kv-groups)",
     )
     p.add_argument("--ttft-tokens", type=int, default=3000, help="prompt tokens of the TTFT-alone request")
     add_child_flag(p)
@@ -94,9 +94,11 @@ def run(a: argparse.Namespace) -> int:
     )
     rows, failed = [], 0
     for cfg in a.configs.split(","):
-        name, _, budget = cfg.partition("@")
+        spec, _, groups = cfg.partition("/")
+        name, _, budget = spec.partition("@")
         child = dict(model=str(model), policy=None if name == "vanilla" else name,
-                     budget=float(budget) if budget else None, ttft_tokens=a.ttft_tokens)  # fmt: skip
+                     budget=float(budget) if budget else None, groups=int(groups) if groups else None,
+                     ttft_tokens=a.ttft_tokens)  # fmt: skip
         res = run_child("vllm_kvmm.bench.overhead", child, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, tail=2000)
         if res.result is None:
             failed += 1
