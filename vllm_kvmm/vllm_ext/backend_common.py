@@ -126,9 +126,8 @@ class StatsObservingImpl:
         if state.decoding or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
             state.queries.record(layer.layer_name, query)
         if state.jobs or state.decoding:
-            with torch.profiler.record_function(
-                "kvmm.statistics"
-            ):  # a range in profiles (bench profile-decode)
+            # A named range in profiles (bench profile-decode).
+            with torch.profiler.record_function("kvmm.statistics"):
                 observe(
                     state,
                     layer.layer_name,

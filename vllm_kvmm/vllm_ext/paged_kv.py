@@ -140,13 +140,14 @@ class FlashPagedKV:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self._split(kv_cache)
         ids = block_ids.to(kv_cache.device)
-        k = k_cache[ids].reshape(-1, k_cache.shape[2], self.head_size)[:n]
-        v = v_cache[ids].reshape(-1, v_cache.shape[2], self.head_size)[:n]
-        return k, v
+        return self._rows(k_cache, ids, n), self._rows(v_cache, ids, n)
 
     def read_keys(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int) -> torch.Tensor:
-        k_cache = self._split(kv_cache)[0]
-        return k_cache[block_ids.to(kv_cache.device)].reshape(-1, k_cache.shape[2], self.head_size)[:n]
+        return self._rows(self._split(kv_cache)[0], block_ids.to(kv_cache.device), n)
+
+    def _rows(self, cache: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` tokens ``[n, H_kv, d]`` of blocks ``ids`` in one half (keys or values)."""
+        return cache[ids].reshape(-1, cache.shape[2], self.head_size)[:n]
 
     def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[K, H_kv, d]`` at flat slots ``slots`` ``[H_kv, K]`` (a token per head)."""

@@ -130,21 +130,25 @@ def _kept_kv(
     if plan.is_identity or plan.prefix_keep == plan.tail_start:
         return None
     cache = engine.kv_caches[name]
-    f = min(plan.frozen, plan.prefix_keep) if merge is None else min(plan.frozen, plan.num_kept)
     if merge is None:
+        f = min(plan.frozen, plan.prefix_keep)
         if f == plan.prefix_keep:
             return None
         src = plan.keep[:, f : plan.prefix_keep]  # [H_kv, K]: the kept prefix, per head
-        k2, v2 = engine.paged.gather(cache, ids[src // bs] * bs + src % bs)  # [K, H_kv, d]
-        pos = torch.arange(f, plan.prefix_keep)
-        return ids[pos // bs] * bs + pos % bs, k2, v2
+        k2, v2 = engine.paged.gather(cache, _slots(ids, src, bs))  # [K, H_kv, d]
+        return _slots(ids, torch.arange(f, plan.prefix_keep), bs), k2, v2
     k, v = engine.paged.read(cache, ids, n)  # [N, H_kv, d]
     k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
     # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
     pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
+    f = min(plan.frozen, plan.num_kept)
     pos, k2, v2 = pos[f:], k2[:, f:], v2[:, f:]
-    slots = ids[pos // bs] * bs + pos % bs
-    return slots, k2.transpose(0, 1), v2.transpose(0, 1)
+    return _slots(ids, pos, bs), k2.transpose(0, 1), v2.transpose(0, 1)
+
+
+def _slots(ids: torch.Tensor, pos: torch.Tensor, bs: int) -> torch.Tensor:
+    """Flat cache slots ``block_id·bs + offset`` of logical positions ``pos`` in a row of blocks ``ids``."""
+    return ids[pos // bs] * bs + pos % bs
 
 
 def _start_decode_state(st: RequestState, h: int, layer: int, plan: LayerPlan, stats: Any, end: int) -> None:

@@ -147,9 +147,8 @@ class WorkerState:
         """Run one compression or flush, time it (device-synchronised) and contain its failure."""
         t0 = time.perf_counter()
         try:
-            with torch.profiler.record_function(
-                f"kvmm.{stage}"
-            ):  # a range in profiles (bench profile-decode)
+            # A named range in profiles (bench profile-decode).
+            with torch.profiler.record_function(f"kvmm.{stage}"):
                 work(self, job, self.requests[job.req_id])
         except Exception as e:
             self.contain(job.req_id, job.epoch, stage, e)
