@@ -72,6 +72,25 @@ def test_select_topk_random_with_ties(seed):
             assert got.tolist() == naive_topk(scores, k, p), (k, p is None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_select_topk_wide_rows_with_infinities_and_close_values(dtype):
+    # Longer rows than the hand cases: many tied values, -inf / +inf scores (a masked-out or forced
+    # token), values one float64 ulp apart (the text prior's two tiers), protection on some heads.
+    gen = torch.Generator().manual_seed(7)
+    h, n = 4, 301
+    scores = torch.randint(0, 9, (h, n), generator=gen).to(torch.float64)
+    scores[:, ::13] = float("-inf")
+    scores[1, ::17] = float("inf")
+    scores[2, 50:60] = 1.0 + torch.arange(10, dtype=torch.float64) * 2.0**-52
+    scores = scores.to(dtype)
+    prot = torch.rand(h, n, generator=gen) < 0.1
+    prot[3] = False
+    for k in (1, 7, 60, 150, 299, 300):
+        for p in (None, prot):
+            got = select_topk(scores, k, p)
+            assert got.tolist() == naive_topk(scores.to(torch.float64), k, p), (k, p is None)
+
+
 def test_select_topk_bounds():
     with pytest.raises(ValueError):
         select_topk(torch.zeros(2, 4), 5)
