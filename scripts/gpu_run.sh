@@ -11,7 +11,7 @@
 #        then the Qwen2-7B GQA shape (text, 8k × 48) for snapkv and meda
 #     3: decode-heavy (vanilla vs h2o, streamingllm, hae's recycle bin; 1k prompts, 4k outputs, dummy
 #        weights), then profile-decode (batch-1 ms/token + cProfile; TTFT alone + torch.profiler) of
-#        vanilla, snapkv and meda at 8k
+#        vanilla, snapkv and meda at 8k, then snapkv with one KV-cache group (what 32 groups cost it)
 #   --cpu: the rehearsal on this machine: the same steps at tiny dimensions (minutes, not hours).
 set -uo pipefail
 part="${1:?usage: bash scripts/gpu_run.sh 1|2|3 [--cpu]}"
@@ -80,7 +80,7 @@ case "$part" in
       model=(--model "$dest")
     fi
     step decode "${bench[@]}" decode "${model[@]}" "${decode[@]}" --budget 0.25
-    step profile_decode "${bench[@]}" profile-decode "${profile[@]}" --configs vanilla,snapkv,meda \
+    step profile_decode "${bench[@]}" profile-decode "${profile[@]}" --configs vanilla,snapkv,meda,snapkv/1 \
       --budget 0.2 --model-root "$models" --out /tmp/kvmm_profile
     tar -czf "$OUT/profile.tgz" -C /tmp kvmm_profile 2>/dev/null || true
     ;;

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvmm.bench.child import ChildResult, parse_result, run_child
+from vllm_kvmm.bench.child import ChildResult, ConfigSpec, parse_config, parse_result, run_child
 from vllm_kvmm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +81,26 @@ def _state(stat: Path) -> str:
         return stat.read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return ""
+
+
+def test_parse_config_reads_policy_budget_and_groups() -> None:
+    assert parse_config("snapkv@0.2/1") == ConfigSpec("snapkv@0.2/1", "snapkv", 0.2, 1)
+    assert parse_config("snapkv@0.2/1").stem == "snapkv@0.2-g1"
+    assert parse_config("meda") == ConfigSpec("meda", "meda", None, None)
+    assert parse_config("h2o/8") == ConfigSpec("h2o/8", "h2o", None, 8)
+    assert parse_config("vanilla-piecewise") == ConfigSpec("vanilla-piecewise", None, None, None)
+    for bad in (
+        "snapkv@x",
+        "snapkv@0",
+        "snapkv@1.5",
+        "snapkv/0",
+        "snapkv/a",
+        "@0.2",
+        "vanilla@0.2",
+        "vanilla/1",
+    ):
+        with pytest.raises(ValueError, match="bad configuration"):
+            parse_config(bad)
 
 
 def test_parse_result_takes_the_first_result_line() -> None:

@@ -32,10 +32,55 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MARKER", "ChildResult", "add_child_flag", "machine", "parse_result", "report", "run_child"]
+__all__ = [
+    "MARKER",
+    "ChildResult",
+    "ConfigSpec",
+    "add_child_flag",
+    "machine",
+    "parse_config",
+    "parse_result",
+    "report",
+    "run_child",
+]
 
 MARKER = "RESULT "
 """What starts the child's result line on stdout; the JSON object follows on the same line."""
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """One benchmark configuration named ``NAME[@BUDGET][/GROUPS]`` (``vanilla…`` names run no policy)."""
+
+    label: str
+    """The name as given (row label and file stem)."""
+    policy: str | None
+    """The KV policy; None for a ``vanilla`` configuration."""
+    budget: float | None
+    """``@BUDGET``; None: the benchmark's default budget."""
+    groups: int | None
+    """``/GROUPS`` (``--kv-groups``); None: one group per layer."""
+
+    @property
+    def stem(self) -> str:
+        """The label as a file name (``snapkv@0.2/1`` → ``snapkv@0.2-g1``)."""
+        return self.label.replace("/", "-g")
+
+
+def parse_config(label: str) -> ConfigSpec:
+    """``snapkv@0.2/1`` → policy snapkv, budget 0.2, one KV-cache group; raises ``ValueError`` on bad text."""
+    spec, slash, groups = label.partition("/")
+    name, at, budget = spec.partition("@")
+    try:
+        b = float(budget) if at else None
+        g = int(groups) if slash else None
+    except ValueError:
+        raise ValueError(f"bad configuration {label!r}: expected NAME[@BUDGET][/GROUPS]") from None
+    if not name or (b is not None and not 0 < b <= 1) or (g is not None and g < 1):
+        raise ValueError(f"bad configuration {label!r}: expected NAME[@BUDGET][/GROUPS], 0 < BUDGET ≤ 1")
+    if name.startswith("vanilla") and (at or slash):
+        raise ValueError(f"bad configuration {label!r}: vanilla takes no budget or groups")
+    return ConfigSpec(label, None if name.startswith("vanilla") else name, b, g)
 
 
 def report(result: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_kvmm.bench.child import add_child_flag, report, run_child
+from vllm_kvmm.bench.child import add_child_flag, parse_config, report, run_child
 
 
 def _child(cfg: dict) -> None:
@@ -94,10 +94,8 @@ def run(a: argparse.Namespace) -> int:
     )
     rows, failed = [], 0
     for cfg in a.configs.split(","):
-        spec, _, groups = cfg.partition("/")
-        name, _, budget = spec.partition("@")
-        child = dict(model=str(model), policy=None if name == "vanilla" else name,
-                     budget=float(budget) if budget else None, groups=int(groups) if groups else None,
+        spec = parse_config(cfg)
+        child = dict(model=str(model), policy=spec.policy, budget=spec.budget, groups=spec.groups,
                      ttft_tokens=a.ttft_tokens)  # fmt: skip
         res = run_child("vllm_kvmm.bench.overhead", child, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, tail=2000)
         if res.result is None:

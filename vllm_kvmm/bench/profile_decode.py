@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vllm_kvmm.bench.archs import write_model
-from vllm_kvmm.bench.child import add_child_flag, report, run_child
+from vllm_kvmm.bench.child import add_child_flag, parse_config, report, run_child
 
 
 def _child(cfg: dict) -> None:
@@ -48,7 +48,7 @@ def _child(cfg: dict) -> None:
     elif cfg["policy"]:
         import vllm_kvmm
 
-        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
+        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"], cfg.get("groups")))
     llm = LLM(**kw)
     rng = random.Random(0)
     prompt = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(cfg["ctx"])]}]
@@ -71,13 +71,13 @@ def _child(cfg: dict) -> None:
     prof.disable()
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    prof.dump_stats(out / f"{cfg['name']}.pstats")
+    prof.dump_stats(out / f"{cfg['stem']}.pstats")
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(45)
-    (out / f"{cfg['name']}.txt").write_text(buf.getvalue())
-    (out / f"{cfg['name']}.prefill.txt").write_text(_prefill_profile(lambda: run(1), cuda))
+    (out / f"{cfg['stem']}.txt").write_text(buf.getvalue())
+    (out / f"{cfg['stem']}.prefill.txt").write_text(_prefill_profile(lambda: run(1), cuda))
     ms = 1000 * (tt - tp) / cfg["steps"]
     report(dict(config=cfg["name"], bs1_ms_per_tok=round(ms, 3), ttft_alone_ms=round(1000 * tp, 1)))
 
@@ -111,7 +111,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--configs",
         default="vanilla,vanilla-piecewise,snapkv",
-        help="comma-separated: vanilla, vanilla-piecewise (in a policy's CUDA-graph mode), policies",
+        help="comma-separated: vanilla, vanilla-piecewise (in a policy's CUDA-graph mode), or "
+        "POLICY[@BUDGET][/GROUPS] (GROUPS: --kv-groups, e.g. snapkv/1: one KV-cache group)",
     )
     p.add_argument("--ctx", type=int, default=4096, help="prompt tokens")
     p.add_argument("--steps", type=int, default=128, help="decode steps timed and profiled")
@@ -132,13 +133,14 @@ def run(a: argparse.Namespace) -> int:
     model = write_model(Path(a.model_root), a.arch, images=False, scale=a.scale).path
     failed = 0
     for name in a.configs.split(","):
+        spec = parse_config(name)
         cfg = dict(
-            name=name, policy=None if name.startswith("vanilla") else name, model=str(model), ctx=a.ctx,
-            steps=a.steps, budget=a.budget, out=a.out,
+            name=name, stem=spec.stem, policy=spec.policy, groups=spec.groups, model=str(model), ctx=a.ctx, steps=a.steps,
+            budget=a.budget if spec.budget is None else spec.budget, out=a.out,
         )  # fmt: skip
         res = run_child("vllm_kvmm.bench.profile_decode", cfg, tail=2000)
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"{name}.log").write_text(res.output)
+        (Path(a.out) / f"{spec.stem}.log").write_text(res.output)
         failed += res.result is None
         print(json.dumps(res.result if res.ok else dict(config=name, error=res.error)), flush=True)
     return 1 if failed else 0
