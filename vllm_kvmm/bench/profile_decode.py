@@ -135,8 +135,8 @@ def run(a: argparse.Namespace) -> int:
     for name in a.configs.split(","):
         spec = parse_config(name)
         cfg = dict(
-            name=name, stem=spec.stem, policy=spec.policy, groups=spec.groups, model=str(model), ctx=a.ctx, steps=a.steps,
-            budget=a.budget if spec.budget is None else spec.budget, out=a.out,
+            name=name, stem=spec.stem, policy=spec.policy, groups=spec.groups, model=str(model),
+            ctx=a.ctx, steps=a.steps, budget=a.budget if spec.budget is None else spec.budget, out=a.out,
         )  # fmt: skip
         res = run_child("vllm_kvmm.bench.profile_decode", cfg, tail=2000)
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,17 @@ import torch
 from vllm_kvmm.ops import complement, decode_scores, select_topk
 from vllm_kvmm.policies.base import block_tail_start
 
-__all__ = ["DecodeSpec", "FlushPlan", "StoredSlots", "flush_tail_start", "plan_flush"]
+__all__ = [
+    "DecodeSpec",
+    "FlushPlan",
+    "StoredSlots",
+    "bin_offset",
+    "flush_tail_start",
+    "insert_bin",
+    "plan_flush",
+    "query_weights",
+    "rescore",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +140,28 @@ def plan_flush(
     return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k, binned=binned)
 
 
+def bin_offset(positions: torch.Tensor, tail_start: int) -> int:
+    """Where the recycle bin goes in the stored slot order: after the slots older than the new tail
+    (``tail_start``: :func:`flush_tail_start`); ``positions``: ``[H_kv, S]`` (heads agree on the count)."""
+    return int((positions[0] < tail_start).sum())
+
+
+def insert_bin(a: torch.Tensor, b: torch.Tensor, m: int) -> torch.Tensor:
+    """``a`` ``[H_kv, S, ...]`` with the bin's ``b`` ``[H_kv, B, ...]`` inserted before slot ``m``."""
+    return torch.cat([a[:, :m], b.to(a.device), a[:, m:]], 1)
+
+
+def query_weights(spec: DecodeSpec, w: int) -> torch.Tensor:
+    """``[W]`` float64: the weight of each of the ``W`` decode queries since the last flush, oldest first
+    (``decay^(W−1−w)``), for :func:`~vllm_kvmm.ops.decode_scores`."""
+    return spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
+
+
+def rescore(spec: DecodeSpec, score: torch.Tensor, fresh: torch.Tensor, w: int) -> torch.Tensor:
+    """Accumulated scores after ``W`` decode queries: ``s ← decay^W·s + fresh`` (float64, CPU)."""
+    return score * spec.decay**w + fresh
+
+
 @dataclass(frozen=True, slots=True)
 class StoredSlots:
     """One layer's stored tokens of one request at a flush, in the slot order :func:`plan_flush` expects.
@@ -149,23 +181,22 @@ class StoredSlots:
         new tail (``tail_start``: :func:`flush_tail_start`) and the tail."""
         if binned is None or binned.pos.shape[1] == 0:
             return self
-        m = int((self.pos[0] < tail_start).sum())
-
-        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.cat([a[:, :m], b.to(a.device), a[:, m:]], 1)
-
+        m = bin_offset(self.pos, tail_start)
         b = binned
-        return StoredSlots(cat(self.k, b.k), cat(self.v, b.v), cat(self.pos, b.pos), cat(self.score, b.score))
+        return StoredSlots(
+            insert_bin(self.k, b.k, m), insert_bin(self.v, b.v, m), insert_bin(self.pos, b.pos, m),
+            insert_bin(self.score, b.score, m),
+        )  # fmt: skip
 
     def rescored(
         self, spec: DecodeSpec, queries: torch.Tensor, q_positions: torch.Tensor, scale: float
     ) -> StoredSlots:
         """Scores after the ``W`` decode queries ``[H, W, d]`` since the last flush: ``s ← decay^W·s + Σ_w
         decay^(W−1−w)·a_w`` (binned slots are scored as if active: they are stored, so q·k is at hand)."""
-        w = queries.shape[1]
-        weights = spec.decay ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
-        fresh = decode_scores(queries, self.k, self.pos, q_positions, scale, weights).cpu()
-        return StoredSlots(self.k, self.v, self.pos, self.score * spec.decay**w + fresh)
+        fresh = decode_scores(
+            queries, self.k, self.pos, q_positions, scale, query_weights(spec, queries.shape[1])
+        )
+        return StoredSlots(self.k, self.v, self.pos, rescore(spec, self.score, fresh.cpu(), queries.shape[1]))
 
     def take(self, idx: torch.Tensor) -> StoredSlots:
         """The slots ``idx`` ``[H_kv, n]`` of every head."""

@@ -1,8 +1,9 @@
 """Decode-time eviction at a flush (docs/decode-eviction.md): re-select, compact, report freed blocks.
 
-The planning is the dense reference's (:class:`~vllm_kvmm.policies.StoredSlots`,
-:func:`~vllm_kvmm.policies.plan_flush`); this module reads the stored slots out of the paged cache and
-writes the kept ones into the blocks they came from.
+The planning is the dense reference's (:func:`~vllm_kvmm.policies.plan_flush`, with the slot order, bin
+insertion and rescoring of :class:`~vllm_kvmm.policies.StoredSlots`); this module reads from the paged cache
+only what that needs — the stored keys of layers with decode queries to score, then the kept tokens that
+move — and writes the moved ones into the blocks they came from.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_kvmm.policies import StoredSlots, flush_tail_start, plan_flush
+from vllm_kvmm.ops import decode_scores
+from vllm_kvmm.policies.decode import (
+    bin_offset,
+    flush_tail_start,
+    insert_bin,
+    plan_flush,
+    query_weights,
+    rescore,
+)
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
@@ -20,6 +29,22 @@ if TYPE_CHECKING:
     from vllm_kvmm.vllm_ext.worker.state import WorkerState
 
 __all__ = ["flush"]
+
+
+@dataclass
+class _Stored:
+    """One layer's stored slots at a flush, in the order :func:`plan_flush` expects: the view's slots older
+    than the new tail (live blocks, then absorbed old-tail tokens), the recycle bin's (bin blocks, outside
+    the view), then the new tail (in place)."""
+
+    pos: torch.Tensor  # [H_kv, S] true positions
+    score: torch.Tensor  # [H_kv, S] float64, before this interval's decode queries
+    src: torch.Tensor  # [S] the physical slot of each stored slot (the same for every head)
+    view_ids: torch.Tensor  # the view's blocks, in order
+    n_view: int  # tokens stored in them
+    bin_ids: torch.Tensor  # the bin's blocks, in order
+    n_bin: int  # tokens stored in them
+    bin_at: int  # where the bin's slots start in the stored order
 
 
 @dataclass
@@ -38,8 +63,9 @@ class _LayerFlush:
 def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
     """Re-select every layer's stored tokens, compact them into live (and bin) blocks, report the rest.
 
-    Group by group: every layer of a group is planned and its moved KV computed before the group's cache
-    is written, so a failure (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
+    Every layer is scored first (one device-to-host copy for all of them); then group by group, every layer
+    of a group is planned and its moved KV gathered before the group's cache is written, so a failure
+    (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
     """
     engine = state.engine
     members: dict[int, list[tuple[str, int]]] = {}
@@ -47,9 +73,16 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
         members.setdefault(ref.group, []).append((name, ref.index))
     report: list[CompressedGroup] = []
     try:
+        stored = {
+            layer: _stored(state, job, st, group, layer)
+            for group, layers in members.items()
+            for _, layer in layers
+        }
+        scores = _rescored(state, st, stored)
         for group, layers in sorted(members.items()):
             planned = [
-                (name, layer, _plan_layer(state, job, st, group, name, layer)) for name, layer in layers
+                (name, layer, _plan_layer(state, job, st, group, name, layer, stored[layer], scores))
+                for name, layer in layers
             ]
             layouts = {f.layout for _, _, f in planned}
             if len(layouts) != 1:
@@ -78,17 +111,18 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)
 
 
-def _plan_layer(
-    state: WorkerState, job: FlushJob, st: RequestState, group: int, name: str, layer: int
-) -> _LayerFlush:
-    """Stored slots, in the order :func:`plan_flush` expects: the view's slots older than the new tail
-    (live blocks, then absorbed old-tail tokens), the recycle bin's slots (bin blocks, outside the
-    view), then the new tail (in place). Reads the cache; changes nothing."""
-    engine, spec = state.engine, st.decode
-    assert spec is not None and engine.paged is not None
-    bs, length = engine.block_size, job.length
+def _slots(blocks: torch.Tensor, n: int, bs: int) -> torch.Tensor:
+    """``[n]`` flat slots ``block·bs + offset`` of the first ``n`` tokens stored in ``blocks`` (in order)."""
+    j = torch.arange(n)
+    return blocks[j // bs] * bs + j % bs
+
+
+def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, layer: int) -> _Stored:
+    """Where one layer's stored slots are, with their positions and scores so far. Reads no cache."""
+    spec = st.decode
+    assert spec is not None
+    bs, length = state.engine.block_size, job.length
     live, tail = st.compact[group]
-    bins = st.bin_blocks.get(group, ())
     pos, score = st.positions[layer], st.scores[layer]
     h = pos.shape[0]
     # Decoded since the last flush: from the end of the stored tail. A tail can be empty (a prompt of whole
@@ -102,50 +136,102 @@ def _plan_layer(
     if pos.shape[1] != n_view:
         raise RuntimeError(f"kvmm: {job.req_id} layer {layer}: {pos.shape[1]} positions, {n_view} slots")
     row = job.block_ids[group]
-    cache = engine.kv_caches[name]
-    ids = [row[i] for i in [*live, *range(tail, -(-length // bs))]]
-    k, v = engine.paged.read(cache, torch.tensor(ids, dtype=torch.long), n_view)  # [S, H_kv, d]
-    slots = StoredSlots(k.transpose(0, 1), v.transpose(0, 1), pos, score)
+    view_ids = torch.tensor([row[i] for i in [*live, *range(tail, -(-length // bs))]], dtype=torch.long)
+    src = _slots(view_ids, n_view, bs)
+    bin_ids = torch.tensor([row[i] for i in st.bin_blocks.get(group, ())], dtype=torch.long)
     bin_pos = st.bin_positions.get(layer)
-    if bin_pos is not None and bin_pos.shape[1]:
-        bin_ids = torch.tensor([row[i] for i in bins], dtype=torch.long)
-        bk, bv = engine.paged.read(cache, bin_ids, bin_pos.shape[1])
-        binned = StoredSlots(bk.transpose(0, 1), bv.transpose(0, 1), bin_pos, st.bin_scores[layer])
-        slots = slots.with_bin(binned, flush_tail_start(length, spec.recent, bs, tail * bs))
-    buffered = st.queries.get(layer, [])
-    if buffered:
+    m, n_bin = pos.shape[1], 0 if bin_pos is None else bin_pos.shape[1]
+    if n_bin:
+        m = bin_offset(pos, flush_tail_start(length, spec.recent, bs, tail * bs))
+        pos = insert_bin(pos, bin_pos, m)
+        score = insert_bin(score, st.bin_scores[layer], m)
+        src = insert_bin(src[None], _slots(bin_ids, n_bin, bs)[None], m)[0]
+    return _Stored(pos, score, src, view_ids, n_view, bin_ids, n_bin, m)
+
+
+def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) -> dict[int, torch.Tensor]:
+    """``layer → [H_kv, S]`` scores after the decode queries buffered since the last flush (layers without
+    any keep :attr:`_Stored.score`). Reads each such layer's stored keys (not the values); the fresh scores
+    of every layer come back to the host in one copy, not one per layer."""
+    engine, spec = state.engine, st.decode
+    assert spec is not None and engine.paged is not None
+    names = {ref.index: name for name, ref in engine.layers.items()}
+    fresh: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    for layer, s in stored.items():
+        buffered = st.queries.get(layer, [])
+        if not buffered:
+            continue
+        name = names[layer]
+        cache = engine.kv_caches[name]
+        keys = engine.paged.read_keys(cache, s.view_ids, s.n_view).transpose(0, 1)  # [H_kv, S, d]
+        if s.n_bin:
+            keys = insert_bin(
+                keys, engine.paged.read_keys(cache, s.bin_ids, s.n_bin).transpose(0, 1), s.bin_at
+            )
         q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
-        slots = slots.rescored(spec, q, torch.tensor([x[1] for x in buffered]), state.queries.scales[name])
+        q_pos = torch.tensor([x[1] for x in buffered])
+        weights = query_weights(spec, len(buffered))
+        fresh[layer] = decode_scores(q, keys, s.pos, q_pos, state.queries.scales[name], weights)
+        counts[layer] = len(buffered)
+    if not fresh:
+        return {}
+    host = torch.cat([x.flatten() for x in fresh.values()]).cpu().split([x.numel() for x in fresh.values()])
+    return {
+        layer: rescore(spec, stored[layer].score, x.view(stored[layer].score.shape), counts[layer])
+        for layer, x in zip(fresh, host, strict=True)
+    }
+
+
+def _plan_layer(
+    state: WorkerState,
+    job: FlushJob,
+    st: RequestState,
+    group: int,
+    name: str,
+    layer: int,
+    s: _Stored,
+    scores: dict[int, torch.Tensor],
+) -> _LayerFlush:
+    """Plan one layer's flush and gather the kept tokens that move. Reads the cache; changes nothing."""
+    engine, spec = state.engine, st.decode
+    assert spec is not None and engine.paged is not None
+    bs, length = engine.block_size, job.length
+    live, tail = st.compact[group]
+    bins = st.bin_blocks.get(group, ())
+    score = scores.get(layer, s.score)
     cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
-    plan = plan_flush(spec, slots.pos, slots.score, length, cap, bs, tail_floor=tail * bs, frozen=st.shared)
+    plan = plan_flush(spec, s.pos, score, length, cap, bs, tail_floor=tail * bs, frozen=st.shared)
     new_tail = plan.tail_start // bs
     if new_tail < tail:
         raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
     binned_idx = plan.binned if plan.binned is not None else plan.keep[:, :0]
-    # Physical blocks for the new prefix and bin, taken from those whose contents were just read.
+    # Physical blocks for the new prefix and bin, taken from those whose contents are gathered here.
     candidates = [*live, *bins, *range(tail, new_tail)]
     n_live, n_bin = plan.prefix_keep // bs, -(-binned_idx.shape[1] // bs)
     new_live, new_bins = candidates[:n_live], candidates[n_live : n_live + n_bin]
+    row = job.block_ids[group]
+    cache = engine.kv_caches[name]
     writes = []
     # The shared prefix stays where it is (the first slots of the first live blocks, kept by plan_flush):
     # never written, as other requests may read its blocks.
-    frozen = int((slots.pos[0] < st.shared).sum())
+    frozen = int((s.pos[0] < st.shared).sum())
     for idx, blocks, skip in (
         (plan.keep[:, : plan.prefix_keep], new_live, frozen),
         (binned_idx, new_bins, 0),
     ):
         n = idx.shape[1]
         if n > skip:
-            moved = slots.take(idx[:, skip:])
-            j = torch.arange(skip, n)
-            dst = torch.tensor([row[i] for i in blocks], dtype=torch.long)[j // bs] * bs + j % bs
-            writes.append((dst, moved.k.transpose(0, 1), moved.v.transpose(0, 1)))
+            # Gathered (a copy) before any write of this group: a destination may be another's source.
+            k, v = engine.paged.gather(cache, s.src[idx[:, skip:]])  # [n − skip, H_kv, d]
+            dst = _slots(torch.tensor([row[i] for i in blocks], dtype=torch.long), n, bs)[skip:]
+            writes.append((dst, k, v))
     return _LayerFlush(
         writes=writes,
         layout=(tuple(new_live), new_tail, tuple(new_bins), tuple(candidates[n_live + n_bin :])),
         num_kept=plan.num_kept,
-        pos=torch.gather(slots.pos, 1, plan.keep),
-        score=torch.gather(slots.score, 1, plan.keep),
-        bin_pos=torch.gather(slots.pos, 1, binned_idx),
-        bin_score=torch.gather(slots.score, 1, binned_idx),
+        pos=torch.gather(s.pos, 1, plan.keep),
+        score=torch.gather(score, 1, plan.keep),
+        bin_pos=torch.gather(s.pos, 1, binned_idx),
+        bin_score=torch.gather(score, 1, binned_idx),
     )

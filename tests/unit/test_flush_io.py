@@ -1,0 +1,150 @@
+"""One layer's decode-time flush on a toy paged cache: what is read, which slots are written, what they hold.
+
+The expected result is the dense reference's assembly (:class:`StoredSlots` from every stored token's
+key and value, :meth:`~StoredSlots.with_bin`, :meth:`~StoredSlots.rescored`, :func:`plan_flush`,
+:meth:`~StoredSlots.take`); the worker reads only keys to score and gathers only what moves, and must
+write exactly what that assembly keeps. FlashAttention's layout on CPU tensors, a spy around the accessor.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_kvmm.policies import DecodeSpec, StoredSlots, flush_tail_start, plan_flush
+from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMWorkerMeta
+from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
+from vllm_kvmm.vllm_ext.worker.flush import flush
+from vllm_kvmm.vllm_ext.worker.requests import LayerRef, RequestState
+
+BS, H, D, LENGTH = 4, 2, 32, 20
+SCALE = D**-0.5
+# Logical blocks 0..5 of the request's row; 0 is the live prefix, 1 and 2 were freed at prefill (their
+# physical ids are placeholders), 3 and 4 hold the tail (positions 12..19), 5 is the recycle bin's block.
+ROW = [7, 0, 0, 9, 3, 6]
+PREFIX = torch.tensor([[0, 3, 6, 11], [1, 2, 9, 10]])  # prefill kept 4 tokens per head, different ones
+BIN = torch.tensor([[4, 5], [0, 7]])  # HAE's bin: 2 tokens per head waiting outside the view
+
+
+class Spy(FlashPagedKV):
+    def __init__(self) -> None:
+        super().__init__(BS, D)
+        self.calls: list[str] = []
+
+    def read(self, *a: Any) -> Any:
+        self.calls.append("read")
+        return super().read(*a)
+
+    def read_keys(self, *a: Any) -> Any:
+        self.calls.append("read_keys")
+        return super().read_keys(*a)
+
+    def gather(self, *a: Any) -> Any:
+        self.calls.append("gather")
+        return super().gather(*a)
+
+
+def _setup(spec: DecodeSpec, with_bin: bool) -> tuple[SimpleNamespace, RequestState, StoredSlots, Any]:
+    g = torch.Generator().manual_seed(0)
+    cache = torch.zeros(10, BS, H, 2 * D).permute(0, 2, 1, 3)  # logical [blocks, H, bs, 2d], NHD memory
+    io = FlashPagedKV(BS, D)
+    # Stored slots in view order: the live block (per-head prefix positions), then the tail in place.
+    tail_pos = torch.arange(12, LENGTH).expand(H, -1)
+    pos = torch.cat([PREFIX, tail_pos], 1)  # [H, 12]
+    k, v = torch.randn(H, 12, D, generator=g), torch.randn(H, 12, D, generator=g)
+    view_blocks = torch.tensor([ROW[0], ROW[3], ROW[4]])
+    j = torch.arange(12)
+    io.write(cache, view_blocks[j // BS] * BS + j % BS, k.transpose(0, 1), v.transpose(0, 1))
+    # Scores so far: the prefix and the tail stored at the last flush (positions 12, 13); 14.. are new.
+    score = torch.rand(H, 12, generator=g, dtype=torch.float64)
+    score[:, 6:] = 0
+    st = RequestState(policy=None, info=None, decode=spec)  # type: ignore[arg-type]
+    st.compact[0] = ((0,), 3)
+    st.positions[0], st.scores[0], st.capacity[0] = pos[:, :6].clone(), score[:, :6].clone(), 8
+    q = torch.randn(H, LENGTH - 14, D, generator=g)
+    if spec.kind != "window":
+        st.queries[0] = [(q[:, w], 14 + w) for w in range(q.shape[1])]
+    expected = StoredSlots(k, v, pos, score)
+    if with_bin:
+        bk, bv = torch.randn(H, 2, D, generator=g), torch.randn(H, 2, D, generator=g)
+        io.write(cache, torch.tensor([ROW[5] * BS, ROW[5] * BS + 1]), bk.transpose(0, 1), bv.transpose(0, 1))
+        bin_score = torch.rand(H, 2, generator=g, dtype=torch.float64)
+        st.bin_blocks[0] = (5,)
+        st.bin_positions[0], st.bin_scores[0] = BIN.clone(), bin_score
+        binned = StoredSlots(bk, bv, BIN, bin_score)
+        expected = expected.with_bin(binned, flush_tail_start(LENGTH, spec.recent, BS, 12))
+    if spec.kind != "window":
+        expected = expected.rescored(spec, q, torch.arange(14, LENGTH), SCALE)
+    engine = SimpleNamespace(
+        block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=Spy(), num_layers=1,
+        stage=0,
+    )  # fmt: skip
+    state = SimpleNamespace(
+        engine=engine, queries=SimpleNamespace(scales={"l0": SCALE}), out=KVMMWorkerMeta(), recorder=None
+    )
+    return state, st, expected, cache
+
+
+def _stored_at(cache: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = FlashPagedKV(BS, D)._split(cache)  # [nb, bs, H, d]
+    idx = torch.tensor(slots)
+    return k[idx // BS, idx % BS], v[idx // BS, idx % BS]  # [n, H, d]
+
+
+@pytest.mark.parametrize(
+    "spec, with_bin",
+    [
+        (DecodeSpec("score", interval=6, recent=4, capacity=8), False),
+        (DecodeSpec("score", interval=6, recent=4, capacity=8, decay=0.9), False),
+        (DecodeSpec("window", interval=6, recent=4, capacity=8, sinks=1), False),
+        (DecodeSpec("bin", interval=6, recent=4, capacity=8, bin_size=8), True),
+    ],
+    ids=["h2o", "h2o-decay", "streamingllm", "hae-bin"],
+)
+def test_flush_writes_what_the_dense_assembly_keeps_and_reads_only_keys_and_movers(
+    spec: DecodeSpec, with_bin: bool
+) -> None:
+    state, st, expected, cache = _setup(spec, with_bin)
+    plan = plan_flush(spec, expected.pos, expected.score, LENGTH, 8, BS, tail_floor=12)
+    flush(state, FlushJob("r", LENGTH, [ROW]), st)  # type: ignore[arg-type]
+
+    calls = state.engine.paged.calls
+    # Keys of the view (and of the bin) only where there are decode queries to score; never a whole read.
+    reads = ["read_keys"] * ((1 + with_bin) if spec.kind != "window" else 0)
+    moves = ["gather"] * (1 + (plan.binned is not None and plan.binned.shape[1] > 0))
+    assert calls == reads + moves
+    # The new tail starts at 16: the 4 kept of the 8 slots before it fill live block 0 (physical 7), the bin
+    # (if any) reuses the next candidate block; the rest is reported freed.
+    assert plan.tail_start == 16 and plan.prefix_keep == 4
+    kept = expected.take(plan.keep[:, :4])
+    k, v = _stored_at(cache, [7 * BS + i for i in range(4)])
+    assert torch.equal(k, kept.k.transpose(0, 1)) and torch.equal(v, kept.v.transpose(0, 1))
+    assert torch.equal(st.positions[0], torch.gather(expected.pos, 1, plan.keep))
+    assert torch.equal(st.scores[0], torch.gather(expected.score, 1, plan.keep))
+    live, tail = st.compact[0]
+    assert (live, tail) == ((0,), 4)
+    if with_bin:
+        # 2 binned before and 4 falling out now wait in the bin: its old block, then old-tail block 3.
+        assert plan.binned is not None and plan.binned.shape[1] == 4 + 2
+        assert st.bin_blocks[0] == (5, 3)
+        binned = expected.take(plan.binned)
+        bk, bv = _stored_at(cache, [[ROW[5], ROW[3]][i // BS] * BS + i % BS for i in range(6)])
+        assert torch.equal(bk, binned.k.transpose(0, 1)) and torch.equal(bv, binned.v.transpose(0, 1))
+        assert torch.equal(st.bin_positions[0], binned.pos)
+        assert "r" not in state.out.compressed  # no block freed
+    else:
+        (group,) = state.out.compressed["r"]
+        assert (group.group, group.kept_tokens, group.freed) == (0, 8, (3,))
+
+
+def test_the_tail_is_not_rewritten() -> None:
+    spec = DecodeSpec("score", interval=6, recent=4, capacity=8)
+    state, st, _, cache = _setup(spec, False)
+    before = cache.clone()
+    flush(state, FlushJob("r", LENGTH, [ROW]), st)  # type: ignore[arg-type]
+    # Logical block 4 (physical 3, positions 16..19) is the new tail: untouched; block 7 holds the prefix.
+    assert torch.equal(cache[3], before[3])
+    assert not torch.equal(cache[7], before[7])
