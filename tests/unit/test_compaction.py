@@ -7,31 +7,17 @@ on CPU tensors, and a spy around the accessor records every read and write.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 
+from tests.unit.paged_spy import SpyPagedKV
 from vllm_kvmm.policies import LayerPlan, MergeSpec, apply_plan
 from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
 from vllm_kvmm.vllm_ext.worker.compaction import _kept_kv
 
 BS, H, D, N = 4, 2, 32, 14  # 4 blocks of 4: [0,4) [4,8) [8,12) [12,14)
 IDS = torch.tensor([7, 2, 5, 9])  # the row's physical blocks, out of order as a block table is
-
-
-class Spy(FlashPagedKV):
-    def __init__(self) -> None:
-        super().__init__(BS, D)
-        self.calls: list[str] = []
-
-    def read(self, *a: Any) -> Any:
-        self.calls.append("read")
-        return super().read(*a)
-
-    def gather(self, *a: Any) -> Any:
-        self.calls.append("gather")
-        return super().gather(*a)
 
 
 def _engine() -> tuple[SimpleNamespace, torch.Tensor, torch.Tensor]:
@@ -41,7 +27,7 @@ def _engine() -> tuple[SimpleNamespace, torch.Tensor, torch.Tensor]:
     io = FlashPagedKV(BS, D)
     pos = torch.arange(N)
     io.write(cache, IDS[pos // BS] * BS + pos % BS, k, v)
-    return SimpleNamespace(block_size=BS, kv_caches={"l0": cache}, paged=Spy()), k, v
+    return SimpleNamespace(block_size=BS, kv_caches={"l0": cache}, paged=SpyPagedKV(BS, D)), k, v
 
 
 def _plan(frozen: int = 0) -> LayerPlan:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.unit.paged_spy import SpyPagedKV
 from vllm_kvmm.policies import DecodeSpec, StoredSlots, flush_tail_start, plan_flush
 from vllm_kvmm.vllm_ext.messages import FlushJob, KVMMWorkerMeta
 from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
@@ -27,24 +28,6 @@ SCALE = D**-0.5
 ROW = [7, 0, 0, 9, 3, 6]
 PREFIX = torch.tensor([[0, 3, 6, 11], [1, 2, 9, 10]])  # prefill kept 4 tokens per head, different ones
 BIN = torch.tensor([[4, 5], [0, 7]])  # HAE's bin: 2 tokens per head waiting outside the view
-
-
-class Spy(FlashPagedKV):
-    def __init__(self) -> None:
-        super().__init__(BS, D)
-        self.calls: list[str] = []
-
-    def read(self, *a: Any) -> Any:
-        self.calls.append("read")
-        return super().read(*a)
-
-    def read_keys(self, *a: Any) -> Any:
-        self.calls.append("read_keys")
-        return super().read_keys(*a)
-
-    def gather(self, *a: Any) -> Any:
-        self.calls.append("gather")
-        return super().gather(*a)
 
 
 def _setup(spec: DecodeSpec, with_bin: bool) -> tuple[SimpleNamespace, RequestState, StoredSlots, Any]:
@@ -79,8 +62,8 @@ def _setup(spec: DecodeSpec, with_bin: bool) -> tuple[SimpleNamespace, RequestSt
     if spec.kind != "window":
         expected = expected.rescored(spec, q, torch.arange(14, LENGTH), SCALE)
     engine = SimpleNamespace(
-        block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=Spy(), num_layers=1,
-        stage=0,
+        block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=SpyPagedKV(BS, D),
+        num_layers=1, stage=0,
     )  # fmt: skip
     state = SimpleNamespace(
         engine=engine, queries=SimpleNamespace(scales={"l0": SCALE}), out=KVMMWorkerMeta(), recorder=None
