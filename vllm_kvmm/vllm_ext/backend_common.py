@@ -125,7 +125,10 @@ class StatsObservingImpl:
         # replayed graph repeats it whatever the step holds).
         if state.decoding or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
             state.queries.record(layer.layer_name, query)
-        if state.jobs or state.decoding:
+        state.queries.scales[layer.layer_name] = self.scale  # for decode-time scores at a flush
+        # Decode rows need Python here only in steps too large for the persistent buffers; a decode-only
+        # step of a large batch would otherwise walk every row in every layer to do nothing.
+        if state.jobs or (state.decoding and not state.queries.buffered):
             # A named range in profiles (bench profile-decode).
             with torch.profiler.record_function("kvmm.statistics"):
                 observe(

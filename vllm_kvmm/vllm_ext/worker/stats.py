@@ -38,7 +38,6 @@ def observe(
     if not (state.jobs or state.decoding) or layer_name not in engine.layers:
         return
     ref = engine.layers[layer_name]
-    state.queries.scales[layer_name] = scale
     # The step's row offsets and lengths from the CPU copies (a read of the device tensors here would
     # stall every layer on the GPU); the device tensors only where vLLM gave no CPU copy.
     qsl = state.rows.qsl if state.rows.qsl is not None else md.query_start_loc.tolist()
