@@ -26,14 +26,16 @@ BLOCK = 16
 BASE = dict(enforce_eager=True, dtype="float32", block_size=BLOCK, seed=0, max_model_len=1024)
 
 
-def make_llm(model: str, policy: str | None = None, budget: float | None = None, **kw: Any) -> Any:
+def make_llm(
+    model: str, policy: str | None = None, budget: float | None = None, groups: int | None = None, **kw: Any
+) -> Any:
     from vllm import LLM
 
     import vllm_kvmm
 
     args = {**BASE, **kw}
     if policy is not None:
-        args.update(vllm_kvmm.engine_args(policy, budget))
+        args.update(vllm_kvmm.engine_args(policy, budget, groups))
     return LLM(model=model, **args)
 
 

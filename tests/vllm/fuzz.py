@@ -52,6 +52,9 @@ COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))
 WORDS = "the a red blue square circle image left right above below one two three shape color".split()  # noqa: SIM905
 
 
+LAYERS = 4  # the tiny LLaVA's attention layers
+
+
 class Violation(AssertionError):
     """An invariant failed; the message holds the seed, the step and the replay command."""
 
@@ -72,11 +75,13 @@ class FuzzConfig:
     # Prefix caching on: prompts open with one of a few preambles and images of a few colours, so prefixes
     # repeat, and some requests mark a shared prefix (kv_shared_prefix).
     prefix_caching: bool = False
+    groups: int | None = None  # --kv-groups (None: one KV-cache group per layer)
 
     def command(self, step: int | None = None) -> str:
         stop = f" --stop-at {step}" if step is not None else ""
         pc = " --prefix-caching" if self.prefix_caching else ""
-        return f"python -m tests.vllm.fuzz --requests {self.requests} --seed {self.seed}{pc}{stop}"
+        g = f" --kv-groups {self.groups}" if self.groups is not None else ""
+        return f"python -m tests.vllm.fuzz --requests {self.requests} --seed {self.seed}{pc}{g}{stop}"
 
 
 @dataclass
@@ -362,7 +367,9 @@ def make_engine(model_dir: Path, cfg: FuzzConfig) -> Any:
     return make_llm(
         str(model_dir),
         "full",
-        num_gpu_blocks_override=cfg.pool_blocks,
+        groups=cfg.groups,
+        # A block holds one page per layer of a group: the same memory in blocks of G-layer groups' size.
+        num_gpu_blocks_override=cfg.pool_blocks * (cfg.groups or LAYERS) // LAYERS,
         max_model_len=512,
         max_num_batched_tokens=cfg.chunk,
         max_num_seqs=cfg.max_live,
@@ -377,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (replay a failure)")
     p.add_argument("--prefix-caching", action="store_true", help="prefix caching on, prefixes repeat")
+    p.add_argument("--kv-groups", type=int, default=None, help="KV-cache groups (default: one per layer)")
     p.add_argument("--json", default=None, help="write the report here")
     a = p.parse_args(argv)
     from transformers import AutoProcessor
@@ -385,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(os.environ.get("VLLM_KVMM_HOME", Path.home() / ".cache" / "vllm-kvmm"))
     model = build_tiny_llava(home / "fuzz" / "tiny-llava", seed=0, tokenizer=load_smollm2_tokenizer())
-    cfg = FuzzConfig(seed=a.seed, requests=a.requests, stop_at=a.stop_at, prefix_caching=a.prefix_caching)
+    cfg = FuzzConfig(seed=a.seed, requests=a.requests, stop_at=a.stop_at, prefix_caching=a.prefix_caching,
+                     groups=a.kv_groups)  # fmt: skip
     llm = make_engine(model, cfg)
     fuzzer = Fuzzer(llm, AutoProcessor.from_pretrained(model), cfg)
     fuzzer.progress = 500
