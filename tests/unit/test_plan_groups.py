@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvmm.ops import LayerStats
+from vllm_kvmm.ops import LayerStats, select_topk
 from vllm_kvmm.policies import PromptInfo, make_policy, plan_compression
 
 
@@ -56,3 +56,34 @@ def test_group_order_does_not_change_the_plans():
     for order in ([[2], [0], [3], [1]], [[3], [2], [1], [0]]):
         other = plan_compression(pol, stats, pinfo, granularity=16, groups=order)
         assert [torch.equal(a.keep, b.keep) for a, b in zip(plans, other, strict=True)] == [True] * layers
+
+
+@pytest.mark.parametrize(
+    "name, config, groups, frozen, layouts",
+    [
+        ("snapkv", {"window": 8}, None, 0, 2),  # uniform budget; block rounding carried: 48, 64, 48, 48
+        ("pyramidkv", {"window": 8}, [[0, 1], [2, 3]], 0, 2),  # two layouts of two layers
+        ("pyramidkv", {"window": 8}, None, 40, 4),  # four layouts, a frozen prefix protected in each
+        ("lookm", {}, None, 0, 2),  # float64 text-prior scores, sinks protected
+    ],
+)
+def test_selection_batched_by_layout_equals_layer_by_layer(
+    name: str, config: dict, groups: list[list[int]] | None, frozen: int, layouts: int
+) -> None:
+    n, layers, h = 200, 4, 2
+    vision = torch.zeros(n, dtype=torch.bool)
+    vision[20:120] = True
+    info = PromptInfo(n, vision, layers, h)
+    policy = make_policy(name, 0.3, config)
+    stats = _stats(n, layers, h)
+    plans = plan_compression(policy, stats, info, granularity=16, groups=groups, frozen=frozen)
+    assert len({(p.tail_start, p.prefix_keep) for p in plans}) == layouts
+    for layer, plan in enumerate(plans):
+        prot = policy.protected(info, layer)
+        if frozen:
+            prot = torch.zeros(n, dtype=torch.bool) if prot is None else prot.clone()
+            prot[:frozen] = True
+        t = plan.tail_start
+        scores = policy.scores(stats, info, layer)[:, :t]
+        alone = select_topk(scores, plan.prefix_keep, None if prot is None else prot[:t])
+        assert torch.equal(plan.keep[:, : plan.prefix_keep], alone), layer

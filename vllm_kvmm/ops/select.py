@@ -66,7 +66,7 @@ def select_topk(scores: torch.Tensor, k: int, protected: torch.Tensor | None = N
     col = torch.where(mask, mask.cumsum(-1) - 1, k)
     out = torch.empty(h, k + 1, dtype=torch.int64, device=keyed.device)
     out.scatter_(1, col, torch.arange(n, device=keyed.device).expand(h, n))
-    return out[:, :k]
+    return out[:, :k].contiguous()
 
 
 def _top_mask(keyed: torch.Tensor, count: torch.Tensor, allowed: torch.Tensor | None, k: int) -> torch.Tensor:

@@ -326,9 +326,11 @@ def plan_compression(
         carry = len(members) * residual if abs(residual) <= max(1, granularity) / 2 else 0.0
         for m in members:
             shape[m] = (tail_start, prefix)
-    # Select where the scores are: a GPU sorts [H, 8k] scores in microseconds, a CPU takes milliseconds
-    # per layer (most of a prompt's compression time at 8k). One copy brings every layer's choice back.
-    heads: dict[int, torch.Tensor] = {}
+    # Select where the scores are: a GPU ranks [H, 8k] scores in microseconds, a CPU takes milliseconds
+    # per layer. Layers of one layout (most of them: uniform budgets, or one group) are selected in one
+    # call, their heads stacked — selection is per row, so the sets are the same as layer by layer. One
+    # copy brings every layer's choice back.
+    classes: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
     for layer in range(info.num_layers):
         tail_start, k = shape[layer]
         if k == tail_start or (layers is not None and layer not in layers):
@@ -337,10 +339,15 @@ def plan_compression(
         if sc.shape != (h, n):
             raise ValueError(f"{policy.name}.scores returned {tuple(sc.shape)}, expected ({h}, {n})")
         p = prot[layer][:tail_start].to(sc.device) if prot[layer] is not None else None
-        heads[layer] = select_topk(sc[:, :tail_start], k, p)
+        classes.setdefault((tail_start, k), []).append((layer, sc[:, :tail_start], p))
+    heads: dict[int, torch.Tensor] = {}
+    for (tail_start, k), members in classes.items():
+        scores, protected = _stacked(members, h, tail_start)
+        chosen = select_topk(scores, k, protected)  # [m·H_kv, k]
+        heads.update(zip([m[0] for m in members], chosen.view(len(members), h * k), strict=True))
     if heads:
-        flat = torch.cat([x.flatten() for x in heads.values()]).cpu()
-        heads = dict(zip(heads, flat.split([x.numel() for x in heads.values()]), strict=True))
+        flat = torch.cat([heads[layer] for layer in sorted(heads)]).cpu()
+        heads = dict(zip(sorted(heads), flat.split([heads[x].numel() for x in sorted(heads)]), strict=True))
     plans = []
     for layer in range(info.num_layers):
         tail_start, k = shape[layer]
@@ -351,6 +358,23 @@ def plan_compression(
             keep = torch.arange(n).expand(h, n).clone()
         plans.append(LayerPlan(keep=keep, tail_start=tail_start, prefix_keep=k, num_tokens=n, frozen=frozen))
     return plans
+
+
+def _stacked(
+    members: list[tuple[int, torch.Tensor, torch.Tensor | None]], h: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores ``[m·H_kv, n]`` and protected masks (or ``None``) of ``m`` layers, for one selection.
+
+    Float64 scores anywhere stack as float64 (float32 values are exact in it: the order is unchanged)."""
+    wide = any(sc.dtype == torch.float64 for _, sc, _ in members)
+    scores = torch.cat([sc.double() if wide else sc.float() for _, sc, _ in members])
+    if all(p is None for _, _, p in members):
+        return scores, None
+    masks = [
+        torch.zeros(h, n, dtype=torch.bool, device=sc.device) if p is None else p.expand(h, n)
+        for _, sc, p in members
+    ]
+    return scores, torch.cat(masks)
 
 
 def _with_frozen(mask: torch.Tensor | None, frozen: int, n: int) -> torch.Tensor | None:
