@@ -346,8 +346,8 @@ def plan_compression(
         chosen = select_topk(scores, k, protected)  # [m·H_kv, k]
         heads.update(zip([m[0] for m in members], chosen.view(len(members), h * k), strict=True))
     if heads:
-        flat = torch.cat([heads[layer] for layer in sorted(heads)]).cpu()
-        heads = dict(zip(sorted(heads), flat.split([heads[x].numel() for x in sorted(heads)]), strict=True))
+        flat = torch.cat(list(heads.values())).cpu()
+        heads = dict(zip(heads, flat.split([x.numel() for x in heads.values()]), strict=True))
     plans = []
     for layer in range(info.num_layers):
         tail_start, k = shape[layer]

@@ -13,7 +13,12 @@ from functools import cache
 
 import torch
 
-__all__ = ["CpuPagedKV", "FlashPagedKV"]
+__all__ = ["CpuPagedKV", "FlashPagedKV", "flat_slots"]
+
+
+def flat_slots(ids: torch.Tensor, pos: torch.Tensor, bs: int) -> torch.Tensor:
+    """Flat cache slots ``block_id·bs + offset`` of logical positions ``pos`` in a row of blocks ``ids``."""
+    return ids[pos // bs] * bs + pos % bs
 
 
 @cache

@@ -13,6 +13,7 @@ import torch
 from vllm_kvmm.ops import LayerStats
 from vllm_kvmm.policies import LayerPlan, MergeSpec, apply_plan, plan_compression
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, PrefillJob
+from vllm_kvmm.vllm_ext.paged_kv import flat_slots
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
@@ -135,20 +136,15 @@ def _kept_kv(
         if f == plan.prefix_keep:
             return None
         src = plan.keep[:, f : plan.prefix_keep]  # [H_kv, K]: the kept prefix, per head
-        k2, v2 = engine.paged.gather(cache, _slots(ids, src, bs))  # [K, H_kv, d]
-        return _slots(ids, torch.arange(f, plan.prefix_keep), bs), k2, v2
+        k2, v2 = engine.paged.gather(cache, flat_slots(ids, src, bs))  # [K, H_kv, d]
+        return flat_slots(ids, torch.arange(f, plan.prefix_keep), bs), k2, v2
     k, v = engine.paged.read(cache, ids, n)  # [N, H_kv, d]
     k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
     # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
     pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])
     f = min(plan.frozen, plan.num_kept)
     pos, k2, v2 = pos[f:], k2[:, f:], v2[:, f:]
-    return _slots(ids, pos, bs), k2.transpose(0, 1), v2.transpose(0, 1)
-
-
-def _slots(ids: torch.Tensor, pos: torch.Tensor, bs: int) -> torch.Tensor:
-    """Flat cache slots ``block_id·bs + offset`` of logical positions ``pos`` in a row of blocks ``ids``."""
-    return ids[pos // bs] * bs + pos % bs
+    return flat_slots(ids, pos, bs), k2.transpose(0, 1), v2.transpose(0, 1)
 
 
 def _start_decode_state(st: RequestState, h: int, layer: int, plan: LayerPlan, stats: Any, end: int) -> None:

@@ -23,6 +23,7 @@ from vllm_kvmm.policies.decode import (
     rescore,
 )
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
+from vllm_kvmm.vllm_ext.paged_kv import flat_slots
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
@@ -111,12 +112,6 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)
 
 
-def _slots(blocks: torch.Tensor, n: int, bs: int) -> torch.Tensor:
-    """``[n]`` flat slots ``block·bs + offset`` of the first ``n`` tokens stored in ``blocks`` (in order)."""
-    j = torch.arange(n)
-    return blocks[j // bs] * bs + j % bs
-
-
 def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, layer: int) -> _Stored:
     """Where one layer's stored slots are, with their positions and scores so far. Reads no cache."""
     spec = st.decode
@@ -137,7 +132,7 @@ def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, lay
         raise RuntimeError(f"kvmm: {job.req_id} layer {layer}: {pos.shape[1]} positions, {n_view} slots")
     row = job.block_ids[group]
     view_ids = torch.tensor([row[i] for i in [*live, *range(tail, -(-length // bs))]], dtype=torch.long)
-    src = _slots(view_ids, n_view, bs)
+    src = flat_slots(view_ids, torch.arange(n_view), bs)
     bin_ids = torch.tensor([row[i] for i in st.bin_blocks.get(group, ())], dtype=torch.long)
     bin_pos = st.bin_positions.get(layer)
     m, n_bin = pos.shape[1], 0 if bin_pos is None else bin_pos.shape[1]
@@ -145,7 +140,7 @@ def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, lay
         m = bin_offset(pos, flush_tail_start(length, spec.recent, bs, tail * bs))
         pos = insert_bin(pos, bin_pos, m)
         score = insert_bin(score, st.bin_scores[layer], m)
-        src = insert_bin(src[None], _slots(bin_ids, n_bin, bs)[None], m)[0]
+        src = insert_bin(src[None], flat_slots(bin_ids, torch.arange(n_bin), bs)[None], m)[0]
     return _Stored(pos, score, src, view_ids, n_view, bin_ids, n_bin, m)
 
 
@@ -224,7 +219,9 @@ def _plan_layer(
         if n > skip:
             # Gathered (a copy) before any write of this group: a destination may be another's source.
             k, v = engine.paged.gather(cache, s.src[idx[:, skip:]])  # [n − skip, H_kv, d]
-            dst = _slots(torch.tensor([row[i] for i in blocks], dtype=torch.long), n, bs)[skip:]
+            dst = flat_slots(
+                torch.tensor([row[i] for i in blocks], dtype=torch.long), torch.arange(skip, n), bs
+            )
             writes.append((dst, k, v))
     return _LayerFlush(
         writes=writes,
