@@ -5,8 +5,9 @@
 # to send it (after ../shared/device/prepare.sh has staged vLLM) and what each part measures.
 #
 #   bash scripts/gpu_run.sh PART [--cpu]
-#     1: tests/gpu, then bench perf on the LLaVA-1.5-7B shape (8 images, 8k prompts × 48, ρ 0.2):
-#        vanilla, the ideal, snapkv, meda
+#     1: tests/gpu; bench stats (one layer's statistics per policy at 8k, torch vs Triton, next to the
+#        attention; meda's sampled entropies vs meda-exact); then bench perf on the LLaVA-1.5-7B shape
+#        (8 images, 8k prompts × 48, ρ 0.2): vanilla, the ideal, snapkv, meda
 #     2: the same workload for lookm, hae, pyramidkv (vanilla and the ideal again: ratios within one run),
 #        then the Qwen2-7B GQA shape (text, 8k × 48) for snapkv and meda
 #     3: decode-heavy (vanilla vs h2o, streamingllm, hae's recycle bin; 1k prompts, 4k outputs, dummy
@@ -28,6 +29,8 @@ if [ "$mode" = "--cpu" ]; then
   gqa=(--scale tiny --ctx 512 --requests 4 --out 8)
   decode=(--prompt 128 --out 96 --requests 2 --interval 16)
   profile=(--scale tiny --ctx 512 --steps 8)
+  stats=(--device cpu --kernels torch --tokens 1024 --heads 4 --kv-heads 2 --head-dim 32 --images 2
+         --image-tokens 128 --repeats 2)
   tests=(tests/gpu)  # they skip without CUDA: the rehearsal checks the command, not the kernels
   limit=600
 else
@@ -39,6 +42,7 @@ else
   gqa=(--arch qwen2-7b-gqa --ctx 8192 --requests 48 --out 128)
   decode=(--dtype bfloat16 --prompt 1024 --out 4096 --requests 32 --interval 64 --graphs --load-format dummy)
   profile=(--arch llama2-7b-mha --ctx 8192 --steps 64)
+  stats=(--device cuda --kernels torch,triton --repeats 5)  # 8k tokens, 32 heads × 128, 8 × 576 image tokens
   tests=(tests/gpu)
   limit=560
 fi
@@ -63,6 +67,8 @@ step() {
 case "$part" in
   1)
     step gpu_tests "${py[@]}" -m pytest -q "${tests[@]}" --junitxml="$OUT/gpu_tests.xml"
+    step stats "${bench[@]}" stats "${stats[@]}" --policies snapkv,meda,meda-exact,lookm,h2o,hae \
+      --out "$OUT/stats.json"
     step perf_llava_a "${bench[@]}" perf "${perf[@]}" --budget 0.2 --policies snapkv,meda \
       --model-root "$models" --json "$OUT/perf_llava_a.json"
     ;;

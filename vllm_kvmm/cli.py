@@ -142,6 +142,11 @@ MODULE_BENCHES = (
     ),
     ("sweep", "sweep", "design sweep on the VLM's validation split: policy variants, one prefill per prompt"),
     (
+        "entropy-sample",
+        "entropy_sample",
+        "MEDA's layer entropies from sampled query rows vs every row: cost and budget moves (VLM prompts)",
+    ),
+    (
         "decode",
         "decode",
         "long generations: throughput and KV held, vanilla vs decode-time eviction (SmolLM2)",

@@ -8,6 +8,7 @@ vLLM-like prefill chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -21,15 +22,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ALL = StatsRequest(colsum=True, window=32, entropy=True, cross_entropy=True, t2v=True)
 
 
-def run(kernels: str, q, k, vision, cuts):
+def run(kernels: str, q, k, vision, cuts, request: StatsRequest = ALL):
     n, h, _ = q.shape
-    acc = StatsAccumulator(ALL, n, h, k.shape[1], vision, q.shape[-1] ** -0.5, kernels=kernels)  # type: ignore[arg-type]
+    acc = StatsAccumulator(request, n, h, k.shape[1], vision, q.shape[-1] ** -0.5, kernels=kernels)  # type: ignore[arg-type]
     for s, e in itertools.pairwise(cuts):
         acc.update(q[s:e], k[:e], s)
     assert acc.done
     return acc.result()
 
 
+@pytest.mark.parametrize("step", [1, 8])
 @pytest.mark.parametrize(
     ("dtype", "h", "h_kv", "n", "cuts"),
     [
@@ -38,13 +40,14 @@ def run(kernels: str, q, k, vision, cuts):
         (torch.float32, 8, 2, 700, (0, 100, 700)),
     ],
 )
-def test_triton_matches_torch_on_cuda(dtype, h, h_kv, n, cuts):
+def test_triton_matches_torch_on_cuda(dtype, h, h_kv, n, cuts, step):
     gen = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, h, 128, device="cuda", generator=gen).to(dtype) * 1.5
     k = torch.randn(n, h_kv, 128, device="cuda", generator=gen).to(dtype) * 1.5
     vision = torch.zeros(n, dtype=torch.bool)
     vision[n // 8 : n // 8 + n // 2] = True
-    ref, got = run("torch", q, k, vision, cuts), run("triton", q, k, vision, cuts)
+    request = dataclasses.replace(ALL, entropy_step=step)  # 8: entropies of sampled rows (MEDA's default)
+    ref, got = run("torch", q, k, vision, cuts, request), run("triton", q, k, vision, cuts, request)
     for field in ("colsum", "window", "t2v_sum", "t2v_max"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-3, atol=1e-5, msg=field)
     for field in ("entropy", "entropy_tv", "entropy_vt"):

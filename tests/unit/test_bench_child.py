@@ -120,8 +120,8 @@ def test_every_bench_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     choices = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out)
     assert choices is not None
     assert sorted(choices[1].split(",")) == [
-        "decode", "multiturn", "overhead", "perf", "profile-decode", "quality", "retrieval", "soak", "stats",
-        "sweep",
+        "decode", "entropy-sample", "multiturn", "overhead", "perf", "profile-decode", "quality", "retrieval",
+        "soak", "stats", "sweep",
     ]  # fmt: skip
 
 

@@ -7,6 +7,7 @@ statistic off it with the definitions of ``vllm_kvmm/ops/stats.py``'s docstring 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -61,8 +62,10 @@ def entropy_of(p: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def naive_stats(q, k, vision, scale, window):
+def naive_stats(q, k, vision, scale, window, step=1):
+    """Every statistic of the module docstring; the entropies over the rows at positions ``0, step, …``."""
     n = q.shape[0]
+    sampled = [i for i in range(n) if i % step == 0]
     a = naive_attention(q, k, scale)
     logits = naive_logits(q, k, scale)
     vis = [bool(v) for v in vision]
@@ -71,12 +74,13 @@ def naive_stats(q, k, vision, scale, window):
     w0 = max(0, n - window)
     out["window"] = group_mean(a[:, w0:].sum(1), k.shape[1])
     # full-map entropy: mean over (head, row) of the row entropies
-    out["entropy"] = sum(entropy_of(a[h, i]) for h in range(a.shape[0]) for i in range(n)) / (a.shape[0] * n)
+    heads = range(a.shape[0])
+    out["entropy"] = sum(entropy_of(a[h, i]) for h in heads for i in sampled) / (a.shape[0] * len(sampled))
 
     # cross-modal: per head softmax over the visible keys of the other modality, head mean, entropy
     def cross(query_is_vis: bool) -> float:
         ents = []
-        for i in range(n):
+        for i in sampled:
             if vis[i] != query_is_vis:
                 continue
             cols = [j for j in range(i + 1) if vis[j] != query_is_vis]
@@ -194,6 +198,41 @@ def test_chunked_prefill_equals_one_call(case):
         a, b = float(getattr(got, name)), float(getattr(one, name))
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5)
     assert_stats_close(got, naive_stats(q, k, vision, scale, ALL.window))
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+@pytest.mark.parametrize("step", [2, 3, 5])
+def test_sampled_entropies_are_the_means_over_every_step_th_row(case, step):
+    """Entropies from the rows at positions 0, s, 2s, … of the prompt, however the prefill is chunked
+    (cuts and internal chunks that do not line up with the sample); every-row statistics unchanged."""
+    n, spans = MASKS[case]
+    q, k = make_qk(n, seed=13 + step)
+    vision = spans_mask(n, spans)
+    exp = naive_stats(q, k, vision, 0.4, ALL.window, step)
+    for cuts, chunk in (([0, n], 1000), ([0, 1, 6, 13, n - 2, n], 3), ([0, 4, 5, n], 2)):
+        request = dataclasses.replace(ALL, entropy_step=step)
+        acc = StatsAccumulator(request, n, H, H_KV, vision, 0.4, chunk=chunk)
+        for s, e in itertools.pairwise(cuts):
+            acc.update(q[s:e], k[:e], s)
+        assert_stats_close(acc.result(), exp)
+    # Not the exact entropies: the sample is a different set of rows (on these prompts).
+    full = naive_stats(q, k, vision, 0.4, ALL.window)
+    assert exp["entropy"] != pytest.approx(full["entropy"], rel=1e-4)
+
+
+def test_sampled_entropies_alone_and_checked():
+    n, spans = MASKS["three_images"]
+    q, k = make_qk(n, seed=2)
+    vision = spans_mask(n, spans)
+    req = StatsRequest(cross_entropy=True, entropy=True, entropy_step=4)
+    assert req.sampled and not StatsRequest(window=3, entropy_step=4).sampled
+    got = attention_stats(req, q, k, vision, 0.5, chunk=5)
+    exp = naive_stats(q, k, vision, 0.5, 1, 4)
+    for name in ("entropy", "entropy_tv", "entropy_vt"):
+        assert float(getattr(got, name)) == pytest.approx(exp[name], rel=1e-5, abs=1e-6), name
+    assert got.colsum is None and got.window is None
+    with pytest.raises(ValueError, match="entropy_step must be >= 1"):
+        StatsRequest(entropy=True, entropy_step=0)
 
 
 @pytest.mark.parametrize(

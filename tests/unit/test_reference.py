@@ -453,6 +453,8 @@ def test_generate_variants_equals_generate_per_policy(
     prompt = prompt_from_messages(proc, image_messages(2, TEXTS[1]), images[1:3])
     names = [n for n in policy_names() if n != "full"]
     policies = [make_policy("full")] + [make_policy(n, 0.3) for n in names]
+    # Entropies from other row samples cannot share a prefill with the rest: a prefill of their own each.
+    policies += [make_policy("meda", 0.3, {"entropy_step": s}) for s in (1, 3)]
     together = ref.generate_variants(prompt, policies, 5, granularity=4)
     assert len(together) == len(policies)
     for policy, got in zip(policies, together, strict=True):
@@ -463,6 +465,40 @@ def test_generate_variants_equals_generate_per_policy(
             assert torch.equal(a.keep, b.keep), policy.name
     with pytest.raises(ValueError, match="decode-time eviction"):
         ref.generate_variants(prompt, [make_policy("h2o", 0.5, {"decode_interval": 4})], 3)
+
+
+def test_collect_stats_feeds_each_request_its_own_accumulators(
+    llava: tuple[DenseReference, Any], images: list
+) -> None:
+    from vllm_kvmm.ops import StatsRequest
+
+    ref, proc = llava
+    prompt = prompt_from_messages(proc, image_messages(2, TEXTS[1]), images[1:3])
+    exact = StatsRequest(cross_entropy=True, window=4)
+    sampled = StatsRequest(cross_entropy=True, entropy_step=3)
+    (both_exact, both_sampled), seconds = ref.collect_stats(prompt, [exact, sampled])
+    (alone_exact,), _ = ref.collect_stats(prompt, [exact])
+    (alone_sampled,), _ = ref.collect_stats(prompt, [sampled])
+    assert len(seconds) == 2 and all(t > 0 for t in seconds)
+    assert len(both_exact) == ref.num_layers
+    for a, b, c, d in zip(both_exact, alone_exact, both_sampled, alone_sampled, strict=True):
+        assert torch.equal(a.window, b.window) and c.window is None
+        for field in ("entropy_tv", "entropy_vt"):
+            assert float(getattr(a, field)) == float(getattr(b, field))
+            assert float(getattr(c, field)) == float(getattr(d, field))
+    # The sample is another set of rows: another mean (both finite on an image prompt).
+    pairs = zip(both_exact, both_sampled, strict=True)
+    assert any(float(a.entropy_vt) != float(c.entropy_vt) for a, c in pairs)
+
+
+def test_union_of_requests_refuses_different_row_samples() -> None:
+    from vllm_kvmm.ops import StatsRequest
+    from vllm_kvmm.reference.dense import union_request
+
+    one = StatsRequest(cross_entropy=True, entropy_step=2)
+    assert union_request([one, StatsRequest(window=3, entropy_step=5)]).entropy_step == 2  # no entropy
+    with pytest.raises(ValueError, match="different row samples"):
+        union_request([one, StatsRequest(entropy=True, entropy_step=4)])
 
 
 def test_batch_invariance_across_tile_counts(tiny_llava_next_dir: Path) -> None:

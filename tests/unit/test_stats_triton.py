@@ -49,7 +49,7 @@ def interpreted_cases(interpreted) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernels_match_the_dense_twin(interpreted_cases, name):
     q, k, vision, scale, request, _ = case_inputs(name)
-    exp = naive_stats(q, k, vision, scale, request.window)
+    exp = naive_stats(q, k, vision, scale, request.window, request.entropy_step)
     got = interpreted_cases[name]
     wanted = {
         "colsum": request.colsum,
@@ -77,6 +77,19 @@ def test_tiling_and_key_splits_do_not_change_the_sums(interpreted):
     for other in others:
         for field, value in first.items():
             torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6, msg=field)
+
+
+def test_sampled_rows_get_the_entropies_they_have_among_every_row(interpreted):
+    got = interpreted["strided"]
+    assert got["alone_entropy"].shape == (4, 75)
+    torch.testing.assert_close(got["alone_entropy"], got["every_entropy"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["alone_cross"], got["every_cross"], rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_rows_refuse_column_statistics():
+    q, k = torch.randn(4, 2, 16), torch.randn(8, 2, 16)
+    with pytest.raises(ValueError, match="column statistics need every row"):
+        stats_triton.block_stats(q, k, 0, 1.0, torch.zeros(8, dtype=torch.bool), colsum_from=0, row_step=2)
 
 
 def test_kernels_argument_is_checked():

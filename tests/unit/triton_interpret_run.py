@@ -10,6 +10,7 @@ Usage: ``TRITON_INTERPRET=1 python -m tests.unit.triton_interpret_run OUT.pt``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 
@@ -23,6 +24,7 @@ REQUESTS = {
     "window_only": StatsRequest(window=7),
     "t2v_only": StatsRequest(t2v=True),
     "colsum_entropy": StatsRequest(colsum=True, entropy=True),
+    "all_step3": dataclasses.replace(ALL, entropy_step=3),  # sampled entropy rows beside every-row sums
 }
 # (mask name or (n, spans), heads, kv heads, head dim, prefill cuts as fractions of n)
 CASES: dict[str, tuple] = {
@@ -32,6 +34,7 @@ CASES: dict[str, tuple] = {
     "image_first/all/gqa8": ("image_first", 8, 1, 16, (0.0, 1.0), "all"),
     # past one 64-wide tile in both directions, with prefill chunks cutting through tiles
     "long/all/chunked": ((150, [(10, 70), (80, 130)]), 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all"),
+    "long/all_step3/chunked": ((150, [(10, 70), (80, 130)]), 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all_step3"),
 }
 
 
@@ -71,10 +74,30 @@ def run_tilings() -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def run_strided() -> dict[str, torch.Tensor]:
+    """Row entropies of the long case's rows 1, 3, 5, … : from every row, and from those rows alone
+    (``row_step`` 2, small tiles: several row tiles, each seeing keys up to its own last row)."""
+    from vllm_kvmm.ops.stats_triton import block_stats
+
+    q, k, vision, scale, _, _ = case_inputs("long/all/chunked")
+    every = block_stats(q, k, 0, scale, vision, entropy=True, cross=True)
+    alone = block_stats(
+        q[1::2], k, 1, scale, vision, entropy=True, cross=True, row_step=2, block_m=16, block_n=32,
+        cross_splits=3,
+    )  # fmt: skip
+    return {
+        "every_entropy": every.entropy[:, 1::2], "every_cross": every.cross[1::2],
+        "alone_entropy": alone.entropy, "alone_cross": alone.cross,
+    }  # fmt: skip
+
+
 if __name__ == "__main__":
     from triton import knobs
 
     if not knobs.runtime.interpret:
         sys.exit("set TRITON_INTERPRET=1")
     torch.set_num_threads(1)
-    torch.save({"cases": {name: run(name) for name in CASES}, "tilings": run_tilings()}, sys.argv[1])
+    torch.save(
+        {"cases": {name: run(name) for name in CASES}, "tilings": run_tilings(), "strided": run_strided()},
+        sys.argv[1],
+    )

@@ -86,6 +86,8 @@ def yardstick_cases(policies: Sequence[str], budgets: Sequence[float]) -> list[t
 VARIANTS: dict[str, tuple[str, Any]] = {
     # MEDA as in the paper, plus 4 attention-sink tokens in every layer (beyond the paper: sink_tokens).
     "meda-sink": ("meda-paper", lambda budget: {"sink_tokens": 4}),
+    # The default meda with its layer entropies from every query row (the sampled estimate's yardstick).
+    "meda-exact": ("meda", lambda budget: {"entropy_step": 1}),
 }
 
 

@@ -16,13 +16,18 @@ Statistics (all float32, all reduced to KV heads by the mean over each GQA group
   Causal: a text query sees only earlier vision keys (see docs/policies.md for why).
 * ``t2v_sum`` / ``t2v_max``  head-averaged attention that vision keys receive from the text queries
   after the last vision token: sum and max over those queries (HAE dual-attention pruning).
+
+The entropies are means over query rows, so they can be estimated from a systematic sample of the rows:
+with ``entropy_step = s`` only the queries at positions ``0, s, 2s, …`` (of the whole prompt, so the sample
+does not depend on how the prefill is chunked) contribute, at ``1/s`` of the cost (every sampled row still
+sees every key). Column statistics always use every row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -46,7 +51,9 @@ __all__ = [
 class StatsRequest:
     """Which statistics a policy needs for one prompt (drives what the attention hook computes).
 
-    ``window`` is a number of queries (0 = none); ``layers`` the layers to collect (``None`` = all).
+    ``window`` is a number of queries (0 = none); ``layers`` the layers to collect (``None`` = all);
+    ``entropy_step``: the entropies' rows are the queries at positions that are multiples of it (module
+    docstring; 1 = every row, exact).
     """
 
     colsum: bool = False
@@ -55,6 +62,16 @@ class StatsRequest:
     cross_entropy: bool = False
     t2v: bool = False
     layers: tuple[int, ...] | None = None
+    entropy_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.entropy_step < 1:
+            raise ValueError(f"entropy_step must be >= 1, got {self.entropy_step}")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether entropies come from sampled rows (computed apart from the every-row statistics)."""
+        return self.entropy_step > 1 and (self.entropy or self.cross_entropy)
 
     @property
     def empty(self) -> bool:
@@ -162,6 +179,8 @@ class StatsAccumulator:
         self.t2v_from = int(vis_pos[-1].item()) + 1 if vis_pos.numel() else num_tokens
         self.window_from = num_tokens - request.window if request.window else num_tokens
         self._acc = _Acc()
+        # Sampled entropies are computed apart from the statistics that need every row.
+        self._rows = replace(request, entropy=False, cross_entropy=False) if request.sampled else request
         # Queries before ``start`` never run (a prefix-cache hit): the statistics cover [start, N).
         if not 0 <= start <= num_tokens:
             raise ValueError(f"start {start} is outside a prompt of {num_tokens} tokens")
@@ -191,7 +210,9 @@ class StatsAccumulator:
     def first_query(self) -> int:
         """The first prompt position whose query counts: window-only and text→vision statistics read just
         the last rows (``N``: none counts)."""
-        req = self.request
+        return self._first_row(self.request)
+
+    def _first_row(self, req: StatsRequest) -> int:
         first = 0 if (req.colsum or req.entropy or req.cross_entropy) else self.n
         if req.window:
             first = min(first, self.window_from)
@@ -227,14 +248,17 @@ class StatsAccumulator:
                 f"chunk [{q_start}, {q_start + n_q}) with {k.shape[0]} keys does not fit a prompt of {self.n}"
             )
         k = k[: self.n]
-        skip = max(0, self.first_query - q_start)
-        if self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda):
+        triton = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
+        skip = max(0, self._first_row(self._rows) - q_start)
+        if triton:
             if skip < n_q:
                 self._update_triton(q[skip:], k, q_start + skip)
         else:
             for s in range(skip, n_q, self.chunk):
                 e = min(n_q, s + self.chunk)
                 self._update_block(q[s:e], k, q_start + s)
+        if self.request.sampled:
+            self._update_sampled(q, k, q_start, triton)
         self._acc.seen += n_q
 
     def _vision_on(self, dev: torch.device) -> torch.Tensor:
@@ -244,7 +268,7 @@ class StatsAccumulator:
 
     def _update_triton(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
         """The same sums as :meth:`_update_block`, from the flash-style kernels (all queries at once)."""
-        req = self.request
+        req = self._rows
         n_q, dev = q.shape[0], q.device
         n_vis = start + n_q
         heads = self.h * self.world
@@ -270,7 +294,7 @@ class StatsAccumulator:
         if out.entropy is not None:
             self._add_entropy(out.entropy)
         if out.cross is not None:
-            self._add_cross(out.cross, start)
+            self._add_cross(out.cross, torch.arange(start, start + n_q))
         if out.t2v_sum is not None and out.t2v_max is not None:
             self._add_t2v(out.t2v_sum / heads, out.t2v_max / heads)
 
@@ -303,29 +327,69 @@ class StatsAccumulator:
         total = x.sum(0)
         return self.all_reduce(total) if self.all_reduce is not None else total
 
-    def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
-        # No device synchronisation in here: which rows count is decided from positions on the CPU, and
-        # sums stay on the device until ``result``.
-        req = self.request
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor | None, start: int) -> torch.Tensor:
+        """``[H, n_q, n_vis]`` causal attention probabilities of ``q`` ``[n_q, H, d]`` (exact zeros on
+        future keys): the queries of positions ``[start, start + n_q)``, or of ``pos`` (ascending, on the
+        CPU) when given; ``n_vis`` is the last position + 1 (later keys are never visible)."""
         n_q = q.shape[0]
         dev = q.device
         g = self.h // self.h_kv
-        heads = self.h * self.world
-        # Keys beyond the last query of this block are never visible: trim them.
-        n_vis = start + n_q
+        n_vis = start + n_q if pos is None else int(pos[-1]) + 1
         kk = k[:n_vis].float()
         # [H, n_q, n_vis] logits; query head h reads KV head h // g (grouped, no repeated keys).
         qq = q.float().view(n_q, self.h_kv, g, -1)
         z = torch.einsum("qcgd,kcd->cgqk", qq, kk).reshape(self.h, n_q, n_vis)
         z.mul_(self.scale)
-        # Only the block's last n_q keys lie after some of its queries: mask that square in place (the most
-        # negative finite value: exp gives exact zeros).
-        future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
-        z[:, :, start:].masked_fill_(future, torch.finfo(z.dtype).min)
-        # [H, n_q, n_vis], exact zeros above the diagonal: the softmax in place, from the row maximum (on a
-        # CPU, logsumexp's own passes cost more than the softmax itself).
+        # Masked in place with the most negative finite value (exp gives exact zeros). Contiguous rows:
+        # only the block's last n_q keys lie after some of its queries, a square.
+        lowest = torch.finfo(z.dtype).min
+        if pos is None:
+            future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
+            z[:, :, start:].masked_fill_(future, lowest)
+        else:
+            first = int(pos[0])
+            future = torch.arange(first, n_vis, device=dev)[None, :] > pos.to(dev)[:, None]
+            z[:, :, first:].masked_fill_(future, lowest)
+        # The softmax in place, from the row maximum (on a CPU, logsumexp's own passes cost more than the
+        # softmax itself).
         p = z.sub_(z.amax(-1, keepdim=True)).exp_()
-        p.div_(p.sum(-1, keepdim=True))
+        return p.div_(p.sum(-1, keepdim=True))
+
+    def _update_sampled(self, q: torch.Tensor, k: torch.Tensor, q_start: int, triton: bool) -> None:
+        """The entropies of the sampled rows among ``q`` (positions ``[q_start, q_start + n_q)``)."""
+        req, step = self.request, self.request.entropy_step
+        offset = (-q_start) % step
+        if offset >= q.shape[0]:  # no sampled row in this chunk
+            return
+        pos = torch.arange(q_start + offset, q_start + q.shape[0], step)
+        qs = q[offset::step]
+        cross = req.cross_entropy and bool(self.vision.any())
+        if triton:
+            out = stats_triton.block_stats(
+                qs, k, int(pos[0]), self.scale, self._vision_on(q.device),
+                entropy=req.entropy, cross=cross, row_step=step,
+            )  # fmt: skip
+            if out.entropy is not None:
+                self._add_entropy(out.entropy)
+            if out.cross is not None:
+                self._add_cross(out.cross, pos)
+            return
+        for s in range(0, pos.numel(), self.chunk):
+            rows = pos[s : s + self.chunk]
+            p = self._probs(qs[s : s + self.chunk], k, rows, 0)
+            if req.entropy:
+                self._add_entropy(-torch.special.xlogy(p, p).sum(-1))
+            if cross:
+                self._cross_entropy(p, rows)
+
+    def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+        # No device synchronisation in here: which rows count is decided from positions on the CPU, and
+        # sums stay on the device until ``result``.
+        req = self._rows
+        n_q = q.shape[0]
+        dev = q.device
+        heads = self.h * self.world
+        p = self._probs(q, k, None, start)
 
         if req.colsum:
             self._add_keys("colsum", p.sum(1))
@@ -333,10 +397,8 @@ class StatsAccumulator:
             self._add_keys("window", p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
             self._add_entropy(-torch.special.xlogy(p, p).sum(-1))  # −Σ p log p; 0 where p is 0
-        vis_k = self._vision_on(dev)[:n_vis]
-        vis_q = self._vision_on(dev)[start : start + n_q]
         if req.cross_entropy and bool(self.vision.any()):
-            self._cross_entropy(p, vis_q, vis_k, start)
+            self._cross_entropy(p, torch.arange(start, start + n_q))
         if req.t2v and start + n_q > self.t2v_from:
             text = (torch.arange(start, start + n_q) >= self.t2v_from) & ~self.vision[start : start + n_q]
             rows = torch.nonzero(text).flatten()
@@ -344,14 +406,9 @@ class StatsAccumulator:
                 pm = self._head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
                 self._add_t2v(pm.sum(0), pm.max(0).values)
 
-    def _cross_entropy(
-        self,
-        p: torch.Tensor,
-        vis_q: torch.Tensor,
-        vis_k: torch.Tensor,
-        start: int,
-    ) -> None:
-        """MEDA's text→vision and vision→text entropies from the full map ``p`` ``[H, n_q, n_vis]``.
+    def _cross_entropy(self, p: torch.Tensor, pos: torch.Tensor) -> None:
+        """MEDA's text→vision and vision→text entropies from the full map ``p`` ``[H, n_q, n_vis]`` of the
+        queries at positions ``pos`` ``[n_q]`` (CPU).
 
         A head's map restricted to the other modality's keys and renormalised is ``p_h / m_h`` there, with
         ``m_h`` the row's mass on those keys; so the head-averaged renormalised map is one weighted head sum
@@ -359,6 +416,8 @@ class StatsAccumulator:
         underflows float32, i.e. logit gaps beyond ~87.)
         """
         heads = self.h * self.world
+        vision = self._vision_on(p.device)
+        vis_k, vis_q = vision[: p.shape[-1]], vision[pos.to(p.device)]
         cols = torch.stack([vis_k, ~vis_k], dim=-1).to(p.dtype)  # [n_vis, 2]: vision, text
         masses = torch.matmul(p, cols)  # [H, n_q, 2]
         # Text rows look at vision keys (tv); vision rows at text keys (vt).
@@ -368,16 +427,14 @@ class StatsAccumulator:
             pm = self.all_reduce(pm)  # the other ranks' heads
         # Each row's other-modality keys; the future ones need no mask: p, hence pm, is exactly 0 there.
         pm.mul_(vis_q.unsqueeze(1) != vis_k.unsqueeze(0))
-        self._add_cross(-torch.special.xlogy(pm, pm).sum(-1), start)
+        self._add_cross(-torch.special.xlogy(pm, pm).sum(-1), pos)
 
-    def _add_cross(self, ent: torch.Tensor, start: int) -> None:
-        """Add the cross-modal row entropies ``[n_q]`` of positions ``[start, start + n_q)``."""
+    def _add_cross(self, ent: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add the cross-modal row entropies ``[n_q]`` of the queries at positions ``pos`` (CPU)."""
         acc = self._acc
-        n_q = ent.shape[0]
-        vis_cpu = self.vision[start : start + n_q]
+        vis_cpu = self.vision[pos]
         # Rows with at least one visible key of the other modality (decided on the CPU, from positions).
-        pos = torch.arange(start, start + n_q)
-        vis_before = self._vision_cumsum[start : start + n_q]
+        vis_before = self._vision_cumsum[pos]
         tv = ~vis_cpu & (vis_before > 0)
         vt = vis_cpu & (pos + 1 - vis_before > 0)
         if bool(tv.any()):

@@ -74,6 +74,7 @@ def block_stats(
     window_from: int | None = None,
     t2v_from: int | None = None,
     cross: bool = False,
+    row_step: int = 1,
     block_m: int = 64,
     block_n: int = 64,
     cross_splits: int = 8,
@@ -81,17 +82,21 @@ def block_stats(
     """Attention statistics of one block of prompt queries, without materialising the attention map.
 
     Args:
-        q: ``[n_q, H, d]`` post-RoPE queries of positions ``[start, start + n_q)``.
-        k: ``[n_k, H_kv, d]`` post-RoPE keys of positions ``[0, n_k)``, ``n_k ≥ start + n_q``.
-        vision: ``[≥ start + n_q]`` bool, ``True`` at vision positions (on ``q``'s device).
+        q: ``[n_q, H, d]`` post-RoPE queries of positions ``start + row_step·i`` (``[start, start + n_q)``
+            by default; a strided view is not copied).
+        k: ``[n_k, H_kv, d]`` post-RoPE keys of positions ``[0, n_k)``, ``n_k`` ≥ the last position + 1.
+        vision: ``[≥ n_vis]`` bool, ``True`` at vision positions (on ``q``'s device).
         colsum_from / window_from / t2v_from: absolute positions; queries at or after them count
-            towards ``colsum`` / ``window`` / ``t2v_*`` (``None``: not computed).
+            towards ``colsum`` / ``window`` / ``t2v_*`` (``None``: not computed; only with ``row_step`` 1).
         entropy, cross: compute the row entropies / MEDA's cross-modal entropies.
+        row_step: sampled rows (the entropies of :class:`~vllm_kvmm.ops.StatsRequest`'s ``entropy_step``).
     """
     if triton is None:
         raise RuntimeError("the Triton statistics kernels need the `triton` package")
     n_q, h, d = q.shape
-    n_vis = start + n_q
+    if row_step < 1 or (row_step > 1 and not all(x is None for x in (colsum_from, window_from, t2v_from))):
+        raise ValueError(f"row_step {row_step}: column statistics need every row (row_step 1)")
+    n_vis = start + (n_q - 1) * row_step + 1
     h_kv = k.shape[1]
     if h % h_kv or k.shape[0] < n_vis or k.shape[2] != d or vision.shape[0] < n_vis:
         raise ValueError(
@@ -116,7 +121,7 @@ def block_stats(
     ent = torch.empty(h, n_q, dtype=f32, device=dev)
     mass = torch.empty(2, h, n_q, dtype=f32, device=dev)  # vision, text
     kern["row"][(triton.cdiv(n_q, block_m), h)](
-        q, k, vis, lse, ent, mass, n_q, start, scale,
+        q, k, vis, lse, ent, mass, n_q, start, row_step, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), h * n_q,
         BM=block_m, BN=block_n, **common,
     )  # fmt: skip
@@ -153,7 +158,7 @@ def block_stats(
         splits = max(1, min(cross_splits, triton.cdiv(n_vis, block_n)))
         ce = torch.empty(splits, n_q, dtype=f32, device=dev)
         kern["cross"][(triton.cdiv(n_q, block_m), splits)](
-            q, k, vis, lse, mass, ce, n_q, start, scale, h, h * n_q,
+            q, k, vis, lse, mass, ce, n_q, start, row_step, scale, h, h * n_q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             BM=block_m, BN=block_n, **common,
         )  # fmt: skip
@@ -164,9 +169,9 @@ def block_stats(
 if triton is not None:
     # Positions and lengths change with every prompt and chunk: they are not specialised on (value 1 or a
     # multiple of 16), so each kernel compiles once per head size and dtype, not once per prompt shape.
-    @triton.jit(do_not_specialize=["n_q", "start"])
+    @triton.jit(do_not_specialize=["n_q", "start", "step"])
     def _row_stats(
-        q_ptr, k_ptr, vis_ptr, lse_ptr, ent_ptr, mass_ptr, n_q, start, scale,
+        q_ptr, k_ptr, vis_ptr, lse_ptr, ent_ptr, mass_ptr, n_q, start, step, scale,
         sq_t, sq_h, sk_t, sk_h, mass_stride,
         GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         PREC: tl.constexpr,
@@ -175,7 +180,7 @@ if triton is not None:
         h = tl.program_id(1)
         rows = pid * BM + tl.arange(0, BM)
         row_ok = rows < n_q
-        qpos = start + rows
+        qpos = start + rows * step
         dd = tl.arange(0, BD)
         q = tl.load(
             q_ptr + rows[:, None] * sq_t + h * sq_h + dd[None, :],
@@ -188,7 +193,7 @@ if triton is not None:
         pz = tl.zeros([BM], tl.float32)
         m_vis = tl.zeros([BM], tl.float32)
         m_txt = tl.zeros([BM], tl.float32)
-        hi = start + tl.minimum((pid + 1) * BM, n_q)  # keys visible to the tile's last row
+        hi = start + (tl.minimum((pid + 1) * BM, n_q) - 1) * step + 1  # keys visible to the tile's last row
         for j0 in range(0, hi, BN):
             cols = j0 + tl.arange(0, BN)
             kt = tl.load(
@@ -312,9 +317,9 @@ if triton is not None:
             best = tl.maximum(best, tl.max(acc, 0))
         tl.store(out_ptr + cols, best, mask=col_ok)
 
-    @triton.jit(do_not_specialize=["n_q", "start"])
+    @triton.jit(do_not_specialize=["n_q", "start", "step"])
     def _cross_entropy(
-        q_ptr, k_ptr, vis_ptr, lse_ptr, mass_ptr, out_ptr, n_q, start, scale, n_heads, mass_stride,
+        q_ptr, k_ptr, vis_ptr, lse_ptr, mass_ptr, out_ptr, n_q, start, step, scale, n_heads, mass_stride,
         sq_t, sq_h, sk_t, sk_h,
         GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         PREC: tl.constexpr,
@@ -324,10 +329,10 @@ if triton is not None:
         n_split = tl.num_programs(1)
         rows = pid * BM + tl.arange(0, BM)
         row_ok = rows < n_q
-        qpos = start + rows
+        qpos = start + rows * step
         vis_q = tl.load(vis_ptr + qpos, mask=row_ok, other=0)
         ent = tl.zeros([BM], tl.float32)
-        hi = start + tl.minimum((pid + 1) * BM, n_q)
+        hi = start + (tl.minimum((pid + 1) * BM, n_q) - 1) * step + 1
         for jt in range(split, tl.cdiv(hi, BN), n_split):  # key tiles split, n_split, 2·n_split, …
             cols = jt * BN + tl.arange(0, BN)
             vis_k = tl.load(vis_ptr + cols, mask=cols < hi, other=0)

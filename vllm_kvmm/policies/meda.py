@@ -72,6 +72,12 @@ class MEDABase(TextPriorPolicy):
         "fallback) or uniform",
     )
     merge: Literal["average", "pivot", "weighted", "none"] = "average"
+    entropy_step: int = Field(
+        1,
+        ge=1,
+        description="layer entropies from the queries at every `entropy_step`-th position (a systematic "
+        "sample of the rows whose mean they are; 1 = every row, the paper)",
+    )
 
     def model_post_init(self, context: object) -> None:
         if self.min_ratio > self.budget and self.renormalize:
@@ -111,6 +117,7 @@ class MEDABase(TextPriorPolicy):
             window=window,
             entropy=kind == "full",
             cross_entropy=kind == "cross_modal",
+            entropy_step=self.entropy_step,
         )
 
     # ---- budgets ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Flow of :meth:`DenseReference.generate` for a batch (the same order vLLM uses):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_kvmm.ops import LayerStats, StatsRequest
+from vllm_kvmm.ops import LayerStats, StatsAccumulator, StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, LayerPlan, PromptInfo, apply_plan, plan_compression
 from vllm_kvmm.reference.attention import DenseKVRun, SlidingLayers, activate
 from vllm_kvmm.reference.positions import RopePositions
@@ -61,6 +62,9 @@ def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
     windows = {r.window for r in requests if r.window}
     if len(windows) > 1:
         raise ValueError(f"policies asking for different observation windows {sorted(windows)}")
+    steps = {r.entropy_step for r in requests if r.entropy or r.cross_entropy}
+    if len(steps) > 1:
+        raise ValueError(f"policies asking for entropies from different row samples {sorted(steps)}")
     layers = None
     if all(r.layers is not None for r in requests if not r.empty):
         layers = tuple(sorted({x for r in requests if not r.empty for x in r.layers or ()}))
@@ -71,7 +75,47 @@ def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
         cross_entropy=any(r.cross_entropy for r in requests),
         t2v=any(r.t2v for r in requests),
         layers=layers,
+        entropy_step=steps.pop() if steps else 1,
     )
+
+
+class _Observed(DenseKVRun):
+    """A one-prompt run that also feeds ``extra`` statistics requests at prefill (:meth:`collect_stats`)."""
+
+    extra: list[StatsRequest]
+    extra_stats: list[list[LayerStats | None]]
+    seconds: list[float]
+
+    def _prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = super()._prefill(layer, q, k, v, scale)
+        n, vision = int(self.lengths[0]), self.vision_masks[0]
+        for i, req in enumerate(self.extra):
+            if not req.wants_layer(layer):
+                continue
+            t0 = time.perf_counter()
+            acc = StatsAccumulator(req, n, q.shape[1], k.shape[1], vision, scale, chunk=self.stats_chunk)
+            acc.update(q[0, :, :n].transpose(0, 1), k[0, :, :n].transpose(0, 1), 0)
+            self.extra_stats[i][layer] = acc.result()
+            self.seconds[i] += time.perf_counter() - t0
+        return out
+
+
+def _sharing(requests: Sequence[StatsRequest]) -> list[list[int]]:
+    """Indices of ``requests`` in groups whose statistics one prefill can collect (first fit, in order)."""
+    groups: list[list[int]] = []
+    for i, r in enumerate(requests):
+        for g in groups:
+            try:
+                union_request([*(requests[j] for j in g), r])
+            except ValueError:
+                continue
+            g.append(i)
+            break
+        else:
+            groups.append([i])
+    return groups
 
 
 def restrict(stats: LayerStats, request: StatsRequest) -> LayerStats:
@@ -274,6 +318,29 @@ class DenseReference:
         return self._outputs(run, tokens, None, plans, [info], None, stop_at_eos)[0]
 
     @torch.inference_mode()
+    def collect_stats(
+        self, prompt: PromptInput, requests: Sequence[StatsRequest]
+    ) -> tuple[list[list[LayerStats | None]], list[float]]:
+        """The statistics of each of ``requests`` from one prefill of ``prompt`` (nothing decoded), and the
+        seconds each request's statistics took over all layers (their relative cost on this device).
+
+        Each request has accumulators of its own, fed the same queries and keys: e.g. one statistic at
+        several settings, which :meth:`generate_variants` would collect in separate prefills.
+        """
+        info = self._info(prompt)
+        lengths = torch.tensor([prompt.num_tokens])
+        run = _Observed(
+            self.attn_modules, lengths, [StatsRequest()], [info.vision_mask.to(self.device)],
+            self.stats_chunk, self._sliding(lengths),
+        )  # fmt: skip
+        run.extra = list(requests)
+        run.extra_stats = [[None] * self.num_layers for _ in requests]
+        run.seconds = [0.0] * len(requests)
+        with activate(run, self._text_configs):
+            self._prefill([prompt], RopePositions(self.model, [prompt]), run)
+        return run.extra_stats, run.seconds
+
+    @torch.inference_mode()
     def generate_variants(
         self,
         prompt: PromptInput,
@@ -283,11 +350,13 @@ class DenseReference:
         *,
         stop_at_eos: bool = False,
     ) -> list[ReferenceOutput]:
-        """One prompt under each of ``policies``, sharing one prefill: ``generate([prompt], p, ...)`` each.
+        """One prompt under each of ``policies``, sharing prefills: ``generate([prompt], p, ...)`` each.
 
-        The prefill collects the union of the policies' statistics (each a sum that does not depend on
-        what else is collected) and each policy sees only what it asked for. For design sweeps, where a
-        prompt's prefill is most of the cost. Decode-time eviction is not supported here.
+        A prefill collects the union of the policies' statistics (each a sum that does not depend on
+        what else is collected) and each policy sees only what it asked for; policies whose statistics
+        cannot be collected together (different observation windows or entropy row samples) get a prefill
+        of their own. For design sweeps, where a prompt's prefill is most of the cost. Decode-time
+        eviction is not supported here.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -295,6 +364,26 @@ class DenseReference:
         if any(p.decode_spec(info) is not None for p in policies):
             raise ValueError("generate_variants does not run decode-time eviction; use generate")
         requests = [p.stats_request(info) for p in policies]
+        outs: dict[int, ReferenceOutput] = {}
+        for share in _sharing(requests):
+            done = self._variants(
+                prompt, info, [policies[i] for i in share], [requests[i] for i in share],
+                max_new_tokens, granularity, stop_at_eos,
+            )  # fmt: skip
+            outs.update(zip(share, done, strict=True))
+        return [outs[i] for i in range(len(policies))]
+
+    def _variants(
+        self,
+        prompt: PromptInput,
+        info: PromptInfo,
+        policies: Sequence[KVPolicy],
+        requests: Sequence[StatsRequest],
+        max_new_tokens: int,
+        granularity: int,
+        stop_at_eos: bool,
+    ) -> list[ReferenceOutput]:
+        """:meth:`generate_variants` of policies whose statistics one prefill collects."""
         lengths = torch.tensor([prompt.num_tokens])
         run = DenseKVRun(
             self.attn_modules, lengths, [union_request(requests)], [info.vision_mask.to(self.device)],
