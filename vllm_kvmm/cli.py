@@ -127,8 +127,9 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 
 VARIANT_HELP = (
-    "comma-separated registered policies (`vllm-kvmm policies`) or the benchmark variant meda-sink "
-    "(meda-paper keeping 4 sink tokens per layer); full at 1.0 always runs as the yardstick"
+    "comma-separated registered policies (`vllm-kvmm policies`) or the benchmark variants meda-sink "
+    "(meda-paper keeping 4 sink tokens per layer) and meda-exact (meda's entropies from every query row); "
+    "full at 1.0 always runs as the yardstick"
 )
 
 
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--budgets", default="1.0,0.5,0.3,0.2,0.1")
     sp.add_argument(
-        "--tasks", default=None, help="--model: task:images:contexts,... (default: 5 groups, 320 prompts)"
+        "--tasks", default=None, help="--model: task:images:contexts,... (default: 3 groups, 320 prompts)"
     )
     sp.add_argument("--engines", default="dense,vllm", help="dense, vllm or both")
     sp.add_argument(

@@ -18,7 +18,8 @@ Three registered policies share one implementation and differ only in their defa
 * ``meda`` — the product default: the paper's idea made robust in a paged cache (docs/policies.md gives
   every departure and the validation-split measurement behind it): standardised entropies with a
   temperature instead of a softmax over raw nats, a per-layer floor, attention sinks, question-aware
-  (observation-window) scoring, and a uniform allocation on text-only prompts.
+  (observation-window) scoring, a uniform allocation on text-only prompts, and layer entropies estimated
+  from every 11th query row (``entropy_step``).
 
 A text-only prompt has no cross-modal map; ``meda-paper`` then falls back to the full-attention entropy,
 which is what the released code uses for every prompt.
@@ -206,3 +207,6 @@ class MEDA(MEDABase):
     sink_tokens: int = Field(4, ge=0)
     text_only: Literal["full_entropy", "uniform"] = "uniform"
     merge: Literal["average", "pivot", "weighted", "none"] = "none"
+    # Every 11th query row: ~1/11 of the cross-modal statistics' cost; chosen on the validation split
+    # (docs/policies.md; `vllm-kvmm bench entropy-sample`). A prime step does not alias image grids.
+    entropy_step: int = Field(11, ge=1)
