@@ -51,8 +51,8 @@ bench=("${py[@]}" -m vllm_kvmm.cli bench)
 models="${KVMM_MODELS:-/tmp/kvmm_bench_models}"
 started=$(date +%s)
 
-# Files back per part (at most 8): summary.txt and each step's .log and .json (+ perf's .png, the tests'
-# .xml, the profile's .tgz).
+# Files back per part (at most 8; part 1 has exactly 8): summary.txt and each step's .log and .json
+# (+ perf's .png, the tests' .xml, the profile's .tgz).
 # One step: its own log, bounded by what is left of the part's time, never stopping the steps after it.
 step() {
   local name="$1"; shift
