@@ -94,8 +94,10 @@ def _child(cfg: dict[str, Any]) -> None:
         kw.update(enforce_eager=True, dtype="float32")
     if cfg["kind"] == "policy":
         import vllm_kvmm
+        from vllm_kvmm.bench.cases import case_policy
 
-        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"]))
+        name, config = case_policy(cfg["policy"], cfg["budget"])  # a policy or a bench label (meda-exact)
+        kw.update(vllm_kvmm.engine_args(name, cfg["budget"], **config))
     llm = LLM(**kw)
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
@@ -239,7 +241,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--out", type=int, default=256, help="output tokens per request")
     p.add_argument("--budget", type=float, default=0.2)
-    p.add_argument("--policies", default="snapkv,meda")
+    p.add_argument("--policies", default="snapkv,meda", help="policies or bench labels (e.g. meda-exact)")
     p.add_argument("--no-ideal", action="store_true")
     p.add_argument("--gpu-util", type=float, default=0.9)
     p.add_argument("--config-timeout", type=float, default=1800, help="seconds one configuration may take")
