@@ -327,10 +327,13 @@ class StatsAccumulator:
         total = x.sum(0)
         return self.all_reduce(total) if self.all_reduce is not None else total
 
-    def _probs(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor | None, start: int) -> torch.Tensor:
+    def _probs(
+        self, q: torch.Tensor, k: torch.Tensor, start: int, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[H, n_q, n_vis]`` causal attention probabilities of ``q`` ``[n_q, H, d]`` (exact zeros on
         future keys): the queries of positions ``[start, start + n_q)``, or of ``pos`` (ascending, on the
-        CPU) when given; ``n_vis`` is the last position + 1 (later keys are never visible)."""
+        CPU, starting at ``start``) when given; ``n_vis`` is the last position + 1 (later keys are never
+        visible)."""
         n_q = q.shape[0]
         dev = q.device
         g = self.h // self.h_kv
@@ -347,9 +350,8 @@ class StatsAccumulator:
             future = torch.ones(n_q, n_q, dtype=torch.bool, device=dev).triu_(1)
             z[:, :, start:].masked_fill_(future, lowest)
         else:
-            first = int(pos[0])
-            future = torch.arange(first, n_vis, device=dev)[None, :] > pos.to(dev)[:, None]
-            z[:, :, first:].masked_fill_(future, lowest)
+            future = torch.arange(start, n_vis, device=dev)[None, :] > pos.to(dev)[:, None]
+            z[:, :, start:].masked_fill_(future, lowest)
         # The softmax in place, from the row maximum (on a CPU, logsumexp's own passes cost more than the
         # softmax itself).
         p = z.sub_(z.amax(-1, keepdim=True)).exp_()
@@ -376,7 +378,7 @@ class StatsAccumulator:
             return
         for s in range(0, pos.numel(), self.chunk):
             rows = pos[s : s + self.chunk]
-            p = self._probs(qs[s : s + self.chunk], k, rows, 0)
+            p = self._probs(qs[s : s + self.chunk], k, int(rows[0]), rows)
             if req.entropy:
                 self._add_entropy(-torch.special.xlogy(p, p).sum(-1))
             if cross:
@@ -389,7 +391,7 @@ class StatsAccumulator:
         n_q = q.shape[0]
         dev = q.device
         heads = self.h * self.world
-        p = self._probs(q, k, None, start)
+        p = self._probs(q, k, start)
 
         if req.colsum:
             self._add_keys("colsum", p.sum(1))

@@ -44,7 +44,8 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class BlockStats:
-    """Statistics of the queries at positions ``[start, start + n_q)``; ``n_vis = start + n_q`` keys.
+    """Statistics of the queries at positions ``start + row_step·i`` (``[start, start + n_q)`` unless
+    sampled); ``n_vis`` (the last position + 1) keys.
 
     Per query head, before any GQA or head reduction: ``entropy`` ``[H, n_q]`` row entropies of the
     causal map; ``colsum``, ``window``: ``[H, n_vis]`` probability each key received from the rows at or

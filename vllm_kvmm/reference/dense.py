@@ -82,9 +82,11 @@ def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
 class _Observed(DenseKVRun):
     """A one-prompt run that also feeds ``extra`` statistics requests at prefill (:meth:`collect_stats`)."""
 
-    extra: list[StatsRequest]
-    extra_stats: list[list[LayerStats | None]]
-    seconds: list[float]
+    def __init__(self, *args: Any, extra: Sequence[StatsRequest], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.extra = list(extra)
+        self.extra_stats: list[list[LayerStats | None]] = [[None] * self.num_layers for _ in self.extra]
+        self.seconds = [0.0] * len(self.extra)
 
     def _prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -331,11 +333,8 @@ class DenseReference:
         lengths = torch.tensor([prompt.num_tokens])
         run = _Observed(
             self.attn_modules, lengths, [StatsRequest()], [info.vision_mask.to(self.device)],
-            self.stats_chunk, self._sliding(lengths),
+            self.stats_chunk, self._sliding(lengths), extra=requests,
         )  # fmt: skip
-        run.extra = list(requests)
-        run.extra_stats = [[None] * self.num_layers for _ in requests]
-        run.seconds = [0.0] * len(requests)
         with activate(run, self._text_configs):
             self._prefill([prompt], RopePositions(self.model, [prompt]), run)
         return run.extra_stats, run.seconds
