@@ -128,7 +128,8 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 VARIANT_HELP = (
     "comma-separated registered policies (`vllm-kvmm policies`) or the benchmark variants meda-sink "
-    "(meda-paper keeping 4 sink tokens per layer) and meda-exact (meda's entropies from every query row); "
+    "(meda-paper keeping 4 sink tokens per layer), meda-exact (meda's entropies from every query row) and "
+    "h2o-s4, h2o-s8, lookm-s4, lookm-s8 (accumulated attention from every 4th / 8th query row); "
     "full at 1.0 always runs as the yardstick"
 )
 
@@ -146,6 +147,11 @@ MODULE_BENCHES = (
         "entropy-sample",
         "entropy_sample",
         "MEDA's layer entropies from sampled query rows vs every row: cost and budget moves (VLM prompts)",
+    ),
+    (
+        "score-sample",
+        "score_sample",
+        "H2O / LOOK-M scores from sampled query rows vs every row: kept sets and answers (VLM prompts)",
     ),
     (
         "decode",

@@ -31,7 +31,7 @@ def run(kernels: str, q, k, vision, cuts, request: StatsRequest = ALL):
     return acc.result()
 
 
-@pytest.mark.parametrize("step", [1, 11])
+@pytest.mark.parametrize(("step", "colsum_step"), [(1, 1), (11, 1), (11, 4)])
 @pytest.mark.parametrize(
     ("dtype", "h", "h_kv", "n", "cuts"),
     [
@@ -40,13 +40,14 @@ def run(kernels: str, q, k, vision, cuts, request: StatsRequest = ALL):
         (torch.float32, 8, 2, 700, (0, 100, 700)),
     ],
 )
-def test_triton_matches_torch_on_cuda(dtype, h, h_kv, n, cuts, step):
+def test_triton_matches_torch_on_cuda(dtype, h, h_kv, n, cuts, step, colsum_step):
     gen = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, h, 128, device="cuda", generator=gen).to(dtype) * 1.5
     k = torch.randn(n, h_kv, 128, device="cuda", generator=gen).to(dtype) * 1.5
     vision = torch.zeros(n, dtype=torch.bool)
     vision[n // 8 : n // 8 + n // 2] = True
-    request = dataclasses.replace(ALL, entropy_step=step)  # 11: meda's default row sample
+    # 11: meda's default row sample; colsum_step: sampled accumulated attention (`score_step`)
+    request = dataclasses.replace(ALL, entropy_step=step, colsum_step=colsum_step)
     ref, got = run("torch", q, k, vision, cuts, request), run("triton", q, k, vision, cuts, request)
     for field in ("colsum", "window", "t2v_sum", "t2v_max"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-3, atol=1e-5, msg=field)

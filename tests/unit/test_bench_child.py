@@ -121,7 +121,7 @@ def test_every_bench_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert choices is not None
     assert sorted(choices[1].split(",")) == [
         "decode", "entropy-sample", "multiturn", "overhead", "perf", "profile-decode", "quality", "retrieval",
-        "soak", "stats", "sweep",
+        "score-sample", "soak", "stats", "sweep",
     ]  # fmt: skip
 
 

@@ -62,15 +62,17 @@ def entropy_of(p: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def naive_stats(q, k, vision, scale, window, step=1):
-    """Every statistic of the module docstring; the entropies over the rows at positions ``0, step, …``."""
+def naive_stats(q, k, vision, scale, window, step=1, colsum_step=1):
+    """Every statistic of the module docstring; the entropies over the rows at positions ``0, step, …``,
+    the column sums over those at ``0, colsum_step, …`` times ``colsum_step``."""
     n = q.shape[0]
     sampled = [i for i in range(n) if i % step == 0]
     a = naive_attention(q, k, scale)
     logits = naive_logits(q, k, scale)
     vis = [bool(v) for v in vision]
     out = {}
-    out["colsum"] = group_mean(a.sum(1), k.shape[1])
+    col_rows = [i for i in range(n) if i % colsum_step == 0]
+    out["colsum"] = group_mean(a[:, col_rows].sum(1), k.shape[1]) * colsum_step
     w0 = max(0, n - window)
     out["window"] = group_mean(a[:, w0:].sum(1), k.shape[1])
     # full-map entropy: mean over (head, row) of the row entropies
@@ -220,6 +222,41 @@ def test_sampled_entropies_are_the_means_over_every_step_th_row(case, step):
     assert exp["entropy"] != pytest.approx(full["entropy"], rel=1e-4)
 
 
+@pytest.mark.parametrize("entropy_step, colsum_step", [(1, 3), (3, 3), (2, 5)])
+def test_sampled_column_sums_count_every_step_th_row_step_times(entropy_step, colsum_step):
+    """``colsum_step = s``: ``s · Σ`` over the rows at positions 0, s, 2s, … however the prefill is chunked;
+    with its own step or the entropies' (one pass over the shared rows), every other statistic unchanged."""
+    n, spans = MASKS["three_images"]
+    q, k = make_qk(n, seed=31 + colsum_step)
+    vision = spans_mask(n, spans)
+    exp = naive_stats(q, k, vision, 0.4, ALL.window, entropy_step, colsum_step)
+    request = dataclasses.replace(ALL, entropy_step=entropy_step, colsum_step=colsum_step)
+    assert request.sampled_colsum and request.every_row.colsum is False
+    for cuts, chunk in (([0, n], 1000), ([0, 1, 6, 13, n - 2, n], 3), ([0, 4, 5, n], 2)):
+        acc = StatsAccumulator(request, n, H, H_KV, vision, 0.4, chunk=chunk)
+        for s, e in itertools.pairwise(cuts):
+            acc.update(q[s:e], k[:e], s)
+        assert_stats_close(acc.result(), exp)
+    exact = naive_stats(q, k, vision, 0.4, ALL.window)["colsum"]
+    assert not torch.allclose(exp["colsum"], exact, rtol=1e-3)  # an estimate, not the sum itself
+    # The scale is every row's: the estimated total attention is the exact one to within a few percent.
+    assert float(exp["colsum"].sum()) == pytest.approx(float(exact.sum()), rel=0.1)
+
+
+def test_sampled_column_sums_start_at_a_prefix_hit():
+    # A prefix-cache hit runs the queries from `start` on: the sampled rows are the multiples of the step
+    # at or after it (positions of the whole prompt, as without a hit).
+    n, start, step = 23, 9, 4
+    q, k = make_qk(n, seed=5)
+    vision = torch.zeros(n, dtype=torch.bool)
+    acc = StatsAccumulator(StatsRequest(colsum=True, colsum_step=step), n, H, H_KV, vision, 0.5, start=start)
+    acc.update(q[start:], k, start)
+    a = naive_attention(q, k, 0.5)
+    rows = [i for i in range(start, n) if i % step == 0]
+    torch.testing.assert_close(acc.result().colsum.double(), group_mean(a[:, rows].sum(1), H_KV) * step,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_sampled_entropies_alone_and_checked():
     n, spans = MASKS["three_images"]
     q, k = make_qk(n, seed=2)
@@ -233,6 +270,8 @@ def test_sampled_entropies_alone_and_checked():
     assert got.colsum is None and got.window is None
     with pytest.raises(ValueError, match="entropy_step must be >= 1"):
         StatsRequest(entropy=True, entropy_step=0)
+    with pytest.raises(ValueError, match="colsum_step must be >= 1"):
+        StatsRequest(colsum=True, colsum_step=0)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from vllm_kvmm.policies import (
     DecodeCadence,
     Merging,
     PromptInfo,
+    SampledScores,
     Sinks,
     block_tail_start,
     layout,
@@ -19,6 +22,7 @@ from vllm_kvmm.policies import (
 SINKS = [n for n, c in POLICIES.items() if issubclass(c, Sinks)]
 CADENCE = [n for n, c in POLICIES.items() if issubclass(c, DecodeCadence)]
 MERGING = [n for n, c in POLICIES.items() if issubclass(c, Merging)]
+SAMPLED = [n for n, c in POLICIES.items() if issubclass(c, SampledScores)]
 
 
 def _info(n: int = 64) -> PromptInfo:
@@ -31,6 +35,20 @@ def test_parts_are_where_the_docs_say() -> None:
     assert SINKS == ["meda", "meda-paper", "meda-released", "lookm", "streamingllm"]
     assert CADENCE == ["hae", "h2o", "streamingllm"]
     assert MERGING == ["meda", "meda-paper", "meda-released", "lookm"]
+    assert SAMPLED == ["meda", "meda-paper", "meda-released", "lookm", "h2o"]
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_score_step_samples_the_column_sums_a_policy_asks_for(name: str) -> None:
+    info = _info()
+    exact = make_policy(name, 0.25).stats_request(info)
+    sampled = make_policy(name, 0.25, {"score_step": 4}).stats_request(info)
+    assert exact.colsum_step == 1 and not exact.sampled_colsum
+    # meda's question-window scoring has no column sums to sample: nothing else changes either.
+    assert sampled.sampled_colsum == exact.colsum
+    assert dataclasses.replace(sampled, colsum_step=1) == exact
+    with pytest.raises(ValueError, match="score_step"):
+        make_policy(name, 0.25, {"score_step": 0})
 
 
 @pytest.mark.parametrize("name", SINKS)

@@ -455,6 +455,7 @@ def test_generate_variants_equals_generate_per_policy(
     policies = [make_policy("full")] + [make_policy(n, 0.3) for n in names]
     # Entropies from other row samples cannot share a prefill with the rest: a prefill of their own each.
     policies += [make_policy("meda", 0.3, {"entropy_step": s}) for s in (1, 3)]
+    policies += [make_policy("h2o", 0.3, {"score_step": 3}), make_policy("lookm", 0.3, {"score_step": 3})]
     together = ref.generate_variants(prompt, policies, 5, granularity=4)
     assert len(together) == len(policies)
     for policy, got in zip(policies, together, strict=True):
@@ -499,6 +500,12 @@ def test_union_of_requests_refuses_different_row_samples() -> None:
     assert union_request([one, StatsRequest(window=3, entropy_step=5)]).entropy_step == 2  # no entropy
     with pytest.raises(ValueError, match="different row samples"):
         union_request([one, StatsRequest(entropy=True, entropy_step=4)])
+    cols = StatsRequest(colsum=True, colsum_step=3)
+    assert union_request([cols, StatsRequest(window=3, colsum_step=5)]).colsum_step == 3  # no colsum
+    both = StatsRequest(colsum=True, cross_entropy=True, entropy_step=2, colsum_step=3)
+    assert union_request([cols, one]) == both
+    with pytest.raises(ValueError, match="column sums from different row samples"):
+        union_request([cols, StatsRequest(colsum=True)])
 
 
 def test_batch_invariance_across_tile_counts(tiny_llava_next_dir: Path) -> None:

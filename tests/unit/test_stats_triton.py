@@ -49,7 +49,7 @@ def interpreted_cases(interpreted) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernels_match_the_dense_twin(interpreted_cases, name):
     q, k, vision, scale, request, _ = case_inputs(name)
-    exp = naive_stats(q, k, vision, scale, request.window, request.entropy_step)
+    exp = naive_stats(q, k, vision, scale, request.window, request.entropy_step, request.colsum_step)
     got = interpreted_cases[name]
     wanted = {
         "colsum": request.colsum,
@@ -86,10 +86,11 @@ def test_sampled_rows_get_the_entropies_they_have_among_every_row(interpreted):
     torch.testing.assert_close(got["alone_cross"], got["every_cross"], rtol=1e-5, atol=1e-6)
 
 
-def test_sampled_rows_refuse_column_statistics():
+@pytest.mark.parametrize("threshold", ["window_from", "t2v_from"])
+def test_sampled_rows_refuse_the_window_and_text_to_vision_sums(threshold):
     q, k = torch.randn(4, 2, 16), torch.randn(8, 2, 16)
-    with pytest.raises(ValueError, match="column statistics need every row"):
-        stats_triton.block_stats(q, k, 0, 1.0, torch.zeros(8, dtype=torch.bool), colsum_from=0, row_step=2)
+    with pytest.raises(ValueError, match="the window and text→vision sums need every row"):
+        stats_triton.block_stats(q, k, 0, 1.0, torch.zeros(8, dtype=torch.bool), row_step=2, **{threshold: 0})
 
 
 def test_kernels_argument_is_checked():

@@ -25,7 +25,9 @@ REQUESTS = {
     "t2v_only": StatsRequest(t2v=True),
     "colsum_entropy": StatsRequest(colsum=True, entropy=True),
     "all_step3": dataclasses.replace(ALL, entropy_step=3),  # sampled entropy rows beside every-row sums
+    "all_steps24": dataclasses.replace(ALL, entropy_step=2, colsum_step=4),  # two samples of rows
 }
+LONG = (150, [(10, 70), (80, 130)])
 # (mask name or (n, spans), heads, kv heads, head dim, prefill cuts as fractions of n)
 CASES: dict[str, tuple] = {
     **{f"{m}/{r}": (m, 4, 2, 8, (0.0, 1.0), r) for m in MASKS for r in REQUESTS},
@@ -35,6 +37,7 @@ CASES: dict[str, tuple] = {
     # past one 64-wide tile in both directions, with prefill chunks cutting through tiles
     "long/all/chunked": ((150, [(10, 70), (80, 130)]), 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all"),
     "long/all_step3/chunked": ((150, [(10, 70), (80, 130)]), 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all_step3"),
+    "long/all_steps24/chunked": (LONG, 4, 2, 32, (0.0, 0.4, 0.45, 1.0), "all_steps24"),
 }
 
 

@@ -25,10 +25,9 @@ def _ids(i: int, n: int) -> list[int]:
     return [(29 * i + 7 * j) % 3500 + 150 for j in range(n)]
 
 
-def _params(name: str, budget: float, n: int) -> Any:
-    return greedy(
-        n, kv_policy=name, kv_budget=budget, kv_policy_config=json.dumps({"decode_interval": INTERVAL})
-    )
+def _params(name: str, budget: float, n: int, extra: dict[str, Any] | None = None) -> Any:
+    config = {"decode_interval": INTERVAL, **(extra or {})}
+    return greedy(n, kv_policy=name, kv_budget=budget, kv_policy_config=json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +59,25 @@ def _held(llm: Any, prefix: str) -> list[int]:
     return [mgrs[g].num_held_blocks(req) for g in sorted(mgrs)]
 
 
-@pytest.mark.parametrize("name", DECODING)
-def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: str) -> None:
+# H2O with prefill scores from every 3rd query (sampled, scaled by 3): decode scores add to the estimate.
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in DECODING] + [("h2o", {"score_step": 3})])
+def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: str, extra: dict) -> None:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
+    tag = name + "".join(f"-{k}{v}" for k, v in extra.items())
     ids = [_ids(0, 230), _ids(1, 150)]
     for i, x in enumerate(ids):
-        llm.llm_engine.add_request(f"{name}{i}", {"prompt_token_ids": x}, _params(name, 0.3, 70))
+        llm.llm_engine.add_request(f"{tag}{i}", {"prompt_token_ids": x}, _params(name, 0.3, 70, extra))
     out = _drain(llm)
     refs = DenseReference(tiny_llama_dir).generate(
         [PromptInput.from_ids(x) for x in ids],
-        make_policy(name, 0.3, {"decode_interval": INTERVAL}),
+        make_policy(name, 0.3, {"decode_interval": INTERVAL, **extra}),
         70,
         BLOCK,
     )
     for i, ref in enumerate(refs):
-        assert out[f"{name}{i}"] == ref.token_ids
-        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"{name}{i}-"))
+        assert out[f"{tag}{i}"] == ref.token_ids
+        mine = next(v for k, v in worker_state().recorder.flushes.items() if k.startswith(f"{tag}{i}-"))
         assert len(mine) == len(ref.flush_positions) == 4
         for a, b in zip(mine, ref.flush_positions, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

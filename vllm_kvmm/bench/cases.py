@@ -88,10 +88,16 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "meda-sink": ("meda-paper", lambda budget: {"sink_tokens": 4}),
     # The default meda with its layer entropies from every query row (the sampled estimate's yardstick).
     "meda-exact": ("meda", lambda budget: {"entropy_step": 1}),
+    # Accumulated attention from every 4th / 8th query row (score_step), beside the exact H2O and LOOK-M.
+    **{
+        f"{name}-s{step}": (name, lambda budget, step=step: {"score_step": step})
+        for name in ("h2o", "lookm")
+        for step in (4, 8)
+    },
 }
 
 
-def case_policy(label: str, budget: float) -> tuple[str, dict[str, Any]]:
+def case_policy(label: str, budget: float | None) -> tuple[str, dict[str, Any]]:
     """``(policy name, config fields)`` of a benchmark label: a registered policy or one of ``VARIANTS``."""
     if label in VARIANTS:
         name, fields = VARIANTS[label]

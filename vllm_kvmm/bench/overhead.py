@@ -38,7 +38,10 @@ def _child(cfg: dict) -> None:
         model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=4096, block_size=16, seed=0
     )
     if cfg["policy"]:
-        kw.update(vllm_kvmm.engine_args(cfg["policy"], cfg["budget"], cfg.get("groups")))
+        from vllm_kvmm.bench.cases import case_policy
+
+        name, config = case_policy(cfg["policy"], cfg["budget"])  # a policy or a bench label (h2o-s4)
+        kw.update(vllm_kvmm.engine_args(name, cfg["budget"], cfg.get("groups"), **config))
     llm = LLM(**kw)
     prompt = [{"prompt_token_ids": list(range(100, 1100))}]
 
@@ -74,7 +77,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--configs",
         default="vanilla,full,snapkv@0.25,meda@0.25",
-        help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET][/GROUPS] (GROUPS: --kv-groups)",
+        help="comma-separated: vanilla (no plugin) or POLICY[@BUDGET][/GROUPS] (GROUPS: --kv-groups; POLICY "
+        "may be a bench label such as h2o-s4)",
     )
     p.add_argument("--ttft-tokens", type=int, default=3000, help="prompt tokens of the TTFT-alone request")
     add_child_flag(p)

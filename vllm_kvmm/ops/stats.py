@@ -20,7 +20,9 @@ Statistics (all float32, all reduced to KV heads by the mean over each GQA group
 The entropies are means over query rows, so they can be estimated from a systematic sample of the rows:
 with ``entropy_step = s`` only the queries at positions ``0, s, 2s, …`` (of the whole prompt, so the sample
 does not depend on how the prefill is chunked) contribute, at ``1/s`` of the cost (every sampled row still
-sees every key). Column statistics always use every row.
+sees every key). ``colsum_step = s`` estimates ``colsum`` the same way, as ``s · Σ_{i ≡ 0 (mod s)} A[i, j]``
+(the sum scaled back to every row's, so decode-time scores still add to it). The window and HAE's
+text→vision statistics always use every row they name.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class StatsRequest:
     """Which statistics a policy needs for one prompt (drives what the attention hook computes).
 
     ``window`` is a number of queries (0 = none); ``layers`` the layers to collect (``None`` = all);
-    ``entropy_step``: the entropies' rows are the queries at positions that are multiples of it (module
-    docstring; 1 = every row, exact).
+    ``entropy_step`` / ``colsum_step``: the entropies' / the column sums' rows are the queries at positions
+    that are multiples of it (module docstring; 1 = every row, exact).
     """
 
     colsum: bool = False
@@ -63,15 +65,45 @@ class StatsRequest:
     t2v: bool = False
     layers: tuple[int, ...] | None = None
     entropy_step: int = 1
+    colsum_step: int = 1
 
     def __post_init__(self) -> None:
-        if self.entropy_step < 1:
-            raise ValueError(f"entropy_step must be >= 1, got {self.entropy_step}")
+        for name in ("entropy_step", "colsum_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def sampled(self) -> bool:
         """Whether entropies come from sampled rows (computed apart from the every-row statistics)."""
         return self.entropy_step > 1 and (self.entropy or self.cross_entropy)
+
+    @property
+    def sampled_colsum(self) -> bool:
+        """Whether ``colsum`` comes from sampled rows (computed apart from the every-row statistics)."""
+        return self.colsum_step > 1 and self.colsum
+
+    @property
+    def samples(self) -> dict[int, StatsRequest]:
+        """``step → the statistics computed from the rows at multiples of step`` (steps above 1; one pass
+        over those rows each: entropies and column sums of the same step share it)."""
+        out: dict[int, StatsRequest] = {}
+        if self.sampled:
+            out[self.entropy_step] = StatsRequest(entropy=self.entropy, cross_entropy=self.cross_entropy)
+        if self.sampled_colsum:
+            out[self.colsum_step] = replace(out.get(self.colsum_step, StatsRequest()), colsum=True)
+        return out
+
+    @property
+    def every_row(self) -> StatsRequest:
+        """The statistics computed from every row (those not sampled)."""
+        return replace(
+            self,
+            colsum=self.colsum and not self.sampled_colsum,
+            entropy=self.entropy and not self.sampled,
+            cross_entropy=self.cross_entropy and not self.sampled,
+            entropy_step=1,
+            colsum_step=1,
+        )
 
     @property
     def empty(self) -> bool:
@@ -179,8 +211,8 @@ class StatsAccumulator:
         self.t2v_from = int(vis_pos[-1].item()) + 1 if vis_pos.numel() else num_tokens
         self.window_from = num_tokens - request.window if request.window else num_tokens
         self._acc = _Acc()
-        # Sampled entropies are computed apart from the statistics that need every row.
-        self._rows = replace(request, entropy=False, cross_entropy=False) if request.sampled else request
+        # Sampled statistics are computed apart from those that need every row.
+        self._rows = request.every_row
         # Queries before ``start`` never run (a prefix-cache hit): the statistics cover [start, N).
         if not 0 <= start <= num_tokens:
             raise ValueError(f"start {start} is outside a prompt of {num_tokens} tokens")
@@ -257,8 +289,8 @@ class StatsAccumulator:
             for s in range(skip, n_q, self.chunk):
                 e = min(n_q, s + self.chunk)
                 self._update_block(q[s:e], k, q_start + s)
-        if self.request.sampled:
-            self._update_sampled(q, k, q_start, triton)
+        for step, req in self.request.samples.items():
+            self._update_sampled(req, step, q, k, q_start, triton)
         self._acc.seen += n_q
 
     def _vision_on(self, dev: torch.device) -> torch.Tensor:
@@ -357,9 +389,11 @@ class StatsAccumulator:
         p = z.sub_(z.amax(-1, keepdim=True)).exp_()
         return p.div_(p.sum(-1, keepdim=True))
 
-    def _update_sampled(self, q: torch.Tensor, k: torch.Tensor, q_start: int, triton: bool) -> None:
-        """The entropies of the sampled rows among ``q`` (positions ``[q_start, q_start + n_q)``)."""
-        req, step = self.request, self.request.entropy_step
+    def _update_sampled(
+        self, req: StatsRequest, step: int, q: torch.Tensor, k: torch.Tensor, q_start: int, triton: bool
+    ) -> None:
+        """``req``'s statistics from the rows at multiples of ``step`` among ``q`` (positions
+        ``[q_start, q_start + n_q)``); column sums count each row ``step`` times."""
         offset = (-q_start) % step
         if offset >= q.shape[0]:  # no sampled row in this chunk
             return
@@ -367,18 +401,23 @@ class StatsAccumulator:
         qs = q[offset::step]
         cross = req.cross_entropy and bool(self.vision.any())
         if triton:
+            first = int(pos[0])
             out = stats_triton.block_stats(
-                qs, k, int(pos[0]), self.scale, self._vision_on(q.device),
-                entropy=req.entropy, cross=cross, row_step=step,
+                qs, k, first, self.scale, self._vision_on(q.device), entropy=req.entropy,
+                colsum_from=first if req.colsum else None, cross=cross, row_step=step,
             )  # fmt: skip
             if out.entropy is not None:
                 self._add_entropy(out.entropy)
             if out.cross is not None:
                 self._add_cross(out.cross, pos)
+            if out.colsum is not None:
+                self._add_keys("colsum", out.colsum.mul_(step))
             return
         for s in range(0, pos.numel(), self.chunk):
             rows = pos[s : s + self.chunk]
             p = self._probs(qs[s : s + self.chunk], k, int(rows[0]), rows)
+            if req.colsum:
+                self._add_keys("colsum", p.sum(1).mul_(step))
             if req.entropy:
                 self._add_entropy(-torch.special.xlogy(p, p).sum(-1))
             if cross:

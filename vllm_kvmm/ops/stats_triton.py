@@ -88,15 +88,17 @@ def block_stats(
         k: ``[n_k, H_kv, d]`` post-RoPE keys of positions ``[0, n_k)``, ``n_k`` ≥ the last position + 1.
         vision: ``[≥ n_vis]`` bool, ``True`` at vision positions (on ``q``'s device).
         colsum_from / window_from / t2v_from: absolute positions; queries at or after them count
-            towards ``colsum`` / ``window`` / ``t2v_*`` (``None``: not computed; only with ``row_step`` 1).
+            towards ``colsum`` / ``window`` / ``t2v_*`` (``None``: not computed; the last two only with
+            ``row_step`` 1).
         entropy, cross: compute the row entropies / MEDA's cross-modal entropies.
-        row_step: sampled rows (the entropies of :class:`~vllm_kvmm.ops.StatsRequest`'s ``entropy_step``).
+        row_step: sampled rows (:class:`~vllm_kvmm.ops.StatsRequest`'s ``entropy_step`` and
+            ``colsum_step``); ``colsum`` is then the plain sum over the given rows (the caller scales it).
     """
     if triton is None:
         raise RuntimeError("the Triton statistics kernels need the `triton` package")
     n_q, h, d = q.shape
-    if row_step < 1 or (row_step > 1 and not all(x is None for x in (colsum_from, window_from, t2v_from))):
-        raise ValueError(f"row_step {row_step}: column statistics need every row (row_step 1)")
+    if row_step < 1 or (row_step > 1 and not (window_from is None and t2v_from is None)):
+        raise ValueError(f"row_step {row_step}: the window and text→vision sums need every row (row_step 1)")
     n_vis = start + (n_q - 1) * row_step + 1
     h_kv = k.shape[1]
     if h % h_kv or k.shape[0] < n_vis or k.shape[2] != d or vision.shape[0] < n_vis:
@@ -134,7 +136,7 @@ def block_stats(
         c, w, t = (_NEVER if x is None else max(x, start) for x in thresholds)
         cols = torch.zeros(3, h, n_vis, dtype=f32, device=dev)
         kern["col"][(triton.cdiv(n_vis, block_n), h)](
-            q, k, lse, cols, n_q, start, scale, c, w, t,
+            q, k, lse, cols, n_q, start, row_step, scale, c, w, t,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), h * n_vis,
             BM=block_m, BN=block_n, **common,
         )  # fmt: skip
@@ -222,16 +224,16 @@ if triton is not None:
         tl.store(mass_ptr + off, m_vis / l_safe, mask=row_ok)
         tl.store(mass_ptr + mass_stride + off, m_txt / l_safe, mask=row_ok)
 
-    @triton.jit(do_not_specialize=["n_q", "start", "c_from", "w_from", "t_from"])
+    @triton.jit(do_not_specialize=["n_q", "start", "step", "c_from", "w_from", "t_from"])
     def _col_stats(
-        q_ptr, k_ptr, lse_ptr, out_ptr, n_q, start, scale, c_from, w_from, t_from,
+        q_ptr, k_ptr, lse_ptr, out_ptr, n_q, start, step, scale, c_from, w_from, t_from,
         sq_t, sq_h, sk_t, sk_h, out_stride,
         GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         PREC: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        n_vis = start + n_q
+        n_vis = start + (n_q - 1) * step + 1
         cols = pid * BN + tl.arange(0, BN)
         col_ok = cols < n_vis
         dd = tl.arange(0, BD)
@@ -245,11 +247,11 @@ if triton is not None:
         acc_t = tl.zeros([BN], tl.float32)
         # The first row that counts at all and can see this key tile (causal: position ≥ key).
         first = tl.maximum(tl.minimum(tl.minimum(c_from, w_from), t_from), pid * BN) - start
-        first = tl.maximum(first, 0)
+        first = (tl.maximum(first, 0) + step - 1) // step
         for r0 in range(first, n_q, BM):
             rows = r0 + tl.arange(0, BM)
             row_ok = rows < n_q
-            qpos = start + rows
+            qpos = start + rows * step
             q = tl.load(
                 q_ptr + rows[:, None] * sq_t + h * sq_h + dd[None, :],
                 mask=row_ok[:, None] & (dd[None, :] < D),

@@ -18,7 +18,7 @@ from vllm_kvmm.policies.h2o import H2O
 from vllm_kvmm.policies.hae import HAE, BinEvent, RecycleBin
 from vllm_kvmm.policies.lookm import LookM
 from vllm_kvmm.policies.meda import MEDA, MEDAPaper, MEDAReleased
-from vllm_kvmm.policies.parts import DecodeCadence, Merging, Sinks
+from vllm_kvmm.policies.parts import DecodeCadence, Merging, SampledScores, Sinks
 from vllm_kvmm.policies.pyramidkv import PyramidKV
 from vllm_kvmm.policies.registry import POLICIES, PolicyError, make_policy, policy_names
 from vllm_kvmm.policies.snapkv import SnapKV
@@ -46,6 +46,7 @@ __all__ = [
     "PromptInfo",
     "PyramidKV",
     "RecycleBin",
+    "SampledScores",
     "Sinks",
     "SnapKV",
     "StoredSlots",

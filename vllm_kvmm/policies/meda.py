@@ -119,6 +119,7 @@ class MEDABase(TextPriorPolicy):
             entropy=kind == "full",
             cross_entropy=kind == "cross_modal",
             entropy_step=self.entropy_step,
+            colsum_step=self.score_step,
         )
 
     # ---- budgets ------------------------------------------------------------------------------

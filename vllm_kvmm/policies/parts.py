@@ -7,6 +7,7 @@ call ``super()`` to get what its parts decided.
 
 * :class:`Sinks` — the first ``sink_tokens`` prompt tokens are protected in every layer (attention sink);
 * :class:`Merging` — evicted tokens folded into their nearest kept key (:class:`MergeSpec`);
+* :class:`SampledScores` — accumulated attention estimated from every ``score_step``-th query row;
 * :class:`DecodeCadence` — eviction while decoding every ``decode_interval`` generated tokens; the policy
   only says *how* (:meth:`DecodeCadence.decode_rule`), the part says *when* and whether at all.
 """
@@ -21,7 +22,7 @@ from pydantic import Field
 from vllm_kvmm.policies.base import KVPolicy, MergeSpec, PromptInfo
 from vllm_kvmm.policies.decode import DecodeSpec
 
-__all__ = ["DecodeCadence", "Merging", "Sinks", "union"]
+__all__ = ["DecodeCadence", "Merging", "SampledScores", "Sinks", "union"]
 
 
 def union(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -73,6 +74,24 @@ class Merging(KVPolicy):
             similarity_filter=self.similarity_filter,
             misaligned_source=self.misaligned_source,
         )
+
+
+class SampledScores(KVPolicy):
+    """Accumulated attention (``colsum``) from the queries at every ``score_step``-th position.
+
+    H2O-style scores ``Σ_i A[i, j]`` need every query against every key, the most expensive statistic
+    there is (on a CPU ~1.7× the forward itself); a systematic sample of the rows, scaled by the step,
+    costs ~1/step of it. An estimate: near-tied tokens can trade places (docs/benchmarks.md measures the
+    kept sets and the answers against every row). The policy passes :attr:`score_step` as
+    :class:`~vllm_kvmm.ops.StatsRequest`'s ``colsum_step``.
+    """
+
+    score_step: int = Field(
+        1,
+        ge=1,
+        description="accumulated attention from the queries at every `score_step`-th position, scaled by it "
+        "(1 = every query, the paper; s ≈ 1/s of the statistics' cost)",
+    )
 
 
 class DecodeCadence(KVPolicy):

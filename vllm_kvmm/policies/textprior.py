@@ -10,7 +10,7 @@ from pydantic import Field
 
 from vllm_kvmm.ops import LayerStats, StatsRequest
 from vllm_kvmm.policies.base import PromptInfo, budget_tokens
-from vllm_kvmm.policies.parts import Merging, Sinks, union
+from vllm_kvmm.policies.parts import Merging, SampledScores, Sinks, union
 
 TextPrior = Literal["bonus", "keep_all", "none"]
 
@@ -34,7 +34,7 @@ def text_prior_scores(colsum: torch.Tensor, text_mask: torch.Tensor, prior: Text
     return scores + bonus * text_mask.to(device=scores.device, dtype=scores.dtype).unsqueeze(0)
 
 
-class TextPriorPolicy(Sinks, Merging):
+class TextPriorPolicy(Sinks, Merging, SampledScores):
     """Accumulated attention with a text prior, a recent window, and nearest-key merging of the evicted.
 
     Subclasses set the defaults of their paper (LOOK-M: pivot merge, 1:1 split; MEDA: average, 3:1).
@@ -54,7 +54,7 @@ class TextPriorPolicy(Sinks, Merging):
         return None
 
     def stats_request(self, info: PromptInfo) -> StatsRequest:
-        return StatsRequest(colsum=True)
+        return StatsRequest(colsum=True, colsum_step=self.score_step)
 
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)

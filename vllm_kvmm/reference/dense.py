@@ -65,6 +65,9 @@ def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
     steps = {r.entropy_step for r in requests if r.entropy or r.cross_entropy}
     if len(steps) > 1:
         raise ValueError(f"policies asking for entropies from different row samples {sorted(steps)}")
+    colsum_steps = {r.colsum_step for r in requests if r.colsum}
+    if len(colsum_steps) > 1:
+        raise ValueError(f"policies asking for column sums from different row samples {sorted(colsum_steps)}")
     layers = None
     if all(r.layers is not None for r in requests if not r.empty):
         layers = tuple(sorted({x for r in requests if not r.empty for x in r.layers or ()}))
@@ -76,6 +79,7 @@ def union_request(requests: Sequence[StatsRequest]) -> StatsRequest:
         t2v=any(r.t2v for r in requests),
         layers=layers,
         entropy_step=steps.pop() if steps else 1,
+        colsum_step=colsum_steps.pop() if colsum_steps else 1,
     )
 
 
@@ -353,7 +357,7 @@ class DenseReference:
 
         A prefill collects the union of the policies' statistics (each a sum that does not depend on
         what else is collected) and each policy sees only what it asked for; policies whose statistics
-        cannot be collected together (different observation windows or entropy row samples) get a prefill
+        cannot be collected together (different observation windows or row samples) get a prefill
         of their own. For design sweeps, where a prompt's prefill is most of the cost. Decode-time
         eviction is not supported here.
         """
