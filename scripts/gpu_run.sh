@@ -6,8 +6,9 @@
 #
 #   bash scripts/gpu_run.sh PART [--cpu]
 #     1: tests/gpu; bench stats (one layer's statistics per policy at 8k, torch vs Triton, next to the
-#        attention; meda's sampled entropies vs meda-exact); then bench perf on the LLaVA-1.5-7B shape
-#        (8 images, 8k prompts × 48, ρ 0.2): vanilla, the ideal, snapkv, meda
+#        attention; meda's sampled entropies vs meda-exact; h2o-s4: scores from every 4th row); then
+#        bench perf on the LLaVA-1.5-7B shape (8 images, 8k prompts × 48, ρ 0.2): vanilla, the ideal,
+#        snapkv, meda
 #     2: the same workload for lookm, hae, pyramidkv (vanilla and the ideal again: ratios within one run),
 #        then the Qwen2-7B GQA shape (text, 8k × 48) for snapkv and meda
 #     3: decode-heavy (vanilla vs h2o, streamingllm, hae's recycle bin; 1k prompts, 4k outputs, dummy
@@ -67,7 +68,7 @@ step() {
 case "$part" in
   1)
     step gpu_tests "${py[@]}" -m pytest -q "${tests[@]}" --junitxml="$OUT/gpu_tests.xml"
-    step stats "${bench[@]}" stats "${stats[@]}" --policies snapkv,meda,meda-exact,lookm,h2o,hae \
+    step stats "${bench[@]}" stats "${stats[@]}" --policies snapkv,meda,meda-exact,lookm,h2o,h2o-s4,hae \
       --out "$OUT/stats.json"
     step perf_llava_a "${bench[@]}" perf "${perf[@]}" --budget 0.2 --policies snapkv,meda \
       --model-root "$models" --json "$OUT/perf_llava_a.json"

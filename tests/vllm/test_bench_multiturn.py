@@ -103,6 +103,11 @@ def test_result_has_every_configuration_turn_and_conversation(result: dict[str, 
         if r.config == "vanilla+pc":
             assert r.ttft_ratio == pytest.approx(1.0)
     assert all(r.policy == "snapkv" and r.budget == 0.2 for r in rows if r.config.startswith("ours"))
+    # --one-process: the configurations that differ only in their requests' arguments share ours-shared's
+    # engine (reset in between; the checks below hold on it); the others start their own.
+    started = {t["config"]: t["engine_start_s"] for t in meta["timings"]}
+    assert started["ours-reuse"] == started["ours-shared-reuse"] == 0
+    assert min(started[c] for c in ("vanilla+pc", "ours-recompute", "ours-shared")) > 0
     md = table(rows)
     assert "ours-shared snapkv@0.2" in md and "ours-reuse snapkv@0.2" in md and "TTFT ×vanilla t2" in md
 

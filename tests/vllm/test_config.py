@@ -220,7 +220,26 @@ def test_http_middleware_rejects_before_the_app() -> None:
 
 
 def test_cli_flags_listed_and_validated() -> None:
-    helped = subprocess.run([VLLM, "serve", "--help=vllm-kvmm"], capture_output=True, text=True, timeout=300)
+    # Four `vllm serve` processes that each stop at argument parsing: started together (most of each is
+    # importing vLLM), then read one by one.
+    argvs = {
+        "help": ["--help=vllm-kvmm"],
+        "bad": ["some-model", "--kv-policy", "meda", "--kv-budget", "1.5"],
+        "conflict": ["some-model", "--kv-policy", "meda", "--kv-cache-dtype", "fp8"],
+        "reuse": ["some-model", "--kv-policy", "snapkv", "--kv-reuse"],
+    }
+    procs = {
+        k: subprocess.Popen([VLLM, "serve", *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, a in argvs.items()
+    }
+    try:
+        done = {k: (p, *p.communicate(timeout=300)) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()  # no-op for those that finished
+    helped, bad, conflict, reuse = (
+        subprocess.CompletedProcess(argvs[k], p.returncode, out, err) for k, (p, out, err) in done.items()
+    )
     for flag in (
         "--kv-policy",
         "--kv-budget",
@@ -233,30 +252,12 @@ def test_cli_flags_listed_and_validated() -> None:
     said = " ".join(helped.stdout.split())  # argparse wraps the group's description
     assert "--pipeline-parallel-size with the layer-local policies" in said
     assert "Multi-node: vLLM's Ray executor (--distributed-executor-backend ray)" in said
-    bad = subprocess.run(
-        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--kv-budget", "1.5"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     assert bad.returncode == 2
     assert "argument --kv-budget: must be a number in (0, 1], got '1.5'" in bad.stderr
-    conflict = subprocess.run(
-        [VLLM, "serve", "some-model", "--kv-policy", "meda", "--kv-cache-dtype", "fp8"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     assert conflict.returncode == 2 and "Traceback" not in conflict.stderr
     assert (
         "error: vllm-kvmm: --kv-policy needs an unquantised KV cache; got --kv-cache-dtype fp8"
         in conflict.stderr
-    )
-    reuse = subprocess.run(
-        [VLLM, "serve", "some-model", "--kv-policy", "snapkv", "--kv-reuse"],
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert reuse.returncode == 2 and "add --enable-prefix-caching" in reuse.stderr
 

@@ -301,58 +301,76 @@ def _answer(tok: Any, ids: Sequence[int]) -> str:
     return str(tok.decode(ids, skip_special_tokens=True)).strip()
 
 
+def _engine_key(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """What :class:`_Runner`'s engine depends on: configurations with the same key differ only in their
+    requests' arguments (shared prefix, reuse), so one engine serves them one after another."""
+    plugin = cfg["config"] != "vanilla+pc"
+    return (cfg["model"], cfg["n_images"], cfg["turns"], plugin, cfg["config"] != "ours-recompute",
+            cfg["policy"] if plugin else None, cfg["budget"] if plugin else None)  # fmt: skip
+
+
 def _child(job: dict[str, Any]) -> None:
-    """The child process: its configurations one after another (each engine shut down before the next
-    starts); reports each one's records and timings."""
+    """The child process: its configurations one after another; reports each one's records and timings.
+
+    Consecutive configurations with the same engine (:func:`_engine_key`: ``ours-shared``, ``ours-reuse``
+    and ``ours-shared-reuse`` of one policy) share it, its caches reset in between (``--one-process``: two
+    engine starts less per policy); any other engine is shut down before the next starts."""
     import gc
 
     results = []
-    for cfg in job["configs"]:
-        results.append(_run_config(cfg))
-        gc.collect()  # the engine's KV cache goes before the next one allocates its own
+    runner: _Runner | None = None
+    try:
+        for cfg in job["configs"]:
+            started = 0.0
+            if runner is None or _engine_key(runner.cfg) != _engine_key(cfg):
+                if runner is not None:
+                    runner.shutdown()
+                    runner = None
+                    gc.collect()  # the engine's KV cache goes before the next one allocates its own
+                runner = _Runner(cfg)
+                started = runner.start_s
+            runner.cfg = cfg  # the requests' arguments
+            results.append({**_run_config(cfg, runner), "engine_start_s": round(started, 1)})
+    finally:
+        if runner is not None:
+            runner.shutdown()
     report({"results": results})
 
 
-def _run_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One configuration: warm up, then every conversation turn by turn; its records and timings."""
+def _run_config(cfg: dict[str, Any], runner: _Runner) -> dict[str, Any]:
+    """One configuration on ``runner``'s engine: reset, warm up, reset, then every conversation turn by
+    turn; its records and run time."""
     from vllm_kvmm.bench.quality_vlm import answer_text
     from vllm_kvmm.bench.sweep import answer_tokens
 
     convs = conversations(cfg["conversations"], cfg["n_images"], cfg["turns"], cfg["seed"])
-    runner = _Runner(cfg)
+    runner.reset()  # what a configuration before it on the same engine left
     tok = runner.tok
     records: list[dict[str, Any]] = []
     t_run = time.perf_counter()
-    try:
-        # Warm-up (kernels, allocator, the compression path) on a context outside the measured set.
-        (warm,) = conversations(1, cfg["n_images"], 1, seed=cfg["seed"] + 10_000)
-        runner.ask(
-            warm.context.images(), conversation_messages(cfg["n_images"], [warm.questions[0].text], []), 2
-        )
-        runner.reset()
-        for conv in convs:
-            images = conv.context.images()
-            qs = [q.text for q in conv.questions]
-            answers: list[str] = []
-            for k, q in enumerate(conv.questions):
-                msgs = conversation_messages(cfg["n_images"], qs[: k + 1], answers)
-                out, ttft, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
-                ids = list(out.outputs[0].token_ids)
-                records.append(
-                    _record(runner, cfg, conv.index, k + 1, q, out, answer_text(tok, ids), ttft, held)
-                )
-                answers.append(_answer(tok, ids))
-            if cfg["single_turn"]:
-                for k, q in enumerate(conv.questions, start=1):
-                    msgs = conversation_messages(cfg["n_images"], [q.text], [])
-                    out, _, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
-                    got = answer_text(tok, list(out.outputs[0].token_ids))
-                    rec = _record(runner, {**cfg, "config": SINGLE}, conv.index, k, q, out, got, None, held)
-                    records.append(rec)
-    finally:
-        run_s = time.perf_counter() - t_run
-        runner.shutdown()
-    return {"records": records, "engine_start_s": round(runner.start_s, 1), "run_s": round(run_s, 1)}
+    # Warm-up (kernels, allocator, the compression path) on a context outside the measured set.
+    (warm,) = conversations(1, cfg["n_images"], 1, seed=cfg["seed"] + 10_000)
+    runner.ask(warm.context.images(), conversation_messages(cfg["n_images"], [warm.questions[0].text], []), 2)
+    runner.reset()
+    for conv in convs:
+        images = conv.context.images()
+        qs = [q.text for q in conv.questions]
+        answers: list[str] = []
+        for k, q in enumerate(conv.questions):
+            msgs = conversation_messages(cfg["n_images"], qs[: k + 1], answers)
+            out, ttft, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
+            ids = list(out.outputs[0].token_ids)
+            records.append(_record(runner, cfg, conv.index, k + 1, q, out, answer_text(tok, ids), ttft, held))
+            answers.append(_answer(tok, ids))
+        if cfg["single_turn"]:
+            for k, q in enumerate(conv.questions, start=1):
+                msgs = conversation_messages(cfg["n_images"], [q.text], [])
+                out, _, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
+                got = answer_text(tok, list(out.outputs[0].token_ids))
+                rec = _record(runner, {**cfg, "config": SINGLE}, conv.index, k, q, out, got, None, held)
+                records.append(rec)
+    run_s = time.perf_counter() - t_run
+    return {"records": records, "run_s": round(run_s, 1)}
 
 
 def _record(
@@ -539,8 +557,9 @@ def run_multiturn(
     log: Any = None,
 ) -> dict[str, Any]:
     """Every configuration in its own process (``one_process``: all in one child process, one engine after
-    another: two process starts less, for tests), vanilla first; returns (and writes to ``out``) the
-    result ``{"meta", "rows", "records"}``. Raises ``RuntimeError`` if a configuration failed."""
+    another, shared where only the requests differ: fewer starts, for tests), vanilla first; returns (and
+    writes to ``out``) the result ``{"meta", "rows", "records"}``. Raises ``RuntimeError`` if a
+    configuration failed."""
     from vllm_kvmm.policies import make_policy
 
     log = log or _log

@@ -413,9 +413,12 @@ class StatsAccumulator:
             if out.colsum is not None:
                 self._add_keys("colsum", out.colsum.mul_(step))
             return
-        for s in range(0, pos.numel(), self.chunk):
-            rows = pos[s : s + self.chunk]
-            p = self._probs(qs[s : s + self.chunk], k, int(rows[0]), rows)
+        # Blocks of ~`chunk` positions (chunk/step rows): a block's keys end at its last row, so wider blocks
+        # would compute more of the causal triangle's masked half.
+        rows_per = max(1, self.chunk // step)
+        for s in range(0, pos.numel(), rows_per):
+            rows = pos[s : s + rows_per]
+            p = self._probs(qs[s : s + rows_per], k, int(rows[0]), rows)
             if req.colsum:
                 self._add_keys("colsum", p.sum(1).mul_(step))
             if req.entropy:
