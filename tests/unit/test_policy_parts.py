@@ -41,14 +41,20 @@ def test_parts_are_where_the_docs_say() -> None:
 @pytest.mark.parametrize("name", SAMPLED)
 def test_score_step_samples_the_column_sums_a_policy_asks_for(name: str) -> None:
     info = _info()
-    exact = make_policy(name, 0.25).stats_request(info)
-    sampled = make_policy(name, 0.25, {"score_step": 4}).stats_request(info)
-    assert exact.colsum_step == 1 and not exact.sampled_colsum
-    # meda's question-window scoring has no column sums to sample: nothing else changes either.
-    assert sampled.sampled_colsum == exact.colsum
-    assert dataclasses.replace(sampled, colsum_step=1) == exact
+    # meda scores by its question window by default: sampled accumulated scores need that switched.
+    config = {"scoring": "accumulated"} if name == "meda" else {}
+    exact = make_policy(name, 0.25, config).stats_request(info)
+    sampled = make_policy(name, 0.25, {**config, "score_step": 4}).stats_request(info)
+    assert exact.colsum and exact.colsum_step == 1 and not exact.sampled_colsum
+    assert sampled.sampled_colsum and sampled.colsum_step == 4
+    assert dataclasses.replace(sampled, colsum_step=1) == exact  # nothing else changes
     with pytest.raises(ValueError, match="score_step"):
         make_policy(name, 0.25, {"score_step": 0})
+
+
+def test_score_step_is_refused_where_nothing_is_accumulated() -> None:
+    with pytest.raises(ValueError, match="score_step samples accumulated attention; with scoring='window'"):
+        make_policy("meda", 0.25, {"score_step": 4})
 
 
 @pytest.mark.parametrize("name", SINKS)

@@ -85,6 +85,12 @@ class MEDABase(TextPriorPolicy):
             raise ValueError(f"{self.name}: min_ratio={self.min_ratio} exceeds the budget {self.budget}")
         if self.kernel % 2 == 0:
             raise ValueError(f"{self.name}: kernel must be odd, got {self.kernel}")
+        if self.score_step > 1 and self.scoring != "accumulated":
+            # A silently ignored knob would promise a speed-up it cannot give.
+            raise ValueError(
+                f"{self.name}: score_step samples accumulated attention; with scoring={self.scoring!r} the "
+                "scores come from the observation window (set scoring='accumulated' or leave score_step 1)"
+            )
         super().model_post_init(context)
 
     @classmethod
