@@ -238,10 +238,14 @@ class Fuzzer:
         }
         if cfg.prefix_caching and rng.random() < 0.5:
             extra["kv_shared_prefix"] = rng.choice(("images", 16, 48, 200))
+        config: dict[str, Any] = {}
         if issubclass(POLICIES[name], DecodeCadence) and rng.random() < 0.6:
-            config: dict[str, Any] = {"decode_interval": rng.choice((4, 8, 16))}
+            config["decode_interval"] = rng.choice((4, 8, 16))
             if name == "hae":
                 config["decode_budget"] = rng.choice((0.2, 0.5))
+        if name in ("h2o", "lookm") and rng.random() < 0.5:
+            config["score_step"] = rng.choice((2, 3, 5))  # accumulated attention from sampled rows
+        if config:
             extra["kv_policy_config"] = config
         if cfg.prefix_caching and rng.random() < 0.5:
             extra["kv_reuse"] = True
