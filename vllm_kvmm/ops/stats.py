@@ -284,11 +284,11 @@ class StatsAccumulator:
         skip = max(0, self._first_row(self._rows) - q_start)
         if triton:
             if skip < n_q:
-                self._update_triton(q[skip:], k, q_start + skip)
+                self._update_triton(self._rows, q[skip:], k, q_start + skip)
         else:
             for s in range(skip, n_q, self.chunk):
                 e = min(n_q, s + self.chunk)
-                self._update_block(q[s:e], k, q_start + s)
+                self._update_block(self._rows, q[s:e], k, q_start + s)
         for step, req in self.request.samples.items():
             self._update_sampled(req, step, q, k, q_start, triton)
         self._acc.seen += n_q
@@ -298,11 +298,13 @@ class StatsAccumulator:
             self._vision_dev = self.vision.to(dev)
         return self._vision_dev
 
-    def _update_triton(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+    def _update_triton(
+        self, req: StatsRequest, q: torch.Tensor, k: torch.Tensor, start: int, step: int = 1
+    ) -> None:
         """The same sums as :meth:`_update_block`, from the flash-style kernels (all queries at once)."""
-        req = self._rows
         n_q, dev = q.shape[0], q.device
-        n_vis = start + n_q
+        pos = torch.arange(start, start + n_q * step, step)
+        n_vis = int(pos[-1]) + 1
         heads = self.h * self.world
         cross = req.cross_entropy and bool(self.vision.any())
         t2v = req.t2v and n_vis > self.t2v_from
@@ -318,25 +320,28 @@ class StatsAccumulator:
             window_from=self.window_from if window else None,
             t2v_from=self.t2v_from if t2v else None,
             cross=cross,
+            row_step=step,
         )
         if out.colsum is not None:
-            self._add_keys("colsum", out.colsum)
+            self._add_keys("colsum", out.colsum, step)
         if out.window is not None:
             self._add_keys("window", out.window)
         if out.entropy is not None:
             self._add_entropy(out.entropy)
         if out.cross is not None:
-            self._add_cross(out.cross, torch.arange(start, start + n_q))
+            self._add_cross(out.cross, pos)
         if out.t2v_sum is not None and out.t2v_max is not None:
             self._add_t2v(out.t2v_sum / heads, out.t2v_max / heads)
 
-    def _add_keys(self, name: str, x: torch.Tensor) -> None:
-        """Add ``x`` ``[H, n_vis]`` (per query head) to the per-KV-head key statistic ``name``."""
+    def _add_keys(self, name: str, x: torch.Tensor, weight: int = 1) -> None:
+        """Add ``weight · x`` (``x`` ``[H, n_vis]``, per query head) to the per-KV-head key statistic ``name``
+        (``weight``: the rows each sampled row stands for)."""
         total = getattr(self._acc, name)
         if total is None:
             total = torch.zeros(self.h_kv, self.n, device=x.device)
             setattr(self._acc, name, total)
-        total[:, : x.shape[-1]] += reduce_heads(x, self.h_kv)
+        x = reduce_heads(x, self.h_kv)
+        total[:, : x.shape[-1]] += x if weight == 1 else x.mul_(weight)
 
     def _add_entropy(self, ent: torch.Tensor) -> None:
         """Add the row entropies ``[H, n_q]`` of this rank's heads (summed with the other ranks')."""
@@ -392,59 +397,44 @@ class StatsAccumulator:
     def _update_sampled(
         self, req: StatsRequest, step: int, q: torch.Tensor, k: torch.Tensor, q_start: int, triton: bool
     ) -> None:
-        """``req``'s statistics from the rows at multiples of ``step`` among ``q`` (positions
-        ``[q_start, q_start + n_q)``); column sums count each row ``step`` times."""
+        """``req``'s statistics (:attr:`StatsRequest.samples`: column sums and entropies only) from the rows
+        at multiples of ``step`` among ``q`` (positions ``[q_start, q_start + n_q)``)."""
         offset = (-q_start) % step
         if offset >= q.shape[0]:  # no sampled row in this chunk
             return
-        pos = torch.arange(q_start + offset, q_start + q.shape[0], step)
-        qs = q[offset::step]
-        cross = req.cross_entropy and bool(self.vision.any())
+        qs, first = q[offset::step], q_start + offset
         if triton:
-            first = int(pos[0])
-            out = stats_triton.block_stats(
-                qs, k, first, self.scale, self._vision_on(q.device), entropy=req.entropy,
-                colsum_from=first if req.colsum else None, cross=cross, row_step=step,
-            )  # fmt: skip
-            if out.entropy is not None:
-                self._add_entropy(out.entropy)
-            if out.cross is not None:
-                self._add_cross(out.cross, pos)
-            if out.colsum is not None:
-                self._add_keys("colsum", out.colsum.mul_(step))
+            self._update_triton(req, qs, k, first, step)
             return
         # Blocks of ~`chunk` positions (chunk/step rows): a block's keys end at its last row, so wider blocks
         # would compute more of the causal triangle's masked half.
         rows_per = max(1, self.chunk // step)
-        for s in range(0, pos.numel(), rows_per):
-            rows = pos[s : s + rows_per]
-            p = self._probs(qs[s : s + rows_per], k, int(rows[0]), rows)
-            if req.colsum:
-                self._add_keys("colsum", p.sum(1).mul_(step))
-            if req.entropy:
-                self._add_entropy(-torch.special.xlogy(p, p).sum(-1))
-            if cross:
-                self._cross_entropy(p, rows)
+        for s in range(0, qs.shape[0], rows_per):
+            self._update_block(req, qs[s : s + rows_per], k, first + s * step, step)
 
-    def _update_block(self, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
+    def _update_block(
+        self, req: StatsRequest, q: torch.Tensor, k: torch.Tensor, start: int, step: int = 1
+    ) -> None:
+        """``req``'s sums over the queries at positions ``start + step·i``; the window and HAE's rows read
+        contiguous positions, so a sampled block (``step`` > 1) carries neither."""
         # No device synchronisation in here: which rows count is decided from positions on the CPU, and
         # sums stay on the device until ``result``.
-        req = self._rows
         n_q = q.shape[0]
         dev = q.device
         heads = self.h * self.world
-        p = self._probs(q, k, start)
+        pos = torch.arange(start, start + n_q * step, step)
+        p = self._probs(q, k, start, None if step == 1 else pos)
 
         if req.colsum:
-            self._add_keys("colsum", p.sum(1))
+            self._add_keys("colsum", p.sum(1), step)
         if req.window and start + n_q > self.window_from:
             self._add_keys("window", p[:, max(0, self.window_from - start) :].sum(1))
         if req.entropy:
             self._add_entropy(-torch.special.xlogy(p, p).sum(-1))  # −Σ p log p; 0 where p is 0
         if req.cross_entropy and bool(self.vision.any()):
-            self._cross_entropy(p, torch.arange(start, start + n_q))
+            self._cross_entropy(p, pos)
         if req.t2v and start + n_q > self.t2v_from:
-            text = (torch.arange(start, start + n_q) >= self.t2v_from) & ~self.vision[start : start + n_q]
+            text = (pos >= self.t2v_from) & ~self.vision[pos]
             rows = torch.nonzero(text).flatten()
             if rows.numel():
                 pm = self._head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
