@@ -73,6 +73,16 @@ def test_a_variant_is_the_same_policy_on_both_paths() -> None:
     assert request_args("meda-released", 0.2) == {"kv_policy": "meda-released", "kv_budget": 0.2}
 
 
+def test_a_variant_as_the_engine_policy() -> None:
+    # bench perf / overhead run a label for every request of an engine: the plugin's settings say the same.
+    from vllm_kvmm.bench.cases import engine_args
+
+    got = engine_args("h2o-s4", 0.2)["additional_config"]["kv_policy"]
+    assert got == {"policy": "h2o", "budget": 0.2, "config": {"score_step": 4}}
+    grouped = engine_args("snapkv", None, 1)["additional_config"]["kv_policy"]
+    assert grouped == {"policy": "snapkv", "config": {}, "groups": 1}
+
+
 def test_an_unknown_label_fails_with_the_policy_list() -> None:
     from vllm_kvmm.bench.cases import build_policy
     from vllm_kvmm.policies import PolicyError

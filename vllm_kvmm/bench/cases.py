@@ -21,6 +21,7 @@ __all__ = [
     "bench_engine",
     "build_policy",
     "case_policy",
+    "engine_args",
     "request_args",
     "yardstick_cases",
 ]
@@ -111,6 +112,15 @@ def build_policy(label: str, budget: float) -> Any:
 
     name, config = case_policy(label, budget)
     return make_policy(name, budget, config)
+
+
+def engine_args(label: str, budget: float | None, groups: int | None = None) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments turning on the policy of a benchmark label for every request
+    (:func:`vllm_kvmm.engine_args`; ``budget`` ``None``: the plugin's default)."""
+    import vllm_kvmm
+
+    name, config = case_policy(label, budget)
+    return vllm_kvmm.engine_args(name, budget, groups, **config)
 
 
 def request_args(label: str, budget: float) -> dict[str, Any]:

@@ -31,17 +31,15 @@ from vllm_kvmm.bench.child import add_child_flag, parse_config, report, run_chil
 def _child(cfg: dict) -> None:
     from vllm import LLM, SamplingParams
 
-    import vllm_kvmm
     from vllm_kvmm.vllm_ext.worker.state import worker_state
 
     kw: dict = dict(
         model=cfg["model"], enforce_eager=True, dtype="float32", max_model_len=4096, block_size=16, seed=0
     )
     if cfg["policy"]:
-        from vllm_kvmm.bench.cases import case_policy
+        from vllm_kvmm.bench.cases import engine_args
 
-        name, config = case_policy(cfg["policy"], cfg["budget"])  # a policy or a bench label (h2o-s4)
-        kw.update(vllm_kvmm.engine_args(name, cfg["budget"], cfg.get("groups"), **config))
+        kw.update(engine_args(cfg["policy"], cfg["budget"], cfg.get("groups")))  # or a bench label (h2o-s4)
     llm = LLM(**kw)
     prompt = [{"prompt_token_ids": list(range(100, 1100))}]
 

@@ -93,11 +93,9 @@ def _child(cfg: dict[str, Any]) -> None:
     else:
         kw.update(enforce_eager=True, dtype="float32")
     if cfg["kind"] == "policy":
-        import vllm_kvmm
-        from vllm_kvmm.bench.cases import case_policy
+        from vllm_kvmm.bench.cases import engine_args
 
-        name, config = case_policy(cfg["policy"], cfg["budget"])  # a policy or a bench label (meda-exact)
-        kw.update(vllm_kvmm.engine_args(name, cfg["budget"], **config))
+        kw.update(engine_args(cfg["policy"], cfg["budget"]))  # a policy or a bench label (meda-exact)
     llm = LLM(**kw)
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
