@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from vllm_kvmm.ops import LayerStats, StatsRequest
+from vllm_kvmm.ops import LayerStats
 from vllm_kvmm.policies.base import KVPolicy, PromptInfo, budget_tokens
 from vllm_kvmm.policies.decode import DecodeSpec
 from vllm_kvmm.policies.parts import DecodeCadence, SampledScores
@@ -25,9 +25,6 @@ class H2O(SampledScores, DecodeCadence, KVPolicy):
     summary: ClassVar[str] = "heavy hitters by accumulated attention + recent window (H2O)"
 
     recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens")
-
-    def stats_request(self, info: PromptInfo) -> StatsRequest:
-        return StatsRequest(colsum=True, colsum_step=self.score_step)
 
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from vllm_kvmm.ops import StatsRequest
 from vllm_kvmm.policies.base import KVPolicy, MergeSpec, PromptInfo
 from vllm_kvmm.policies.decode import DecodeSpec
 
@@ -82,8 +83,9 @@ class SampledScores(KVPolicy):
     H2O-style scores ``Σ_i A[i, j]`` need every query against every key, the most expensive statistic
     there is (on a CPU ~1.7× the forward itself); a systematic sample of the rows, scaled by the step,
     costs ~1/step of it. An estimate: near-tied tokens can trade places (docs/benchmarks.md measures the
-    kept sets and the answers against every row). The policy passes :attr:`score_step` as
-    :class:`~vllm_kvmm.ops.StatsRequest`'s ``colsum_step``.
+    kept sets and the answers against every row). Its hook asks for the column sums at :attr:`score_step`
+    (:class:`~vllm_kvmm.ops.StatsRequest`'s ``colsum_step``); a policy that scores otherwise too (the MEDA
+    family) builds its own request with the same step.
     """
 
     score_step: int = Field(
@@ -92,6 +94,9 @@ class SampledScores(KVPolicy):
         description="accumulated attention from the queries at every `score_step`-th position, scaled by it "
         "(1 = every query, the paper; s ≈ 1/s of the statistics' cost)",
     )
+
+    def stats_request(self, info: PromptInfo) -> StatsRequest:
+        return StatsRequest(colsum=True, colsum_step=self.score_step)
 
 
 class DecodeCadence(KVPolicy):

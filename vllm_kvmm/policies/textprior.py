@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vllm_kvmm.ops import LayerStats, StatsRequest
+from vllm_kvmm.ops import LayerStats
 from vllm_kvmm.policies.base import PromptInfo, budget_tokens
 from vllm_kvmm.policies.parts import Merging, SampledScores, Sinks, union
 
@@ -52,9 +52,6 @@ class TextPriorPolicy(Sinks, Merging, SampledScores):
                 "text_prior='keep_all' keeps every text token (released code): more than ρ where text is many"
             )
         return None
-
-    def stats_request(self, info: PromptInfo) -> StatsRequest:
-        return StatsRequest(colsum=True, colsum_step=self.score_step)
 
     def recent_window(self, info: PromptInfo, budget: int) -> int:
         return budget_tokens(self.recent_fraction, budget)
