@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vllm_kvmm.policies import DecodeSpec, plan_flush
+from vllm_kvmm.policies.decode import plan_flushes
 
 
 def test_score_flush_layout_and_choice() -> None:
@@ -143,3 +144,62 @@ def test_a_flush_never_starts_its_tail_before_the_current_tail() -> None:
     assert (plan.tail_start, plan.prefix_keep) == (48, 16)
     assert torch.equal(plan.keep[0], torch.arange(38))
     assert flush_tail_start(70, 32, 16, 48) == 48 and flush_tail_start(120, 32, 16, 48) == 80
+
+
+def _layer(g: torch.Generator, n_prefix: int, frozen: int, length: int, tail: int, h: int = 2):
+    """A layer's stored slots: ``n_prefix`` distinct per-head positions older than ``tail`` (the first
+    ``frozen`` shared), then the tail ``[tail, length)``; random float64 scores with a few exact ties."""
+    rows = []
+    for _ in range(h):
+        rest = torch.randperm(tail - frozen, generator=g)[: n_prefix - frozen] + frozen
+        rows.append(torch.cat([torch.arange(frozen), rest.sort().values, torch.arange(tail, length)]))
+    pos = torch.stack(rows)
+    score = torch.randint(0, 6, pos.shape, generator=g).double() / 4  # ties across slots and layers
+    return pos, score
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DecodeSpec("score", interval=4, recent=4),
+        DecodeSpec("window", interval=4, recent=4, sinks=3),
+        DecodeSpec("bin", interval=4, recent=4, bin_size=12),
+        DecodeSpec("bin", interval=4, recent=4, bin_size=2),  # the bin overflows: purged
+    ],
+    ids=["score", "window", "bin", "bin-purge"],
+)
+def test_many_layers_planned_at_once_equal_each_planned_alone(spec: DecodeSpec) -> None:
+    """plan_flushes stacks layers whose numbers agree and plans the rest apart: every layer's plan must be
+    plan_flush's for that layer alone, whatever the mix (capacities, tail floors, prefix sizes, frozen)."""
+    g = torch.Generator().manual_seed(7)
+    length, frozen = 40, 4
+    # (slots older than the tail, capacity, tail floor): three layers share one stack, the others differ.
+    shapes = [(20, 24, 32), (20, 24, 32), (16, 24, 32), (20, 24, 32), (20, 16, 32), (24, 30, 28)]
+    layers = []
+    for n_prefix, cap, floor in shapes:
+        pos, score = _layer(g, n_prefix, frozen, length, floor)
+        layers.append((pos, score, cap, floor))
+    plans = plan_flushes(spec, layers, length, granularity=4, frozen=frozen)
+    assert len(plans) == len(layers)
+    for (pos, score, cap, floor), got in zip(layers, plans, strict=True):
+        want = plan_flush(spec, pos, score, length, cap, 4, floor, frozen)
+        assert (got.tail_start, got.prefix_keep) == (want.tail_start, want.prefix_keep)
+        assert torch.equal(got.keep, want.keep)
+        assert (got.binned is None) == (want.binned is None)
+        if want.binned is not None:
+            assert torch.equal(got.binned, want.binned)
+    # The frozen shared prefix is kept in every layer, and the layers keep different positions.
+    assert all(bool((p.keep[:, :frozen] == torch.arange(frozen)).all()) for p in plans)
+    pairs = zip(layers, plans, strict=True)
+    kept = {tuple(torch.gather(x[0], 1, p.keep).flatten().tolist()) for x, p in pairs}
+    assert len(kept) == len(layers)
+
+
+def test_many_layers_at_once_refuse_what_one_layer_refuses() -> None:
+    spec = DecodeSpec("score", interval=4, recent=4)
+    good = (torch.arange(20).expand(2, -1), torch.zeros(2, 20, dtype=torch.float64), 12, 16)
+    torn_pos = torch.cat([torch.arange(18), torch.tensor([19])]).expand(2, -1)  # position 18 is missing
+    torn = (torn_pos, torch.zeros(2, 19, dtype=torch.float64), 12, 16)
+    plan_flushes(spec, [good], 20, 4)
+    with pytest.raises(ValueError, match="stored tail holds 3 tokens, expected 4: a tail was evicted"):
+        plan_flushes(spec, [good, torn], 20, 4)

@@ -165,8 +165,8 @@ def test_flush_failure_stops_flushing_that_request(
     flush = importlib.import_module("vllm_kvmm.vllm_ext.worker.flush")
 
     # A flush at length L of the target: L ≡ TARGET (mod INTERVAL); the other prompts' lengths differ mod 16.
-    is_target = lambda spec, pos, score, length, *a, **kw: length % INTERVAL == TARGET % INTERVAL  # noqa: E731
-    monkeypatch.setattr(flush, "plan_flush", _failing(flush.plan_flush, is_target, "flush"))
+    is_target = lambda spec, layers, length, *a, **kw: length % INTERVAL == TARGET % INTERVAL  # noqa: E731
+    monkeypatch.setattr(flush, "plan_flushes", _failing(flush.plan_flushes, is_target, "flush"))
     _check(_run(llm), clean, "flush", compressed=True)
 
 

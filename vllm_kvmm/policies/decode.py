@@ -11,6 +11,7 @@ place; exactly ``K = g·k`` older tokens are kept per head.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "flush_tail_start",
     "insert_bin",
     "plan_flush",
+    "plan_flushes",
     "query_weights",
     "rescore",
 ]
@@ -138,6 +140,40 @@ def plan_flush(
         rest = complement(head, n_prefix) if k < n_prefix else head[:, :0]
         binned = rest if rest.shape[1] < max(1, spec.bin_size) else rest[:, :0]  # full bin: purge it
     return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k, binned=binned)
+
+
+def plan_flushes(
+    spec: DecodeSpec,
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]],
+    length: int,
+    granularity: int = 1,
+    frozen: int = 0,
+) -> list[FlushPlan]:
+    """:func:`plan_flush` for many layers of one request at once, equal to planning each alone.
+
+    ``layers``: per layer ``(positions, scores, capacity, tail_floor)`` as :func:`plan_flush` takes them.
+    Layers whose plans share every per-layer number (stored slots, slots older than the new tail, frozen
+    slots, capacity, tail floor) are planned as one stack of rows: :func:`plan_flush` treats rows (heads)
+    independently given those numbers, so a stack of ``L`` layers is one top-k over ``[L·H_kv, S]``
+    instead of ``L`` calls (the flush's cost was per-layer call overhead, docs/benchmarks.md).
+    """
+    g = max(1, granularity)
+    classes: dict[tuple[int, ...], list[int]] = {}
+    for i, (pos, _, cap, floor) in enumerate(layers):
+        tail_start = flush_tail_start(length, spec.recent, g, floor)
+        n_prefix = int((pos[0] < tail_start).sum())
+        n_frozen = int((pos[0, :n_prefix] < frozen).sum()) if frozen else 0
+        classes.setdefault((pos.shape[0], pos.shape[1], n_prefix, n_frozen, cap, floor), []).append(i)
+    plans: dict[int, FlushPlan] = {}
+    for (h, *_, cap, floor), members in classes.items():
+        pos = torch.cat([layers[i][0] for i in members])
+        score = torch.cat([layers[i][1] for i in members])
+        plan = plan_flush(spec, pos, score, length, cap, granularity, floor, frozen)
+        keep = plan.keep.split(h)
+        binned = plan.binned.split(h) if plan.binned is not None else [None] * len(members)
+        for i, kp, bn in zip(members, keep, binned, strict=True):
+            plans[i] = FlushPlan(kp, plan.tail_start, plan.prefix_keep, bn)
+    return [plans[i] for i in range(len(layers))]
 
 
 def bin_offset(positions: torch.Tensor, tail_start: int) -> int:

@@ -15,10 +15,11 @@ import torch
 
 from vllm_kvmm.ops import decode_scores
 from vllm_kvmm.policies.decode import (
+    FlushPlan,
     bin_offset,
     flush_tail_start,
     insert_bin,
-    plan_flush,
+    plan_flushes,
     query_weights,
     rescore,
 )
@@ -64,9 +65,10 @@ class _LayerFlush:
 def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
     """Re-select every layer's stored tokens, compact them into live (and bin) blocks, report the rest.
 
-    Every layer is scored first (one device-to-host copy for all of them); then group by group, every layer
-    of a group is planned and its moved KV gathered before the group's cache is written, so a failure
-    (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
+    Every layer is scored and planned first, layers of equal shapes together (one scoring einsum, one
+    device-to-host copy and one top-k for a stack of layers, not one per layer: the flush's cost was per-layer
+    call overhead); then group by group the moved KV of every layer is gathered before the group's cache is
+    written, so a failure (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
     """
     engine = state.engine
     members: dict[int, list[tuple[str, int]]] = {}
@@ -80,9 +82,10 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
             for _, layer in layers
         }
         scores = _rescored(state, st, stored)
+        plans = _planned(state, job, st, stored, scores)
         for group, layers in sorted(members.items()):
             planned = [
-                (name, layer, _plan_layer(state, job, st, group, name, layer, stored[layer], scores))
+                (name, layer, _moves(state, job, st, group, name, stored[layer], plans[layer]))
                 for name, layer in layers
             ]
             layouts = {f.layout for _, _, f in planned}
@@ -146,13 +149,14 @@ def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, lay
 
 def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) -> dict[int, torch.Tensor]:
     """``layer → [H_kv, S]`` scores after the decode queries buffered since the last flush (layers without
-    any keep :attr:`_Stored.score`). Reads each such layer's stored keys (not the values); the fresh scores
-    of every layer come back to the host in one copy, not one per layer."""
+    any keep :attr:`_Stored.score`). Reads each such layer's stored keys (not the values); layers whose
+    stored slots, queries and scale agree are scored as one stack of heads (:func:`decode_scores` treats
+    each KV head's row alone), and every fresh score comes back to the host in one copy."""
     engine, spec = state.engine, st.decode
     assert spec is not None and engine.paged is not None
     names = {ref.index: name for name, ref in engine.layers.items()}
-    fresh: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+    # (stored slots, query positions, scale, heads) → the layers and their (queries, keys)
+    stacks: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for layer, s in stored.items():
         buffered = st.queries.get(layer, [])
         if not buffered:
@@ -165,38 +169,67 @@ def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) 
                 keys, engine.paged.read_keys(cache, s.bin_ids, s.n_bin).transpose(0, 1), s.bin_at
             )
         q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
-        q_pos = torch.tensor([x[1] for x in buffered])
-        weights = query_weights(spec, len(buffered))
-        fresh[layer] = decode_scores(q, keys, s.pos, q_pos, state.queries.scales[name], weights)
-        counts[layer] = len(buffered)
-    if not fresh:
+        key = (s.pos.shape, tuple(x[1] for x in buffered), state.queries.scales[name], q.shape[0])
+        stacks.setdefault(key, []).append((layer, q, keys))
+    if not stacks:
         return {}
-    host = torch.cat([x.flatten() for x in fresh.values()]).cpu().split([x.numel() for x in fresh.values()])
-    return {
-        layer: rescore(spec, stored[layer].score, x.view(stored[layer].score.shape), counts[layer])
-        for layer, x in zip(fresh, host, strict=True)
-    }
+    fresh: list[torch.Tensor] = []
+    for (_, q_pos, scale, _), members in stacks.items():
+        pos = torch.cat([stored[layer].pos for layer, _, _ in members])
+        q, keys = torch.cat([m[1] for m in members]), torch.cat([m[2] for m in members])
+        weights = query_weights(spec, len(q_pos))
+        fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
+    host = torch.cat([x.flatten() for x in fresh]).cpu().split([x.numel() for x in fresh])
+    out: dict[int, torch.Tensor] = {}
+    for ((shape, q_pos, _, _), members), x in zip(stacks.items(), host, strict=True):
+        for (layer, _, _), r in zip(members, x.view(-1, shape[1]).split(shape[0]), strict=True):
+            out[layer] = rescore(spec, stored[layer].score, r, len(q_pos))
+    return out
 
 
-def _plan_layer(
+def _planned(
+    state: WorkerState,
+    job: FlushJob,
+    st: RequestState,
+    stored: dict[int, _Stored],
+    scores: dict[int, torch.Tensor],
+) -> dict[int, tuple[FlushPlan, torch.Tensor]]:
+    """``layer → (plan, scores it was planned from)``: :func:`plan_flushes` over every layer at once."""
+    spec = st.decode
+    assert spec is not None
+    bs = state.engine.block_size
+    group_of = {ref.index: ref.group for ref in state.engine.layers.values()}
+    layers = list(stored)
+    inputs = [
+        (
+            stored[layer].pos,
+            scores.get(layer, stored[layer].score),
+            spec.capacity if spec.capacity is not None else st.capacity[layer],
+            st.compact[group_of[layer]][1] * bs,
+        )
+        for layer in layers
+    ]
+    plans = plan_flushes(spec, inputs, job.length, bs, frozen=st.shared)
+    return {layer: (plan, x[1]) for layer, plan, x in zip(layers, plans, inputs, strict=True)}
+
+
+def _moves(
     state: WorkerState,
     job: FlushJob,
     st: RequestState,
     group: int,
     name: str,
-    layer: int,
     s: _Stored,
-    scores: dict[int, torch.Tensor],
+    planned: tuple[FlushPlan, torch.Tensor],
 ) -> _LayerFlush:
-    """Plan one layer's flush and gather the kept tokens that move. Reads the cache; changes nothing."""
-    engine, spec = state.engine, st.decode
-    assert spec is not None and engine.paged is not None
-    bs, length = engine.block_size, job.length
+    """One layer's planned flush: where its kept tokens go, and those that move, gathered. Reads the cache;
+    changes nothing."""
+    engine = state.engine
+    assert engine.paged is not None
+    plan, score = planned
+    bs = engine.block_size
     live, tail = st.compact[group]
     bins = st.bin_blocks.get(group, ())
-    score = scores.get(layer, s.score)
-    cap = spec.capacity if spec.capacity is not None else st.capacity[layer]
-    plan = plan_flush(spec, s.pos, score, length, cap, bs, tail_floor=tail * bs, frozen=st.shared)
     new_tail = plan.tail_start // bs
     if new_tail < tail:
         raise RuntimeError(f"kvmm: {job.req_id}: the tail moved back ({tail} -> {new_tail})")
