@@ -8,7 +8,8 @@ from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
 
 
 class SpyPagedKV(FlashPagedKV):
-    """:class:`FlashPagedKV` on CPU tensors; ``calls``: ``read`` / ``read_keys`` / ``gather``, in order."""
+    """:class:`FlashPagedKV` on CPU tensors; ``calls``: ``read`` / ``read_keys`` / ``gather`` /
+    ``write``, in order."""
 
     def __init__(self, block_size: int, head_size: int) -> None:
         super().__init__(block_size, head_size)
@@ -25,3 +26,7 @@ class SpyPagedKV(FlashPagedKV):
     def gather(self, *a: Any) -> Any:
         self.calls.append("gather")
         return super().gather(*a)
+
+    def write(self, *a: Any) -> None:
+        self.calls.append("write")
+        super().write(*a)

@@ -14,7 +14,8 @@ import torch
 from tests.unit.paged_spy import SpyPagedKV
 from vllm_kvmm.policies import LayerPlan, MergeSpec, apply_plan
 from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
-from vllm_kvmm.vllm_ext.worker.compaction import _kept_kv
+from vllm_kvmm.vllm_ext.worker.compaction import _kept_move, _merged_kv
+from vllm_kvmm.vllm_ext.worker.moves import move_kv
 
 BS, H, D, N = 4, 2, 32, 14  # 4 blocks of 4: [0,4) [4,8) [8,12) [12,14)
 IDS = torch.tensor([7, 2, 5, 9])  # the row's physical blocks, out of order as a block table is
@@ -45,21 +46,25 @@ def _plan(frozen: int = 0) -> LayerPlan:
 def test_without_merging_only_the_kept_prefix_is_read_and_written(frozen: int) -> None:
     engine, k, v = _engine()
     plan = _plan(frozen)
-    move = _kept_kv(engine, "l0", plan, IDS, N, None)  # type: ignore[arg-type]
+    move = _kept_move(engine, "l0", plan, IDS)  # type: ignore[arg-type]
     assert move is not None
-    slots, k2, v2 = move
-    assert engine.paged.calls == ["gather"]  # no read of the whole row
+    before = engine.kv_caches["l0"].clone()
+    move_kv(engine, [move])  # type: ignore[arg-type]
+    assert engine.paged.calls == ["gather", "write"]  # no read of the whole row
     # Destination: logical positions [frozen, 4) of block 7; the frozen prefix and the tail are not written.
-    assert slots.tolist() == [7 * BS + p for p in range(frozen, 4)]
+    assert move.dst.tolist() == [7 * BS + p for p in range(frozen, 4)]
+    k2, v2 = FlashPagedKV(BS, D).gather(engine.kv_caches["l0"], move.dst.expand(H, -1))
     for head in range(H):
         src = plan.keep[head, frozen:4]
         assert torch.equal(k2[:, head], k[src, head]) and torch.equal(v2[:, head], v[src, head])
+    changed = (engine.kv_caches["l0"] != before).any(-1).any(1)  # [blocks, bs]: a slot of any head
+    assert {tuple(x) for x in changed.nonzero().tolist()} <= {(7, p) for p in range(frozen, 4)}
 
 
 def test_with_merging_the_whole_row_is_read_and_the_merged_tail_written() -> None:
     engine, k, v = _engine()
     plan, merge = _plan(), MergeSpec(kind="average")
-    move = _kept_kv(engine, "l0", plan, IDS, N, merge)  # type: ignore[arg-type]
+    move = _merged_kv(engine, "l0", plan, IDS, N, merge)  # type: ignore[arg-type]
     assert move is not None
     slots, k2, v2 = move
     assert engine.paged.calls == ["read"]
@@ -72,8 +77,9 @@ def test_with_merging_the_whole_row_is_read_and_the_merged_tail_written() -> Non
 def test_nothing_moves_when_nothing_is_evicted_or_all_the_prefix_is_frozen() -> None:
     engine, _, _ = _engine()
     whole = LayerPlan(keep=torch.arange(N).expand(H, N), tail_start=12, prefix_keep=12, num_tokens=N)
-    assert _kept_kv(engine, "l0", whole, IDS, N, None) is None  # type: ignore[arg-type]
+    assert _kept_move(engine, "l0", whole, IDS) is None  # type: ignore[arg-type]
+    assert _merged_kv(engine, "l0", whole, IDS, N, MergeSpec(kind="average")) is None  # type: ignore[arg-type]
     keep = torch.cat([torch.arange(4), torch.arange(12, 14)]).expand(H, 6)
     frozen = LayerPlan(keep=keep, tail_start=12, prefix_keep=4, num_tokens=N, frozen=4)
-    assert _kept_kv(engine, "l0", frozen, IDS, N, None) is None  # type: ignore[arg-type]
+    assert _kept_move(engine, "l0", frozen, IDS) is None  # type: ignore[arg-type]
     assert engine.paged.calls == []

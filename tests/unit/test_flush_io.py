@@ -97,8 +97,8 @@ def test_flush_writes_what_the_dense_assembly_keeps_and_reads_only_keys_and_move
     calls = state.engine.paged.calls
     # Keys of the view (and of the bin) only where there are decode queries to score; never a whole read.
     reads = ["read_keys"] * ((1 + with_bin) if spec.kind != "window" else 0)
-    moves = ["gather"] * (1 + (plan.binned is not None and plan.binned.shape[1] > 0))
-    assert calls == reads + moves
+    # The movers into live blocks and into the bin: one gather, then one write (one layer, one tensor).
+    assert calls == [*reads, "gather", "write"]
     # The new tail starts at 16: the 4 kept of the 8 slots before it fill live block 0 (physical 7), the bin
     # (if any) reuses the next candidate block; the rest is reported freed.
     assert plan.tail_start == 16 and plan.prefix_keep == 4

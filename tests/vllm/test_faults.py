@@ -140,22 +140,53 @@ def test_compaction_failure_keeps_the_groups_done_before_it(
 ) -> None:
     from vllm_kvmm.vllm_ext.worker import compaction
 
+    target: set[int] = set()  # the target's moves (one per layer), made before any of them is carried out
+    runs = {"target": 0}
+    kept_move, move_kv = compaction._kept_move, compaction.move_kv
+
+    def tagged(engine: Any, name: str, plan: Any, *args: Any) -> Any:
+        move = kept_move(engine, name, plan, *args)
+        if move is not None and plan.num_tokens == TARGET:
+            target.add(id(move))
+        return move
+
+    def third_run_fails(engine: Any, moves: Any) -> None:
+        if any(id(m) in target for m in moves):
+            runs["target"] += 1
+            if runs["target"] == 3:
+                raise ValueError("third run")
+        move_kv(engine, moves)
+
+    monkeypatch.setattr(compaction, "MOVE_BYTES", 1)  # every group a run of its own
+    monkeypatch.setattr(compaction, "_kept_move", tagged)
+    monkeypatch.setattr(compaction, "move_kv", third_run_fails)
+    report = _check(_run(llm), clean, "compression", compressed=True)
+    # Layers 0 and 1 (one per KV-cache group) were compacted and reported; 2 and 3 keep the whole prompt.
+    assert runs["target"] == 3
+    # h2o at ρ 0.3 keeps 0.3 of a layer (within block rounding): (0.3 + 0.3 + 1 + 1) / 4 = 0.65.
+    assert 0.6 < report["kv_kept"] < 0.7, report
+
+
+def test_a_failure_before_the_first_run_leaves_every_group_untouched(
+    llm: Any, clean: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of groups (the default budget holds this model's every group): the moves are all made before
+    the first is carried out, so one failing leaves the request wholly uncompressed."""
+    from vllm_kvmm.vllm_ext.worker import compaction
+
     calls = {"target": 0}
-    original = compaction._kept_kv  # one layer's kept KV, computed before its group is written
+    kept_move = compaction._kept_move
 
     def third_layer_fails(engine: Any, name: str, plan: Any, *args: Any) -> Any:
         if plan.num_tokens == TARGET:
             calls["target"] += 1
             if calls["target"] == 3:
                 raise ValueError("third layer")
-        return original(engine, name, plan, *args)
+        return kept_move(engine, name, plan, *args)
 
-    monkeypatch.setattr(compaction, "_kept_kv", third_layer_fails)
-    report = _check(_run(llm), clean, "compression", compressed=True)
-    # Layers 0 and 1 (one per KV-cache group) were compacted and reported; 2 and 3 keep the whole prompt.
+    monkeypatch.setattr(compaction, "_kept_move", third_layer_fails)
+    _check(_run(llm), clean, "compression", compressed=False)
     assert calls["target"] == 3
-    # h2o at ρ 0.3 keeps 0.3 of a layer (within block rounding): (0.3 + 0.3 + 1 + 1) / 4 = 0.65.
-    assert 0.6 < report["kv_kept"] < 0.7, report
 
 
 def test_flush_failure_stops_flushing_that_request(

@@ -14,6 +14,7 @@ from vllm_kvmm.ops import LayerStats
 from vllm_kvmm.policies import LayerPlan, MergeSpec, apply_plan, plan_compression
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, PrefillJob
 from vllm_kvmm.vllm_ext.paged_kv import flat_slots
+from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
@@ -24,11 +25,14 @@ __all__ = ["check_finite", "compress"]
 
 
 def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
-    """Plan every layer of ``job``'s prompt, then compact group by group and report what each freed.
+    """Plan every layer of ``job``'s prompt, then compact and report what each KV-cache group freed.
 
-    Failure-safe by construction (:meth:`WorkerState.contain`): nothing is written before every layer is
-    planned, and a group's cache is written only once all its layers' kept KV is computed, so a failure
-    leaves each group either untouched or fully compacted (and reported).
+    Without merging only the kept prefixes move, groups in runs of at most :data:`MOVE_BYTES` (one gather
+    and one write per cache tensor the run's layers share: :func:`move_kv`); a merging policy computes
+    and writes group by group. Failure-safe by construction (:meth:`WorkerState.contain`): nothing is
+    written before every layer is planned and every group's layout checked, and a run (or group) is
+    written only once all its layers' kept KV is gathered (computed), so a failure leaves each group
+    either untouched or fully compacted (and reported).
     """
     engine = state.engine
     if engine.paged is None:
@@ -57,29 +61,41 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     done: list[CompressedGroup] = []
     kept = n * len(engine.layers)  # this stage's layers (pipeline stages' reports add up)
     try:
-        for group, layers in sorted(members.items()):
-            shapes = {(plans[i].prefix_keep // bs, plans[i].tail_start // bs) for _, i in layers}
-            if len(shapes) != 1:
-                raise RuntimeError(
-                    f"kvmm: layers of group {group} planned different layouts {sorted(shapes)}"
-                )
-            ((keep, tail),) = shapes
-            ids = torch.tensor(job.block_ids[group][: -(-n // bs)], dtype=torch.long)
-            # Compute every layer of the group first, then write: a failure leaves the group untouched.
-            moves = [(name, _kept_kv(engine, name, plans[i], ids, n, merge)) for name, i in layers]
-            for name, move in moves:
-                if move is not None:
-                    engine.paged.write(engine.kv_caches[name], *move)
-            if st.decode is not None:
-                for _, i in layers:
-                    _start_decode_state(st, engine.num_kv_heads, i, plans[i], stats[i], job.end)
-            if keep < tail or st.decode is not None:
-                st.compact[group] = (tuple(range(keep)), tail)
-            if keep < tail:
-                done.append(
-                    CompressedGroup(group, keep, tail, plans[layers[0][1]].num_kept, tuple(range(keep, tail)))
-                )
-                kept -= sum(n - plans[i].num_kept for _, i in layers)
+        layouts = {group: _group_layout(plans, layers, bs, group) for group, layers in members.items()}
+        ids = {g: torch.tensor(job.block_ids[g][: -(-n // bs)], dtype=torch.long) for g in members}
+        if merge is None:  # only the kept prefix moves: groups in runs, one gather and write per cache tensor
+            moves = {
+                g: [m for name, i in layers if (m := _kept_move(engine, name, plans[i], ids[g])) is not None]
+                for g, layers in members.items()
+            }
+            sizes = ((g, sum(m.nbytes(engine) for m in moves[g])) for g in sorted(members))
+            runs = chunked(sizes, MOVE_BYTES)
+        else:
+            runs = [[g] for g in sorted(members)]
+        for run in runs:
+            if merge is None:
+                move_kv(engine, [m for g in run for m in moves[g]])
+            else:
+                (group,) = run
+                # Compute every layer of the group first, then write: a failure leaves the group untouched.
+                merged = [
+                    (name, _merged_kv(engine, name, plans[i], ids[group], n, merge))
+                    for name, i in members[group]
+                ]
+                for name, write in merged:
+                    if write is not None:
+                        engine.paged.write(engine.kv_caches[name], *write)
+            for group in run:
+                layers, (keep, tail) = members[group], layouts[group]
+                if st.decode is not None:
+                    for _, i in layers:
+                        _start_decode_state(st, engine.num_kv_heads, i, plans[i], stats[i], job.end)
+                if keep < tail or st.decode is not None:
+                    st.compact[group] = (tuple(range(keep)), tail)
+                if keep < tail:
+                    freed = tuple(range(keep, tail))
+                    done.append(CompressedGroup(group, keep, tail, plans[layers[0][1]].num_kept, freed))
+                    kept -= sum(n - plans[i].num_kept for _, i in layers)
     finally:
         # What was compacted is reported even when a later group failed: its blocks are no longer read.
         if done:
@@ -118,27 +134,41 @@ def check_finite(stats: list[LayerStats | None]) -> None:
     raise FloatingPointError(f"non-finite statistics ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
 
-def _kept_kv(
-    engine: EngineLayout, name: str, plan: LayerPlan, ids: torch.Tensor, n: int, merge: MergeSpec | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(slots, keys, values)`` that compact one layer (``None``: nothing moves).
+def _group_layout(
+    plans: list[LayerPlan], layers: list[tuple[str, int]], bs: int, group: int
+) -> tuple[int, int]:
+    """``(keep, tail)`` in blocks, which every layer of a group must share."""
+    shapes = {(plans[i].prefix_keep // bs, plans[i].tail_start // bs) for _, i in layers}
+    if len(shapes) != 1:
+        raise RuntimeError(f"kvmm: layers of group {group} planned different layouts {sorted(shapes)}")
+    return next(iter(shapes))
 
-    The frozen prefix is kept in place unchanged (``apply_plan``), so its slots are not written at all:
-    its blocks may be read by other requests at the same time. Without merging the tail is unchanged too,
-    so only the kept prefix moves, and only its tokens are read (ρ of the prompt, not all of it).
-    """
-    bs = engine.block_size
+
+def _kept_move(engine: EngineLayout, name: str, plan: LayerPlan, ids: torch.Tensor) -> Move | None:
+    """The move that compacts one layer without merging (``None``: nothing moves): only the kept prefix,
+    and only its tokens are read (ρ of the prompt, not all of it). The frozen prefix stays in place
+    unchanged (``apply_plan``), so its slots are not written at all: other requests may read its blocks;
+    the tail is unchanged too."""
     if plan.is_identity or plan.prefix_keep == plan.tail_start:
         return None
-    cache = engine.kv_caches[name]
-    if merge is None:
-        f = min(plan.frozen, plan.prefix_keep)
-        if f == plan.prefix_keep:
-            return None
-        src = plan.keep[:, f : plan.prefix_keep]  # [H_kv, K]: the kept prefix, per head
-        k2, v2 = engine.paged.gather(cache, flat_slots(ids, src, bs))  # [K, H_kv, d]
-        return flat_slots(ids, torch.arange(f, plan.prefix_keep), bs), k2, v2
-    k, v = engine.paged.read(cache, ids, n)  # [N, H_kv, d]
+    f = min(plan.frozen, plan.prefix_keep)
+    if f == plan.prefix_keep:
+        return None
+    bs = engine.block_size
+    src = plan.keep[:, f : plan.prefix_keep]  # [H_kv, K]: the kept prefix, per head
+    return Move(name, flat_slots(ids, src, bs), flat_slots(ids, torch.arange(f, plan.prefix_keep), bs))
+
+
+def _merged_kv(
+    engine: EngineLayout, name: str, plan: LayerPlan, ids: torch.Tensor, n: int, merge: MergeSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(slots, keys, values)`` that compact one layer of a merging policy (``None``: nothing changes):
+    evicted tokens are folded into kept ones (the tail's included), so the whole row is read, and the kept
+    prefix and the tail are written — all but the frozen prefix, which stays as it was."""
+    if plan.is_identity or plan.prefix_keep == plan.tail_start:
+        return None
+    bs = engine.block_size
+    k, v = engine.paged.read(engine.kv_caches[name], ids, n)  # [N, H_kv, d]
     k2, v2 = apply_plan(plan, k.transpose(0, 1), v.transpose(0, 1), merge)  # [H_kv, K_total, d]
     # Destination slots: the kept prefix fills logical blocks [0, keep); the tail stays in place.
     pos = torch.cat([torch.arange(plan.prefix_keep), torch.arange(plan.tail_start, n)])

@@ -25,6 +25,7 @@ from vllm_kvmm.policies.decode import (
 )
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
 from vllm_kvmm.vllm_ext.paged_kv import flat_slots
+from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class _Stored:
 class _LayerFlush:
     """One layer's flush, computed and not yet applied: what to write where, and the layer's new state."""
 
-    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (slots, keys, values)
+    moves: list[Move]  # the kept tokens that change slots
     layout: tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...]]  # live, tail, bins, freed
     num_kept: int
     pos: torch.Tensor
@@ -67,8 +68,9 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
 
     Every layer is scored and planned first, layers of equal shapes together (one scoring einsum, one
     device-to-host copy and one top-k for a stack of layers, not one per layer: the flush's cost was per-layer
-    call overhead); then group by group the moved KV of every layer is gathered before the group's cache is
-    written, so a failure (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
+    call overhead); then the kept tokens move, groups in runs of at most :data:`MOVE_BYTES` gathered before
+    any of the run is written (:func:`move_kv`: one gather and one write per shared cache tensor), so a
+    failure (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
     """
     engine = state.engine
     members: dict[int, list[tuple[str, int]]] = {}
@@ -83,27 +85,30 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
         }
         scores = _rescored(state, st, stored)
         plans = _planned(state, job, st, stored, scores)
+        planned: dict[int, list[tuple[int, _LayerFlush]]] = {}
         for group, layers in sorted(members.items()):
-            planned = [
-                (name, layer, _moves(state, job, st, group, name, stored[layer], plans[layer]))
+            planned[group] = [
+                (layer, _layer_flush(state, job, st, group, name, stored[layer], plans[layer]))
                 for name, layer in layers
             ]
-            layouts = {f.layout for _, _, f in planned}
-            if len(layouts) != 1:
+            if len({f.layout for _, f in planned[group]}) != 1:
                 raise RuntimeError(
                     f"kvmm: {job.req_id}: layers of group {group} flushed to different layouts"
                 )
-            for name, layer, f in planned:
-                for slots, k, v in f.writes:
-                    engine.paged.write(engine.kv_caches[name], slots, k, v)
-                st.queries.pop(layer, None)  # consumed by this flush's scores
-                st.positions[layer], st.scores[layer] = f.pos, f.score
-                st.bin_positions[layer], st.bin_scores[layer] = f.bin_pos, f.bin_score
-            live, tail, bins, freed = planned[0][2].layout
-            st.compact[group] = (live, tail)
-            st.bin_blocks[group] = bins
-            if freed:
-                report.append(CompressedGroup(group, len(live), tail, planned[0][2].num_kept, freed))
+        sizes = ((g, sum(m.nbytes(engine) for _, f in fs for m in f.moves)) for g, fs in planned.items())
+        for run in chunked(sizes, MOVE_BYTES):
+            move_kv(engine, [m for g in run for _, f in planned[g] for m in f.moves])
+            for group in run:
+                for layer, f in planned[group]:
+                    st.queries.pop(layer, None)  # consumed by this flush's scores
+                    st.positions[layer], st.scores[layer] = f.pos, f.score
+                    st.bin_positions[layer], st.bin_scores[layer] = f.bin_pos, f.bin_score
+                first = planned[group][0][1]
+                live, tail, bins, freed = first.layout
+                st.compact[group] = (live, tail)
+                st.bin_blocks[group] = bins
+                if freed:
+                    report.append(CompressedGroup(group, len(live), tail, first.num_kept, freed))
     finally:
         # Groups flushed before a failure are reported: their freed blocks are no longer read.
         if report:
@@ -213,7 +218,7 @@ def _planned(
     return {layer: (plan, x[1]) for layer, plan, x in zip(layers, plans, inputs, strict=True)}
 
 
-def _moves(
+def _layer_flush(
     state: WorkerState,
     job: FlushJob,
     st: RequestState,
@@ -222,12 +227,9 @@ def _moves(
     s: _Stored,
     planned: tuple[FlushPlan, torch.Tensor],
 ) -> _LayerFlush:
-    """One layer's planned flush: where its kept tokens go, and those that move, gathered. Reads the cache;
-    changes nothing."""
-    engine = state.engine
-    assert engine.paged is not None
+    """One layer's planned flush: where its kept tokens go. Reads nothing, changes nothing."""
     plan, score = planned
-    bs = engine.block_size
+    bs = state.engine.block_size
     live, tail = st.compact[group]
     bins = st.bin_blocks.get(group, ())
     new_tail = plan.tail_start // bs
@@ -239,8 +241,7 @@ def _moves(
     n_live, n_bin = plan.prefix_keep // bs, -(-binned_idx.shape[1] // bs)
     new_live, new_bins = candidates[:n_live], candidates[n_live : n_live + n_bin]
     row = job.block_ids[group]
-    cache = engine.kv_caches[name]
-    writes = []
+    moves = []
     # The shared prefix stays where it is (the first slots of the first live blocks, kept by plan_flush):
     # never written, as other requests may read its blocks.
     frozen = int((s.pos[0] < st.shared).sum())
@@ -250,14 +251,12 @@ def _moves(
     ):
         n = idx.shape[1]
         if n > skip:
-            # Gathered (a copy) before any write of this group: a destination may be another's source.
-            k, v = engine.paged.gather(cache, s.src[idx[:, skip:]])  # [n − skip, H_kv, d]
             dst = flat_slots(
                 torch.tensor([row[i] for i in blocks], dtype=torch.long), torch.arange(skip, n), bs
             )
-            writes.append((dst, k, v))
+            moves.append(Move(name, s.src[idx[:, skip:]], dst))
     return _LayerFlush(
-        writes=writes,
+        moves=moves,
         layout=(tuple(new_live), new_tail, tuple(new_bins), tuple(candidates[n_live + n_bin :])),
         num_kept=plan.num_kept,
         pos=torch.gather(s.pos, 1, plan.keep),
