@@ -10,6 +10,8 @@ Modules, one job each:
   queries kept for decode-time scores (in persistent buffers that CUDA graphs replay).
 * ``compaction.py`` — after a prompt's last chunk: plan every layer, move the kept KV, report freed blocks.
 * ``flush.py`` — decode-time eviction: re-select, move, report freed blocks.
+* ``moves.py`` — moving kept tokens within the paged cache, one gather and one write per cache tensor the
+  layers share (vLLM gives per-layer groups views of one tensor).
 * ``view.py`` — the compact block table and lengths attention reads for compressed requests.
 * ``recorder.py`` — every plan made, for tests and benchmarks (off unless set).
 
