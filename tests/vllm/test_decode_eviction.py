@@ -3,6 +3,7 @@ long generations in bounded memory, aborts and preemption with flushes pending."
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,36 @@ def _held(llm: Any, prefix: str) -> list[int]:
 # H2O with prefill scores from every 3rd query (sampled, scaled by 3): decode scores add to the estimate.
 @pytest.mark.parametrize("name,extra", [(n, {}) for n in DECODING] + [("h2o", {"score_step": 3})])
 def test_paged_equals_dense_with_flushes(llm: Any, tiny_llama_dir: Path, name: str, extra: dict) -> None:
+    _check_paged_equals_dense(
+        llm, tiny_llama_dir, name, extra, name + "".join(f"-{k}{v}" for k, v in extra.items())
+    )
+
+
+def test_one_layer_a_stack_and_one_group_a_run_equal_the_dense_reference(
+    llm: Any, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _unbatched(monkeypatch)
+    _check_paged_equals_dense(llm, tiny_llama_dir, "h2o", {}, "h2o-unbatched")
+
+
+def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring stacks and move runs cut at one layer / one group each: what the byte budgets come to on a
+    7B model at long contexts (the tiny model here fits every layer in one stack and one run)."""
+    flush = importlib.import_module("vllm_kvmm.vllm_ext.worker.flush")
+    from vllm_kvmm.vllm_ext.worker import compaction
+
+    for module, budget in ((flush, "SCORE_BYTES"), (flush, "MOVE_BYTES"), (compaction, "MOVE_BYTES")):
+        monkeypatch.setattr(module, budget, 1)
+
+
+def _check_paged_equals_dense(llm: Any, model: Path, name: str, extra: dict, tag: str) -> None:
     from vllm_kvmm.vllm_ext.worker import worker_state
 
-    tag = name + "".join(f"-{k}{v}" for k, v in extra.items())
     ids = [_ids(0, 230), _ids(1, 150)]
     for i, x in enumerate(ids):
         llm.llm_engine.add_request(f"{tag}{i}", {"prompt_token_ids": x}, _params(name, 0.3, 70, extra))
     out = _drain(llm)
-    refs = DenseReference(tiny_llama_dir).generate(
+    refs = DenseReference(model).generate(
         [PromptInput.from_ids(x) for x in ids],
         make_policy(name, 0.3, {"decode_interval": INTERVAL, **extra}),
         70,
@@ -185,24 +208,31 @@ def test_abort_and_preemption_with_flushes_leave_nothing(llm: Any) -> None:
     assert scheduler(llm).connector._requests == {}
 
 
-def test_recycle_bin_paged_equals_dense(llm: Any, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_recycle_bin_paged_equals_dense(
+    llm: Any, tiny_llama_dir: Path, unbatched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HAE's recycle bin in vLLM: the same active and binned tokens as the dense reference at every flush,
     the same tokens, and the bin really bins, restores and purges."""
     from vllm_kvmm.vllm_ext.worker import worker_state
+
+    if unbatched:
+        _unbatched(monkeypatch)
+    tag = "binu" if unbatched else "bin"
 
     cfg = {"decode_interval": INTERVAL, "decode_budget": 0.3, "bin_size": 24, "protect_recent": 16}
     ids = [_ids(0, 230), _ids(1, 150)]
     for i, x in enumerate(ids):
         params = greedy(90, kv_policy="hae", kv_policy_config=json.dumps(cfg))
-        llm.llm_engine.add_request(f"bin{i}", {"prompt_token_ids": x}, params)
+        llm.llm_engine.add_request(f"{tag}{i}", {"prompt_token_ids": x}, params)
     out = _drain(llm)
     refs = DenseReference(tiny_llama_dir).generate(
         [PromptInput.from_ids(x) for x in ids], make_policy("hae", None, cfg), 90, BLOCK
     )
     binned = restored = purged = 0
     for i, ref in enumerate(refs):
-        assert out[f"bin{i}"] == ref.token_ids
-        key = next(k for k in worker_state().recorder.flushes if k.startswith(f"bin{i}-"))
+        assert out[f"{tag}{i}"] == ref.token_ids
+        key = next(k for k in worker_state().recorder.flushes if k.startswith(f"{tag}{i}-"))
         active, bins = worker_state().recorder.flushes[key], worker_state().recorder.bins[key]
         assert len(active) == len(ref.flush_positions) == 5
         for a, b, c, d in zip(active, ref.flush_positions, bins, ref.flush_bins, strict=True):

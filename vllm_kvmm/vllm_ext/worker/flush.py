@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = ["flush"]
 
+# Layers scored in one stack hold at most this much float64 key copies at once (a stack of every layer of a
+# 7B model at a few thousand stored tokens would be a transient of a GiB beyond what vLLM budgeted).
+SCORE_BYTES = 256 << 20
+
 
 @dataclass
 class _Stored:
@@ -179,16 +183,21 @@ def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) 
     if not stacks:
         return {}
     fresh: list[torch.Tensor] = []
-    for (_, q_pos, scale, _), members in stacks.items():
-        pos = torch.cat([stored[layer].pos for layer, _, _ in members])
-        q, keys = torch.cat([m[1] for m in members]), torch.cat([m[2] for m in members])
-        weights = query_weights(spec, len(q_pos))
-        fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
+    scored: list[tuple[list[int], tuple[int, int], int]] = []  # per stack: layers, [H_kv, S], queries
+    for (shape, q_pos, scale, _), members in stacks.items():
+        # decode_scores holds the stack's keys in float64, repeated for each query head of a KV head.
+        sizes = ((m, m[1].shape[0] * m[2].shape[1] * m[2].shape[2] * 8) for m in members)
+        for part in chunked(sizes, SCORE_BYTES):
+            pos = torch.cat([stored[layer].pos for layer, _, _ in part])
+            q, keys = torch.cat([m[1] for m in part]), torch.cat([m[2] for m in part])
+            weights = query_weights(spec, len(q_pos))
+            fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
+            scored.append(([layer for layer, _, _ in part], shape, len(q_pos)))
     host = torch.cat([x.flatten() for x in fresh]).cpu().split([x.numel() for x in fresh])
     out: dict[int, torch.Tensor] = {}
-    for ((shape, q_pos, _, _), members), x in zip(stacks.items(), host, strict=True):
-        for (layer, _, _), r in zip(members, x.view(-1, shape[1]).split(shape[0]), strict=True):
-            out[layer] = rescore(spec, stored[layer].score, r, len(q_pos))
+    for (layers, (h_kv, s), w), x in zip(scored, host, strict=True):
+        for layer, r in zip(layers, x.view(-1, s).split(h_kv), strict=True):
+            out[layer] = rescore(spec, stored[layer].score, r, w)
     return out
 
 
