@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tests.unit.paged_spy import SpyPagedKV
@@ -64,3 +65,16 @@ def test_runs_of_groups_stay_within_the_budget() -> None:
     assert chunked(units, 1) == [["g0"], ["g1"], ["g2"], ["g3"], ["g4"], ["g5"]]  # each over the budget
     assert chunked([], 8) == []
     assert chunked([("g0", 0), ("g1", 0)], 8) == [["g0", "g1"]]  # groups that move nothing
+
+
+def test_two_layers_writing_one_slot_of_a_shared_tensor_are_refused_before_any_write() -> None:
+    shared = _cache(2)
+    engine = SimpleNamespace(kv_caches={"a": shared, "b": shared}, paged=SpyPagedKV(BS, D))
+    before = shared.clone()
+    moves = [
+        Move("a", torch.tensor([[1], [2]]), torch.tensor([5])),
+        Move("b", torch.tensor([[9], [10]]), torch.tensor([5])),  # a layout bug: groups' blocks overlap
+    ]
+    with pytest.raises(RuntimeError, match=r"kvmm: moves of layers \['a', 'b'\] write one slot twice"):
+        move_kv(engine, moves)  # type: ignore[arg-type]
+    assert engine.paged.calls == [] and torch.equal(shared, before)

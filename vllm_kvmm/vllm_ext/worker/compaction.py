@@ -62,6 +62,13 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     kept = n * len(engine.layers)  # this stage's layers (pipeline stages' reports add up)
     try:
         layouts = {group: _group_layout(plans, layers, bs, group) for group, layers in members.items()}
+        # Decode-time state, computed before anything is written: a run is written whole or not at all.
+        decode = {
+            i: _decode_state(engine.num_kv_heads, plans[i], stats[i], n, job.end)
+            for layers in members.values()
+            for _, i in layers
+            if st.decode is not None
+        }
         ids = {g: torch.tensor(job.block_ids[g][: -(-n // bs)], dtype=torch.long) for g in members}
         if merge is None:  # only the kept prefix moves: groups in runs, one gather and write per cache tensor
             moves = {
@@ -87,9 +94,10 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
                         engine.paged.write(engine.kv_caches[name], *write)
             for group in run:
                 layers, (keep, tail) = members[group], layouts[group]
-                if st.decode is not None:
-                    for _, i in layers:
-                        _start_decode_state(st, engine.num_kv_heads, i, plans[i], stats[i], job.end)
+                for _, i in layers:
+                    if i in decode:
+                        st.positions[i], st.scores[i] = decode[i]
+                        st.capacity[i] = plans[i].num_kept
                 if keep < tail or st.decode is not None:
                     st.compact[group] = (tuple(range(keep)), tail)
                 if keep < tail:
@@ -177,16 +185,15 @@ def _merged_kv(
     return flat_slots(ids, pos, bs), k2.transpose(0, 1), v2.transpose(0, 1)
 
 
-def _start_decode_state(st: RequestState, h: int, layer: int, plan: LayerPlan, stats: Any, end: int) -> None:
-    """Positions and H2O scores of the slots kept by prefill, in the compact view's slot order."""
-    n = st.info.num_tokens
+def _decode_state(h: int, plan: LayerPlan, stats: Any, n: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and H2O scores ``[H_kv, S]`` of the slots kept by prefill, in the compact view's slot
+    order (``n``: prompt tokens; ``end``: tokens computed so far)."""
     head = plan.keep[:, : plan.prefix_keep]
     tail = torch.arange(plan.tail_start, max(end, n)).expand(h, -1)  # a recompute may reach past N
-    st.positions[layer] = torch.cat([head, tail], 1)
-    score = torch.zeros(st.positions[layer].shape, dtype=torch.float64)
+    positions = torch.cat([head, tail], 1)
+    score = torch.zeros(positions.shape, dtype=torch.float64)
     col = stats.colsum if stats is not None else None
     if col is not None:
         known = plan.keep.shape[1]  # prompt slots; tokens past the prompt start at zero
         score[:, :known] = torch.gather(col.double().cpu(), 1, plan.keep)
-    st.scores[layer] = score
-    st.capacity[layer] = plan.num_kept
+    return positions, score

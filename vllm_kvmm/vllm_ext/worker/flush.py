@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["flush"]
 
-# Layers scored in one stack hold at most this much float64 key copies at once (a stack of every layer of a
-# 7B model at a few thousand stored tokens would be a transient of a GiB beyond what vLLM budgeted).
+# Layers scored in one stack hold at most this much float64 keys and logits at once (a stack of every layer
+# of a 7B model at a few thousand stored tokens would be a transient of a GiB beyond what vLLM budgeted).
 SCORE_BYTES = 256 << 20
 
 
@@ -164,41 +164,47 @@ def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) 
     engine, spec = state.engine, st.decode
     assert spec is not None and engine.paged is not None
     names = {ref.index: name for name, ref in engine.layers.items()}
-    # (stored slots, query positions, scale, heads) → the layers and their (queries, keys)
-    stacks: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    # (stored slots, query positions, scale, heads) → the layers and their queries
+    stacks: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for layer, s in stored.items():
         buffered = st.queries.get(layer, [])
         if not buffered:
             continue
         name = names[layer]
-        cache = engine.kv_caches[name]
-        keys = engine.paged.read_keys(cache, s.view_ids, s.n_view).transpose(0, 1)  # [H_kv, S, d]
-        if s.n_bin:
-            keys = insert_bin(
-                keys, engine.paged.read_keys(cache, s.bin_ids, s.n_bin).transpose(0, 1), s.bin_at
-            )
         q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
         key = (s.pos.shape, tuple(x[1] for x in buffered), state.queries.scales[name], q.shape[0])
-        stacks.setdefault(key, []).append((layer, q, keys))
+        stacks.setdefault(key, []).append((layer, q))
     if not stacks:
         return {}
     fresh: list[torch.Tensor] = []
     scored: list[tuple[list[int], tuple[int, int], int]] = []  # per stack: layers, [H_kv, S], queries
     for (shape, q_pos, scale, _), members in stacks.items():
-        # decode_scores holds the stack's keys in float64, repeated for each query head of a KV head.
-        sizes = ((m, m[1].shape[0] * m[2].shape[1] * m[2].shape[2] * 8) for m in members)
+        # decode_scores holds the stack's keys in float64 (repeated for each query head of a KV head) and
+        # [H, W, S] float64 logits and probabilities: a stack is cut to at most SCORE_BYTES of them.
+        sizes = ((m, m[1].shape[0] * shape[1] * (m[1].shape[2] + 4 * len(q_pos)) * 8) for m in members)
         for part in chunked(sizes, SCORE_BYTES):
-            pos = torch.cat([stored[layer].pos for layer, _, _ in part])
-            q, keys = torch.cat([m[1] for m in part]), torch.cat([m[2] for m in part])
+            layers = [layer for layer, _ in part]
+            keys = torch.cat([_stored_keys(state, names[layer], stored[layer]) for layer in layers])
+            pos = torch.cat([stored[layer].pos for layer in layers])
+            q = torch.cat([q for _, q in part])
             weights = query_weights(spec, len(q_pos))
             fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
-            scored.append(([layer for layer, _, _ in part], shape, len(q_pos)))
+            scored.append((layers, shape, len(q_pos)))
     host = torch.cat([x.flatten() for x in fresh]).cpu().split([x.numel() for x in fresh])
     out: dict[int, torch.Tensor] = {}
     for (layers, (h_kv, s), w), x in zip(scored, host, strict=True):
-        for layer, r in zip(layers, x.view(-1, s).split(h_kv), strict=True):
+        for layer, r in zip(layers, x.view(len(layers) * h_kv, s).split(h_kv), strict=True):
             out[layer] = rescore(spec, stored[layer].score, r, w)
     return out
+
+
+def _stored_keys(state: WorkerState, name: str, s: _Stored) -> torch.Tensor:
+    """``[H_kv, S, d]``: one layer's stored keys in slot order (the view's, with the bin's inserted)."""
+    paged, cache = state.engine.paged, state.engine.kv_caches[name]
+    keys = paged.read_keys(cache, s.view_ids, s.n_view).transpose(0, 1)
+    if s.n_bin:
+        keys = insert_bin(keys, paged.read_keys(cache, s.bin_ids, s.n_bin).transpose(0, 1), s.bin_at)
+    return keys
 
 
 def _planned(

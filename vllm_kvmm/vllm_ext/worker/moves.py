@@ -73,6 +73,10 @@ def move_kv(engine: EngineLayout, moves: Sequence[Move]) -> None:
         cache = engine.kv_caches[ms[0].layer]
         src = torch.cat([m.src for m in ms], 1) if len(ms) > 1 else ms[0].src
         dst = torch.cat([m.dst for m in ms]) if len(ms) > 1 else ms[0].dst
+        if len(ms) > 1 and dst.unique().numel() != dst.numel():
+            # Groups' blocks never overlap, so neither can their slots: a collision means a layout is
+            # wrong, and an indexed write with repeated slots would store either value.
+            raise RuntimeError(f"kvmm: moves of layers {[m.layer for m in ms]} write one slot twice")
         gathered.append((cache, dst, *paged.gather(cache, src)))
     for cache, dst, k, v in gathered:
         paged.write(cache, dst, k, v)
