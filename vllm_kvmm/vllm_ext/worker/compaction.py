@@ -63,12 +63,15 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
     try:
         layouts = {group: _group_layout(plans, layers, bs, group) for group, layers in members.items()}
         # Decode-time state, computed before anything is written: a run is written whole or not at all.
-        decode = {
-            i: _decode_state(engine.num_kv_heads, plans[i], stats[i], n, job.end)
-            for layers in members.values()
-            for _, i in layers
+        decode = (
+            {
+                i: _decode_state(engine.num_kv_heads, plans[i], stats[i], n, job.end)
+                for layers in members.values()
+                for _, i in layers
+            }
             if st.decode is not None
-        }
+            else {}
+        )
         ids = {g: torch.tensor(job.block_ids[g][: -(-n // bs)], dtype=torch.long) for g in members}
         if merge is None:  # only the kept prefix moves: groups in runs, one gather and write per cache tensor
             moves = {

@@ -182,12 +182,12 @@ def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) 
         # decode_scores holds the stack's keys in float64 (repeated for each query head of a KV head) and
         # [H, W, S] float64 logits and probabilities: a stack is cut to at most SCORE_BYTES of them.
         sizes = ((m, m[1].shape[0] * shape[1] * (m[1].shape[2] + 4 * len(q_pos)) * 8) for m in members)
+        weights = query_weights(spec, len(q_pos))
         for part in chunked(sizes, SCORE_BYTES):
             layers = [layer for layer, _ in part]
             keys = torch.cat([_stored_keys(state, names[layer], stored[layer]) for layer in layers])
             pos = torch.cat([stored[layer].pos for layer in layers])
             q = torch.cat([q for _, q in part])
-            weights = query_weights(spec, len(q_pos))
             fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
             scored.append((layers, shape, len(q_pos)))
     host = torch.cat([x.flatten() for x in fresh]).cpu().split([x.numel() for x in fresh])
