@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from vllm_kvmm.policies import DecodeSpec, plan_flush
-from vllm_kvmm.policies.decode import plan_flushes
+from vllm_kvmm.policies import DecodeSpec, decode, plan_flush
+from vllm_kvmm.policies.decode import FlushInput, plan_flushes
 
 
 def test_score_flush_layout_and_choice() -> None:
@@ -178,28 +180,69 @@ def test_many_layers_planned_at_once_equal_each_planned_alone(spec: DecodeSpec) 
     layers = []
     for n_prefix, cap, floor in shapes:
         pos, score = _layer(g, n_prefix, frozen, length, floor)
-        layers.append((pos, score, cap, floor))
-    plans = plan_flushes(spec, layers, length, granularity=4, frozen=frozen)
-    assert len(plans) == len(layers)
-    for (pos, score, cap, floor), got in zip(layers, plans, strict=True):
-        want = plan_flush(spec, pos, score, length, cap, 4, floor, frozen)
+        layers.append(FlushInput(spec, pos, score, length, cap, floor, frozen))
+    plans = plan_flushes(layers, granularity=4)
+    _assert_each_alone(layers, plans)
+    # The frozen shared prefix is kept in every layer, and the layers keep different positions.
+    assert all(bool((p.keep[:, :frozen] == torch.arange(frozen)).all()) for p in plans)
+    pairs = zip(layers, plans, strict=True)
+    kept = {tuple(torch.gather(x.positions, 1, p.keep).flatten().tolist()) for x, p in pairs}
+    assert len(kept) == len(layers)
+
+
+def test_many_requests_planned_at_once_equal_each_planned_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers of several requests in one call (a step's flushes): a stack never mixes requests whose
+    lengths, frozen prefixes or decode specs differ, and requests that agree on all are stacked."""
+    g = torch.Generator().manual_seed(11)
+    h2o, h2o_decay = DecodeSpec("score", 4, recent=4), DecodeSpec("score", 4, recent=4, decay=0.9)
+    window = DecodeSpec("window", 4, recent=4, sinks=2)
+    # (spec, length, frozen, slots older than the tail, tail floor): the first two requests agree on
+    # every number; the others differ in one each.
+    requests = [
+        (h2o, 40, 0, 20, 32),
+        (h2o, 40, 0, 20, 32),
+        (h2o, 44, 0, 20, 32),  # longer: a different tail (the same stored count would tear it)
+        (h2o, 40, 4, 20, 32),  # a shared prefix
+        (h2o_decay, 40, 0, 20, 32),
+        (window, 40, 0, 20, 32),
+    ]
+    inputs = []
+    for spec, length, frozen, n_prefix, floor in requests:
+        for _ in range(3):  # layers
+            pos, score = _layer(g, n_prefix, frozen, length, floor)
+            inputs.append(FlushInput(spec, pos, score, length, 24, floor, frozen))
+    calls: list[int] = []
+    original = decode.plan_flush
+
+    def counting(spec: DecodeSpec, pos: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        calls.append(pos.shape[0] // 2)  # layers in the stack (2 heads each)
+        return original(spec, pos, *a, **kw)
+
+    monkeypatch.setattr(decode, "plan_flush", counting)
+    plans = plan_flushes(inputs, granularity=4)
+    monkeypatch.undo()
+    _assert_each_alone(inputs, plans)
+    assert sorted(calls) == [3, 3, 3, 3, 6]  # the two agreeing requests' six layers in one stack
+
+
+def _assert_each_alone(inputs: list[FlushInput], plans: list) -> None:
+    assert len(plans) == len(inputs)
+    for x, got in zip(inputs, plans, strict=True):
+        want = plan_flush(x.spec, x.positions, x.scores, x.length, x.capacity, 4, x.tail_floor, x.frozen)
         assert (got.tail_start, got.prefix_keep) == (want.tail_start, want.prefix_keep)
         assert torch.equal(got.keep, want.keep)
         assert (got.binned is None) == (want.binned is None)
         if want.binned is not None:
             assert torch.equal(got.binned, want.binned)
-    # The frozen shared prefix is kept in every layer, and the layers keep different positions.
-    assert all(bool((p.keep[:, :frozen] == torch.arange(frozen)).all()) for p in plans)
-    pairs = zip(layers, plans, strict=True)
-    kept = {tuple(torch.gather(x[0], 1, p.keep).flatten().tolist()) for x, p in pairs}
-    assert len(kept) == len(layers)
 
 
 def test_many_layers_at_once_refuse_what_one_layer_refuses() -> None:
     spec = DecodeSpec("score", interval=4, recent=4)
-    good = (torch.arange(20).expand(2, -1), torch.zeros(2, 20, dtype=torch.float64), 12, 16)
+    good = FlushInput(
+        spec, torch.arange(20).expand(2, -1), torch.zeros(2, 20, dtype=torch.float64), 20, 12, 16
+    )
     torn_pos = torch.cat([torch.arange(18), torch.tensor([19])]).expand(2, -1)  # position 18 is missing
-    torn = (torn_pos, torch.zeros(2, 19, dtype=torch.float64), 12, 16)
-    plan_flushes(spec, [good], 20, 4)
+    torn = FlushInput(spec, torn_pos, torch.zeros(2, 19, dtype=torch.float64), 20, 12, 16)
+    plan_flushes([good], 4)
     with pytest.raises(ValueError, match="stored tail holds 3 tokens, expected 4: a tail was evicted"):
-        plan_flushes(spec, [good, torn], 20, 4)
+        plan_flushes([good, torn], 4)

@@ -31,44 +31,59 @@ BIN = torch.tensor([[4, 5], [0, 7]])  # HAE's bin: 2 tokens per head waiting out
 
 
 def _setup(spec: DecodeSpec, with_bin: bool) -> tuple[SimpleNamespace, RequestState, StoredSlots, Any]:
-    g = torch.Generator().manual_seed(0)
     cache = torch.zeros(10, BS, H, 2 * D).permute(0, 2, 1, 3)  # logical [blocks, H, bs, 2d], NHD memory
+    st, expected = _request(cache, spec, with_bin)
+    return _state(cache), st, expected, cache
+
+
+def _state(cache: torch.Tensor) -> SimpleNamespace:
+    engine = SimpleNamespace(
+        block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=SpyPagedKV(BS, D),
+        num_layers=1, stage=0, cuda=False,
+    )  # fmt: skip
+    return SimpleNamespace(
+        engine=engine, queries=SimpleNamespace(scales={"l0": SCALE}), out=KVMMWorkerMeta(), recorder=None
+    )
+
+
+def _request(
+    cache: torch.Tensor, spec: DecodeSpec, with_bin: bool, seed: int = 0, shift: int = 0, row: list[int] = ROW
+) -> tuple[RequestState, StoredSlots]:
+    """One request's stored slots written into ``cache``, and the dense assembly of them. ``shift`` (whole
+    blocks) moves every position on: one more freed block before the tail per block of shift."""
+    assert shift % BS == 0
+    m, length = shift // BS, LENGTH + shift
+    g = torch.Generator().manual_seed(seed)
     io = FlashPagedKV(BS, D)
     # Stored slots in view order: the live block (per-head prefix positions), then the tail in place.
-    tail_pos = torch.arange(12, LENGTH).expand(H, -1)
-    pos = torch.cat([PREFIX, tail_pos], 1)  # [H, 12]
+    tail_pos = torch.arange(12 + shift, length).expand(H, -1)
+    pos = torch.cat([PREFIX + shift, tail_pos], 1)  # [H, 12]
     k, v = torch.randn(H, 12, D, generator=g), torch.randn(H, 12, D, generator=g)
-    view_blocks = torch.tensor([ROW[0], ROW[3], ROW[4]])
+    view_blocks = torch.tensor([row[0], row[3 + m], row[4 + m]])
     j = torch.arange(12)
     io.write(cache, view_blocks[j // BS] * BS + j % BS, k.transpose(0, 1), v.transpose(0, 1))
     # Scores so far: the prefix and the tail stored at the last flush (positions 12, 13); 14.. are new.
     score = torch.rand(H, 12, generator=g, dtype=torch.float64)
     score[:, 6:] = 0
     st = RequestState(policy=None, info=None, decode=spec)  # type: ignore[arg-type]
-    st.compact[0] = ((0,), 3)
+    st.compact[0] = ((0,), 3 + m)
     st.positions[0], st.scores[0], st.capacity[0] = pos[:, :6].clone(), score[:, :6].clone(), 8
     q = torch.randn(H, LENGTH - 14, D, generator=g)
     if spec.kind != "window":
-        st.queries[0] = [(q[:, w], 14 + w) for w in range(q.shape[1])]
+        st.queries[0] = [(q[:, w], 14 + shift + w) for w in range(q.shape[1])]
     expected = StoredSlots(k, v, pos, score)
     if with_bin:
         bk, bv = torch.randn(H, 2, D, generator=g), torch.randn(H, 2, D, generator=g)
-        io.write(cache, torch.tensor([ROW[5] * BS, ROW[5] * BS + 1]), bk.transpose(0, 1), bv.transpose(0, 1))
+        b = row[5 + m] * BS
+        io.write(cache, torch.tensor([b, b + 1]), bk.transpose(0, 1), bv.transpose(0, 1))
         bin_score = torch.rand(H, 2, generator=g, dtype=torch.float64)
-        st.bin_blocks[0] = (5,)
-        st.bin_positions[0], st.bin_scores[0] = BIN.clone(), bin_score
-        binned = StoredSlots(bk, bv, BIN, bin_score)
-        expected = expected.with_bin(binned, flush_tail_start(LENGTH, spec.recent, BS, 12))
+        st.bin_blocks[0] = (5 + m,)
+        st.bin_positions[0], st.bin_scores[0] = BIN.clone() + shift, bin_score
+        binned = StoredSlots(bk, bv, BIN + shift, bin_score)
+        expected = expected.with_bin(binned, flush_tail_start(length, spec.recent, BS, 12 + shift))
     if spec.kind != "window":
-        expected = expected.rescored(spec, q, torch.arange(14, LENGTH), SCALE)
-    engine = SimpleNamespace(
-        block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=SpyPagedKV(BS, D),
-        num_layers=1, stage=0,
-    )  # fmt: skip
-    state = SimpleNamespace(
-        engine=engine, queries=SimpleNamespace(scales={"l0": SCALE}), out=KVMMWorkerMeta(), recorder=None
-    )
-    return state, st, expected, cache
+        expected = expected.rescored(spec, q, torch.arange(14 + shift, length), SCALE)
+    return st, expected
 
 
 def _stored_at(cache: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +107,7 @@ def test_flush_writes_what_the_dense_assembly_keeps_and_reads_only_keys_and_move
 ) -> None:
     state, st, expected, cache = _setup(spec, with_bin)
     plan = plan_flush(spec, expected.pos, expected.score, LENGTH, 8, BS, tail_floor=12)
-    flush(state, FlushJob("r", LENGTH, [ROW]), st)  # type: ignore[arg-type]
+    flush(state, [(FlushJob("r", LENGTH, [ROW]), st)])  # type: ignore[arg-type]
 
     calls = state.engine.paged.calls
     # Keys of the view (and of the bin) only where there are decode queries to score; never a whole read.
@@ -127,7 +142,67 @@ def test_the_tail_is_not_rewritten() -> None:
     spec = DecodeSpec("score", interval=6, recent=4, capacity=8)
     state, st, _, cache = _setup(spec, False)
     before = cache.clone()
-    flush(state, FlushJob("r", LENGTH, [ROW]), st)  # type: ignore[arg-type]
+    flush(state, [(FlushJob("r", LENGTH, [ROW]), st)])  # type: ignore[arg-type]
     # Logical block 4 (physical 3, positions 16..19) is the new tail: untouched; block 7 holds the prefix.
     assert torch.equal(cache[3], before[3])
     assert not torch.equal(cache[7], before[7])
+
+
+# Request B is a block further along than A (positions + 4, one more freed block before its tail).
+ROW_B = [11, 0, 0, 0, 14, 13, 12]
+
+
+@pytest.mark.parametrize(
+    "spec, with_bin",
+    [
+        (DecodeSpec("score", interval=6, recent=4, capacity=8), False),
+        (DecodeSpec("window", interval=6, recent=4, capacity=8, sinks=1), False),
+        (DecodeSpec("bin", interval=6, recent=4, capacity=8, bin_size=8), True),
+    ],
+    ids=["h2o", "streamingllm", "hae-bin"],
+)
+def test_requests_flushed_together_equal_each_flushed_alone(
+    spec: DecodeSpec, with_bin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's flushes are scored in one stack (each request's rows with its own query positions) and
+    planned in one call: every cache slot, every request's new state and report equal flushing each alone,
+    and the later request's kept tokens are the dense assembly's."""
+    import importlib
+
+    flush_module = importlib.import_module("vllm_kvmm.vllm_ext.worker.flush")
+    scored: list[int] = []
+    decode_scores = flush_module.decode_scores
+
+    def counting(q: torch.Tensor, *a: Any) -> torch.Tensor:
+        scored.append(q.shape[0] // H)  # requests' layers in the stack
+        return decode_scores(q, *a)
+
+    monkeypatch.setattr(flush_module, "decode_scores", counting)
+    runs = []
+    for together in (True, False):
+        cache = torch.zeros(16, BS, H, 2 * D).permute(0, 2, 1, 3)
+        st_a, _ = _request(cache, spec, with_bin, seed=0)
+        st_b, expected_b = _request(cache, spec, with_bin, seed=1, shift=BS, row=ROW_B)
+        state = _state(cache)
+        jobs = [(FlushJob("a", LENGTH, [ROW]), st_a), (FlushJob("b", LENGTH + BS, [ROW_B]), st_b)]
+        if together:
+            flush(state, jobs)  # type: ignore[arg-type]
+        else:
+            for job in jobs:
+                flush(state, [job])  # type: ignore[arg-type]
+        runs.append((cache, st_a, st_b, state.out))
+    (cache, st_a, st_b, out), (cache_alone, st_a_alone, st_b_alone, out_alone) = runs
+    assert scored == ([2, 1, 1] if spec.kind != "window" else [])
+    assert torch.equal(cache, cache_alone)
+    for x, y in ((st_a, st_a_alone), (st_b, st_b_alone)):
+        assert x.compact == y.compact and x.bin_blocks == y.bin_blocks
+        assert torch.equal(x.positions[0], y.positions[0]) and torch.equal(x.scores[0], y.scores[0])
+        assert not x.queries
+    assert out.compressed == out_alone.compressed and out.flushed == out_alone.flushed == (
+        set() if with_bin else {"a", "b"}
+    )
+    plan = plan_flush(spec, expected_b.pos, expected_b.score, LENGTH + BS, 8, BS, tail_floor=12 + BS)
+    assert torch.equal(st_b.positions[0], torch.gather(expected_b.pos, 1, plan.keep))
+    kept = expected_b.take(plan.keep[:, : plan.prefix_keep])
+    k, v = _stored_at(cache, [ROW_B[0] * BS + i for i in range(plan.prefix_keep)])
+    assert torch.equal(k, kept.k.transpose(0, 1)) and torch.equal(v, kept.v.transpose(0, 1))

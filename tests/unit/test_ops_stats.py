@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vllm_kvmm.ops import StatsAccumulator, StatsRequest, attention_stats, row_entropy
+from vllm_kvmm.ops import StatsAccumulator, StatsRequest, attention_stats, decode_scores, row_entropy
 
 H, H_KV, D = 4, 2, 8
 ALL = StatsRequest(colsum=True, window=7, entropy=True, cross_entropy=True, t2v=True)
@@ -431,3 +431,38 @@ def test_chunked_stats_never_materialise_n_by_n():
     assert largest <= h * chunk * n, f"largest temporary {largest} > H·chunk·N = {h * chunk * n}"
     # the same probe sees the H×N×N map when the block is the whole prompt, so it can fail
     assert _largest_numel(StatsRequest(colsum=True), n, n, prefill=n) >= h * n * n
+
+
+def test_decode_scores_by_hand_and_stacked_across_requests() -> None:
+    """Each decode query's softmax over the stored slots it saw (position ≤ its own), summed with its
+    weight, mean over the GQA group — by hand, per query and head; then two requests' rows stacked with
+    their own query positions (``[H_kv, W]``) equal each request scored alone."""
+    g = torch.Generator().manual_seed(3)
+    h, h_kv, w, s, d = 4, 2, 3, 9, 32
+    q = torch.randn(h, w, d, generator=g)
+    k = torch.randn(h_kv, s, d, generator=g)
+    pos = torch.stack([torch.randperm(12, generator=g)[:s] for _ in range(h_kv)])  # per-head positions
+    q_pos = torch.tensor([6, 8, 11])
+    weights = torch.tensor([0.81, 0.9, 1.0], dtype=torch.float64)
+    got = decode_scores(q, k, pos, q_pos, 0.2, weights)
+    want = torch.zeros(h_kv, s, dtype=torch.float64)
+    for head in range(h):
+        kv = head // (h // h_kv)
+        for i in range(w):
+            seen = pos[kv] <= q_pos[i]
+            z = (k[kv].double() @ q[head, i].double()) * 0.2
+            p = torch.zeros(s, dtype=torch.float64)
+            p[seen] = torch.softmax(z[seen], 0)
+            want[kv] += weights[i] * p / (h // h_kv)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+    q2, k2 = torch.randn(h, w, d, generator=g), torch.randn(h_kv, s, d, generator=g)
+    pos2 = torch.stack([torch.randperm(20, generator=g)[:s] for _ in range(h_kv)])
+    q_pos2 = torch.tensor([13, 14, 19])
+    alone = decode_scores(q2, k2, pos2, q_pos2, 0.2, weights)
+    rows = torch.cat([q_pos.expand(h_kv, -1), q_pos2.expand(h_kv, -1)])  # [2·H_kv, W]
+    stacked = decode_scores(
+        torch.cat([q, q2]), torch.cat([k, k2]), torch.cat([pos, pos2]), rows, 0.2, weights
+    )
+    assert torch.equal(stacked, torch.cat([got, alone]))
+    assert not torch.equal(got, decode_scores(q, k, pos, q_pos2, 0.2, weights))  # the positions matter

@@ -140,18 +140,18 @@ def test_compaction_failure_keeps_the_groups_done_before_it(
 ) -> None:
     from vllm_kvmm.vllm_ext.worker import compaction
 
-    target: set[int] = set()  # the target's moves (one per layer), made before any of them is carried out
+    target: list[Any] = []  # the target's moves (one per layer), made before any of them is carried out
     runs = {"target": 0}
     kept_move, move_kv = compaction._kept_move, compaction.move_kv
 
     def tagged(engine: Any, name: str, plan: Any, *args: Any) -> Any:
         move = kept_move(engine, name, plan, *args)
         if move is not None and plan.num_tokens == TARGET:
-            target.add(id(move))
+            target.append(move)
         return move
 
     def third_run_fails(engine: Any, moves: Any) -> None:
-        if any(id(m) in target for m in moves):
+        if any(m is t for m in moves for t in target):
             runs["target"] += 1
             if runs["target"] == 3:
                 raise ValueError("third run")
@@ -196,9 +196,18 @@ def test_flush_failure_stops_flushing_that_request(
     flush = importlib.import_module("vllm_kvmm.vllm_ext.worker.flush")
 
     # A flush at length L of the target: L ≡ TARGET (mod INTERVAL); the other prompts' lengths differ mod 16.
-    is_target = lambda spec, layers, length, *a, **kw: length % INTERVAL == TARGET % INTERVAL  # noqa: E731
+    # The three requests decode in step, so their flushes are planned together: the batch fails, each is
+    # planned again alone, and only the target's fails.
+    lengths: list[set[int]] = []
+
+    def is_target(inputs: Any, *a: Any) -> bool:
+        lengths.append({x.length for x in inputs})
+        return any(x.length % INTERVAL == TARGET % INTERVAL for x in inputs)
+
     monkeypatch.setattr(flush, "plan_flushes", _failing(flush.plan_flushes, is_target, "flush"))
-    _check(_run(llm), clean, "flush", compressed=True)
+    report = _check(_run(llm), clean, "flush", compressed=True)
+    assert report["error"] == "flush: ValueError: flush"
+    assert max(len(x) for x in lengths) == 3  # planned together first
 
 
 def test_seeded_sampling_is_refused_on_cpu_not_fatal(llm: Any) -> None:

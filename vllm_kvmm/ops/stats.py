@@ -529,19 +529,23 @@ def decode_scores(
     """Attention that buffered decode queries gave the stored slots, summed over queries, per KV head.
 
     Args:
-        q: ``[H, W, d]`` decode queries at true positions ``q_positions`` ``[W]``.
+        q: ``[H, W, d]`` decode queries at true positions ``q_positions``: ``[W]``, or ``[H_kv, W]`` when
+            the rows are a stack of several requests' layers (each KV head's row with its queries' own).
         k: ``[H_kv, S, d]`` stored keys at true positions ``positions`` ``[H_kv, S]`` (differ per head).
     Each query saw exactly the stored slots at or before its own position (later ones were not written
     yet). ``weights`` ``[W]`` scale each query's row (score decay). Returns ``[H_kv, S]`` float64, mean
     over each GQA group (as every other score here).
     """
-    h, h_kv = q.shape[0], k.shape[0]
+    h, w, d = q.shape
+    h_kv = k.shape[0]
     g = h // h_kv
-    kk = k.double().repeat_interleave(g, 0)
-    z = torch.einsum("hwd,hsd->hws", q.double(), kk) * scale
+    # Query heads grouped under their KV head: the keys are never repeated per query head (a stack of many
+    # layers' or requests' rows would otherwise copy every key g times, in float64).
+    z = torch.einsum("hgwd,hsd->hgws", q.double().view(h_kv, g, w, d), k.double()) * scale
     pos = positions.to(q.device)
-    visible = pos.repeat_interleave(g, 0)[:, None, :] <= q_positions.to(q.device)[None, :, None]  # [H, W, S]
+    qp = q_positions.to(q.device).expand(h_kv, -1)  # [H_kv, W]
+    visible = pos[:, None, None, :] <= qp[:, None, :, None]  # [H_kv, 1, W, S]
     p = torch.softmax(z.masked_fill(~visible, float("-inf")), -1)
     if weights is not None:
-        p = p * weights.to(p.device, torch.float64)[None, :, None]
-    return p.sum(1).view(h_kv, g, -1).mean(1)
+        p = p * weights.to(p.device, torch.float64)[None, None, :, None]
+    return p.sum(2).mean(1)

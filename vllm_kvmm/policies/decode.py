@@ -22,6 +22,7 @@ from vllm_kvmm.policies.base import block_tail_start
 
 __all__ = [
     "DecodeSpec",
+    "FlushInput",
     "FlushPlan",
     "StoredSlots",
     "bin_offset",
@@ -142,38 +143,52 @@ def plan_flush(
     return FlushPlan(keep=keep, tail_start=tail_start, prefix_keep=k, binned=binned)
 
 
-def plan_flushes(
-    spec: DecodeSpec,
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]],
-    length: int,
-    granularity: int = 1,
-    frozen: int = 0,
-) -> list[FlushPlan]:
-    """:func:`plan_flush` for many layers of one request at once, equal to planning each alone.
+@dataclass(frozen=True, slots=True)
+class FlushInput:
+    """One layer of one request at a flush, as :func:`plan_flush` takes it (``positions``, ``scores``:
+    ``[H_kv, S]``; ``tail_floor``: :func:`flush_tail_start`; ``frozen``: the shared prefix)."""
 
-    ``layers``: per layer ``(positions, scores, capacity, tail_floor)`` as :func:`plan_flush` takes them.
-    Layers whose plans share every per-layer number (stored slots, slots older than the new tail, frozen
-    slots, capacity, tail floor) are planned as one stack of rows: :func:`plan_flush` treats rows (heads)
-    independently given those numbers, so a stack of ``L`` layers is one top-k over ``[L·H_kv, S]``
-    instead of ``L`` calls (the flush's cost was per-layer call overhead, docs/benchmarks.md).
+    spec: DecodeSpec
+    positions: torch.Tensor
+    scores: torch.Tensor
+    length: int
+    capacity: int
+    tail_floor: int = 0
+    frozen: int = 0
+
+
+def plan_flushes(inputs: Sequence[FlushInput], granularity: int = 1) -> list[FlushPlan]:
+    """:func:`plan_flush` for many layers (of one request or of many) at once, equal to planning each alone.
+
+    Inputs whose plans share every number :func:`plan_flush` derives per layer (spec, length, frozen
+    prefix, stored slots, slots older than the new tail, frozen slots, capacity, tail floor) are planned as
+    one stack of rows: :func:`plan_flush` treats rows (heads) independently given those numbers, so a stack
+    of ``L`` layers is one top-k over ``[L·H_kv, S]`` instead of ``L`` calls (the flush's cost was per-layer
+    call overhead, docs/benchmarks.md).
     """
     g = max(1, granularity)
-    classes: dict[tuple[int, ...], list[int]] = {}
-    for i, (pos, _, cap, floor) in enumerate(layers):
-        tail_start = flush_tail_start(length, spec.recent, g, floor)
+    classes: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        pos = x.positions
+        tail_start = flush_tail_start(x.length, x.spec.recent, g, x.tail_floor)
         n_prefix = int((pos[0] < tail_start).sum())
-        n_frozen = int((pos[0, :n_prefix] < frozen).sum()) if frozen else 0
-        classes.setdefault((pos.shape[0], pos.shape[1], n_prefix, n_frozen, cap, floor), []).append(i)
+        n_frozen = int((pos[0, :n_prefix] < x.frozen).sum()) if x.frozen else 0
+        key = (x.spec, x.length, x.frozen, *pos.shape, n_prefix, n_frozen, x.capacity, x.tail_floor)
+        classes.setdefault(key, []).append(i)
     plans: dict[int, FlushPlan] = {}
-    for (h, *_, cap, floor), members in classes.items():
-        pos = torch.cat([layers[i][0] for i in members])
-        score = torch.cat([layers[i][1] for i in members])
-        plan = plan_flush(spec, pos, score, length, cap, granularity, floor, frozen)
+    for members in classes.values():
+        first = inputs[members[0]]
+        h = first.positions.shape[0]
+        pos = torch.cat([inputs[i].positions for i in members])
+        score = torch.cat([inputs[i].scores for i in members])
+        plan = plan_flush(
+            first.spec, pos, score, first.length, first.capacity, granularity, first.tail_floor, first.frozen
+        )
         keep = plan.keep.split(h)
         binned = plan.binned.split(h) if plan.binned is not None else [None] * len(members)
         for i, kp, bn in zip(members, keep, binned, strict=True):
             plans[i] = FlushPlan(kp, plan.tail_start, plan.prefix_keep, bn)
-    return [plans[i] for i in range(len(layers))]
+    return [plans[i] for i in range(len(inputs))]
 
 
 def bin_offset(positions: torch.Tensor, tail_start: int) -> int:

@@ -107,8 +107,14 @@ class CpuPagedKV:
         flat = kv_cache.view(-1)
         k = flat.index_select(0, (page.unsqueeze(-1) + self.key_order.view(bs, d)[off]).view(-1))
         v = flat.index_select(0, (page.unsqueeze(-1) + bs * d + self.value_order.view(bs, d)[off]).view(-1))
-        k, v = k.view(h, -1, d), v.view(h, -1, d)  # [H_kv, K, d]
-        return k.transpose(0, 1), v.transpose(0, 1)
+        # [K, H_kv, d] contiguous: what write() stores, so a write after it copies nothing.
+        return k.view(h, -1, d).transpose(0, 1).contiguous(), v.view(h, -1, d).transpose(0, 1).contiguous()
+
+    def gather_bytes(self, kv_cache: torch.Tensor, n: int) -> int:
+        """Memory :meth:`gather` holds for ``n`` slots (all heads): the keys and values, one half's copy in
+        flight, and one half's int64 element offsets (twice: the page order's and their sum)."""
+        e = n * self.head_size
+        return 3 * e * kv_cache.element_size() + 16 * e
 
     def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[n, H_kv, d]`` into flat slots ``block_id·bs + offset`` (``[n]``)."""
@@ -161,6 +167,11 @@ class FlashPagedKV:
         blk, off = slots // self.block_size, slots % self.block_size
         head = torch.arange(slots.shape[0], device=kv_cache.device).unsqueeze(1)
         return k_cache[blk, off, head].transpose(0, 1), v_cache[blk, off, head].transpose(0, 1)
+
+    def gather_bytes(self, kv_cache: torch.Tensor, n: int) -> int:
+        """Memory :meth:`gather` holds for ``n`` slots (all heads): the keys and values and three int64
+        indices per slot."""
+        return 2 * n * self.head_size * kv_cache.element_size() + 24 * n
 
     def write(self, kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         k_cache, v_cache = self._split(kv_cache)

@@ -29,9 +29,9 @@ the CPU runner inherits it):
 5. The forward, per attention layer: ``StatsObservingImpl.forward`` runs the stock kernel, then
    ``QueryBuffers.record`` and :func:`observe`.
 6. Leaving the forward: ``wait_for_save`` → :meth:`WorkerState.after_forward` (:func:`compress` the
-   prompts whose last chunk ran, then :func:`flush`); ``build_connector_worker_meta`` →
-   :meth:`WorkerState.take_output`, which the scheduler's ``update_connector_output`` turns into freed
-   blocks before its next ``schedule()``.
+   prompts whose last chunk ran, then :func:`flush` every request due, all together);
+   ``build_connector_worker_meta`` → :meth:`WorkerState.take_output`, which the scheduler's
+   ``update_connector_output`` turns into freed blocks before its next ``schedule()``.
 
 **Failures are contained per request.** An exception (or non-finite statistics) while observing,
 planning, compacting or flushing one request fails that request's compression, not the step every

@@ -8,13 +8,17 @@ move — and writes the moved ones into the blocks they came from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_kvmm.ops import decode_scores
 from vllm_kvmm.policies.decode import (
+    DecodeSpec,
+    FlushInput,
     FlushPlan,
     bin_offset,
     flush_tail_start,
@@ -29,13 +33,19 @@ from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
+    from vllm_kvmm.vllm_ext.worker.layout import EngineLayout
     from vllm_kvmm.vllm_ext.worker.state import WorkerState
 
-__all__ = ["flush"]
+__all__ = ["carry_out", "flush", "prepare"]
+
+logger = init_logger(__name__)
 
 # Layers scored in one stack hold at most this much float64 keys and logits at once (a stack of every layer
 # of a 7B model at a few thousand stored tokens would be a transient of a GiB beyond what vLLM budgeted).
 SCORE_BYTES = 256 << 20
+# On a CPU a stack costs more per row once it outgrows the caches: ~60 µs a KV-head row of 300 slots up to
+# ~50 MiB, 105 at 100 MiB, 220 at 200 MiB on the 2-core machine of docs/benchmarks.md. Stacks stay smaller.
+SCORE_BYTES_CPU = 32 << 20
 
 
 @dataclass
@@ -67,38 +77,79 @@ class _LayerFlush:
     bin_score: torch.Tensor
 
 
-def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
-    """Re-select every layer's stored tokens, compact them into live (and bin) blocks, report the rest.
+# Per KV-cache group, its layers' planned flushes: ``group → [(layer, flush)]``.
+_Prepared = dict[int, list[tuple[int, _LayerFlush]]]
 
-    Every layer is scored and planned first, layers of equal shapes together (one scoring einsum, one
-    device-to-host copy and one top-k for a stack of layers, not one per layer: the flush's cost was per-layer
-    call overhead); then the kept tokens move, groups in runs of at most :data:`MOVE_BYTES` gathered before
-    any of the run is written (:func:`move_kv`: one gather and one write per shared cache tensor), so a
-    failure (:meth:`WorkerState.contain`) leaves each group as it was or fully flushed.
+
+def flush(state: WorkerState, batch: Sequence[tuple[FlushJob, RequestState]]) -> None:
+    """Flush every request of ``batch`` (this step's flushes): re-select each layer's stored tokens, compact
+    them into live (and bin) blocks, report the rest.
+
+    Every request's layers are scored and planned together first (:func:`prepare`: one scoring einsum per
+    stack of equal shapes, one device-to-host copy and one top-k per class, whatever the number of requests:
+    the flush's cost was per-call overhead, and on a GPU each copy is a host synchronisation); then each
+    request's kept tokens move (:func:`carry_out`). A request whose flush fails is contained alone
+    (:meth:`WorkerState.contain`): if the batch cannot be prepared, each request is prepared on its own, so
+    one request's bad state fails that request only.
     """
-    engine = state.engine
-    members: dict[int, list[tuple[str, int]]] = {}
-    for name, ref in engine.layers.items():
-        members.setdefault(ref.group, []).append((name, ref.index))
-    report: list[CompressedGroup] = []
+    prepared: list[_Prepared] | None = None
     try:
-        stored = {
+        prepared = prepare(state, batch)
+    except Exception as e:
+        if len(batch) > 1:
+            logger.warning(
+                "vllm-kvmm: flushing %d requests together failed (%s); flushing each alone", len(batch), e
+            )
+        else:
+            job, _ = batch[0]
+            state.contain(job.req_id, job.epoch, "flush", e)
+            return
+    for i, (job, st) in enumerate(batch):
+        try:
+            carry_out(state, job, st, prepared[i] if prepared is not None else prepare(state, [(job, st)])[0])
+        except Exception as e:
+            state.contain(job.req_id, job.epoch, "flush", e)
+
+
+def prepare(state: WorkerState, batch: Sequence[tuple[FlushJob, RequestState]]) -> list[_Prepared]:
+    """Score and plan every layer of every request in ``batch``, layers of equal shapes together. Reads the
+    stored keys it scores; writes nothing and changes no request's state (a failure leaves all as they were).
+    """
+    members = _members(state.engine)
+    stored = [
+        {
             layer: _stored(state, job, st, group, layer)
             for group, layers in members.items()
             for _, layer in layers
         }
-        scores = _rescored(state, st, stored)
-        plans = _planned(state, job, st, stored, scores)
-        planned: dict[int, list[tuple[int, _LayerFlush]]] = {}
+        for job, st in batch
+    ]
+    scores = _rescored(state, [st for _, st in batch], stored)
+    plans = _planned(state, batch, stored, scores)
+    out: list[_Prepared] = []
+    for (job, st), s, p in zip(batch, stored, plans, strict=True):
+        planned: _Prepared = {}
         for group, layers in sorted(members.items()):
             planned[group] = [
-                (layer, _layer_flush(state, job, st, group, name, stored[layer], plans[layer]))
+                (layer, _layer_flush(state, job, st, group, name, s[layer], p[layer]))
                 for name, layer in layers
             ]
             if len({f.layout for _, f in planned[group]}) != 1:
                 raise RuntimeError(
                     f"kvmm: {job.req_id}: layers of group {group} flushed to different layouts"
                 )
+        out.append(planned)
+    return out
+
+
+def carry_out(state: WorkerState, job: FlushJob, st: RequestState, planned: _Prepared) -> None:
+    """Move one request's kept tokens as :func:`prepare` planned them and take on its new state: groups in
+    runs of at most :data:`MOVE_BYTES`, gathered before any of the run is written (:func:`move_kv`: one
+    gather and one write per shared cache tensor), so a failure leaves each group as it was or fully
+    flushed (and the groups flushed before it reported)."""
+    engine = state.engine
+    report: list[CompressedGroup] = []
+    try:
         sizes = ((g, sum(m.nbytes(engine) for _, f in fs for m in f.moves)) for g, fs in planned.items())
         for run in chunked(sizes, MOVE_BYTES):
             move_kv(engine, [m for g in run for _, f in planned[g] for m in f.moves])
@@ -122,6 +173,14 @@ def flush(state: WorkerState, job: FlushJob, st: RequestState) -> None:
             state.out.stages.add(engine.stage)
     if state.recorder is not None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)
+
+
+def _members(engine: EngineLayout) -> dict[int, list[tuple[str, int]]]:
+    """``group → [(layer name, layer index)]`` of this stage's compressed layers."""
+    members: dict[int, list[tuple[str, int]]] = {}
+    for name, ref in engine.layers.items():
+        members.setdefault(ref.group, []).append((name, ref.index))
+    return members
 
 
 def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, layer: int) -> _Stored:
@@ -156,45 +215,48 @@ def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, lay
     return _Stored(pos, score, src, view_ids, n_view, bin_ids, n_bin, m)
 
 
-def _rescored(state: WorkerState, st: RequestState, stored: dict[int, _Stored]) -> dict[int, torch.Tensor]:
-    """``layer → [H_kv, S]`` scores after the decode queries buffered since the last flush (layers without
-    any keep :attr:`_Stored.score`). Reads each such layer's stored keys (not the values); layers whose
-    stored slots, queries and scale agree are scored as one stack of heads (:func:`decode_scores` treats
-    each KV head's row alone), and every fresh score comes back to the host in one copy."""
-    engine, spec = state.engine, st.decode
-    assert spec is not None and engine.paged is not None
-    names = {ref.index: name for name, ref in engine.layers.items()}
-    # (stored slots, query positions, scale, heads) → the layers and their queries
-    stacks: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-    for layer, s in stored.items():
-        buffered = st.queries.get(layer, [])
-        if not buffered:
-            continue
-        name = names[layer]
-        q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
-        key = (s.pos.shape, tuple(x[1] for x in buffered), state.queries.scales[name], q.shape[0])
-        stacks.setdefault(key, []).append((layer, q))
+def _rescored(
+    state: WorkerState, sts: Sequence[RequestState], stored: Sequence[dict[int, _Stored]]
+) -> list[dict[int, torch.Tensor]]:
+    """Per request, ``layer → [H_kv, S]`` scores after the decode queries buffered since its last flush
+    (layers without any keep :attr:`_Stored.score`). Reads each such layer's stored keys (not the values);
+    layers whose decode spec, stored slots, query count and scale agree — of one request or of several —
+    are scored as one stack of heads (:func:`decode_scores` treats each KV head's row alone, with its own
+    queries' positions), and every fresh score comes back to the host in one copy."""
+    names = {ref.index: name for name, ref in state.engine.layers.items()}
+    # (spec, stored slots, queries' shape, scale) → (request, layer, queries [H, W, d], their positions [W])
+    stacks: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+    for r, (st, layers) in enumerate(zip(sts, stored, strict=True)):
+        for layer, s in layers.items():
+            buffered = st.queries.get(layer, [])
+            if not buffered:
+                continue
+            q = torch.stack([x[0] for x in buffered], 1)  # [H, W, d]
+            key = (st.decode, s.pos.shape, q.shape, state.queries.scales[names[layer]])
+            stacks.setdefault(key, []).append((r, layer, q, torch.tensor([x[1] for x in buffered])))
+    out: list[dict[int, torch.Tensor]] = [{} for _ in sts]
     if not stacks:
-        return {}
+        return out
+    budget = SCORE_BYTES if state.engine.cuda else min(SCORE_BYTES, SCORE_BYTES_CPU)
     fresh: list[torch.Tensor] = []
-    scored: list[tuple[list[int], tuple[int, int], int]] = []  # per stack: layers, [H_kv, S], queries
-    for (shape, q_pos, scale, _), members in stacks.items():
-        # decode_scores holds the stack's keys in float64 (repeated for each query head of a KV head) and
-        # [H, W, S] float64 logits and probabilities: a stack is cut to at most SCORE_BYTES of them.
-        sizes = ((m, m[1].shape[0] * shape[1] * (m[1].shape[2] + 4 * len(q_pos)) * 8) for m in members)
-        weights = query_weights(spec, len(q_pos))
-        for part in chunked(sizes, SCORE_BYTES):
-            layers = [layer for layer, _ in part]
-            keys = torch.cat([_stored_keys(state, names[layer], stored[layer]) for layer in layers])
-            pos = torch.cat([stored[layer].pos for layer in layers])
-            q = torch.cat([q for _, q in part])
-            fresh.append(decode_scores(q, keys, pos, torch.tensor(q_pos), scale, weights))  # [Σ H_kv, S]
-            scored.append((layers, shape, len(q_pos)))
+    scored: list[tuple[list[tuple[int, int]], tuple[int, int], int, DecodeSpec]] = []
+    for (spec, (h_kv, n), (h, w, d), scale), members in stacks.items():
+        # decode_scores holds a layer's keys [H_kv, S, d] and [H, W, S] logits and probabilities in float64:
+        # a stack is cut to at most `budget` of them.
+        sizes = ((m, 8 * n * (h_kv * d + 4 * h * w)) for m in members)
+        weights = query_weights(spec, w)
+        for part in chunked(sizes, budget):
+            rows = [(r, layer) for r, layer, _, _ in part]
+            keys = torch.cat([_stored_keys(state, names[layer], stored[r][layer]) for r, layer in rows])
+            pos = torch.cat([stored[r][layer].pos for r, layer in rows])
+            q = torch.cat([q for _, _, q, _ in part])
+            q_pos = torch.cat([qp.expand(h_kv, -1) for *_, qp in part])  # [Σ H_kv, W]
+            fresh.append(decode_scores(q, keys, pos, q_pos, scale, weights))  # [Σ H_kv, S]
+            scored.append((rows, (h_kv, n), w, spec))
     host = torch.cat([x.flatten() for x in fresh]).cpu().split([x.numel() for x in fresh])
-    out: dict[int, torch.Tensor] = {}
-    for (layers, (h_kv, s), w), x in zip(scored, host, strict=True):
-        for layer, r in zip(layers, x.view(len(layers) * h_kv, s).split(h_kv), strict=True):
-            out[layer] = rescore(spec, stored[layer].score, r, w)
+    for (rows, (h_kv, n), w, spec), x in zip(scored, host, strict=True):
+        for (r, layer), part in zip(rows, x.view(len(rows) * h_kv, n).split(h_kv), strict=True):
+            out[r][layer] = rescore(spec, stored[r][layer].score, part, w)
     return out
 
 
@@ -209,28 +271,28 @@ def _stored_keys(state: WorkerState, name: str, s: _Stored) -> torch.Tensor:
 
 def _planned(
     state: WorkerState,
-    job: FlushJob,
-    st: RequestState,
-    stored: dict[int, _Stored],
-    scores: dict[int, torch.Tensor],
-) -> dict[int, tuple[FlushPlan, torch.Tensor]]:
-    """``layer → (plan, scores it was planned from)``: :func:`plan_flushes` over every layer at once."""
-    spec = st.decode
-    assert spec is not None
+    batch: Sequence[tuple[FlushJob, RequestState]],
+    stored: Sequence[dict[int, _Stored]],
+    scores: Sequence[dict[int, torch.Tensor]],
+) -> list[dict[int, tuple[FlushPlan, torch.Tensor]]]:
+    """Per request, ``layer → (plan, scores it was planned from)``: one :func:`plan_flushes` for all."""
     bs = state.engine.block_size
     group_of = {ref.index: ref.group for ref in state.engine.layers.values()}
-    layers = list(stored)
-    inputs = [
-        (
-            stored[layer].pos,
-            scores.get(layer, stored[layer].score),
-            spec.capacity if spec.capacity is not None else st.capacity[layer],
-            st.compact[group_of[layer]][1] * bs,
-        )
-        for layer in layers
-    ]
-    plans = plan_flushes(spec, inputs, job.length, bs, frozen=st.shared)
-    return {layer: (plan, x[1]) for layer, plan, x in zip(layers, plans, inputs, strict=True)}
+    where: list[tuple[int, int]] = []
+    inputs: list[FlushInput] = []
+    for r, ((job, st), layers) in enumerate(zip(batch, stored, strict=True)):
+        spec = st.decode
+        assert spec is not None
+        for layer, s in layers.items():
+            where.append((r, layer))
+            capacity = spec.capacity if spec.capacity is not None else st.capacity[layer]
+            tail_floor = st.compact[group_of[layer]][1] * bs
+            score = scores[r].get(layer, s.score)
+            inputs.append(FlushInput(spec, s.pos, score, job.length, capacity, tail_floor, st.shared))
+    out: list[dict[int, tuple[FlushPlan, torch.Tensor]]] = [{} for _ in batch]
+    for (r, layer), plan, x in zip(where, plan_flushes(inputs, bs), inputs, strict=True):
+        out[r][layer] = (plan, x.scores)
+    return out
 
 
 def _layer_flush(

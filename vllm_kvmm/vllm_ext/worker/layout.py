@@ -39,6 +39,12 @@ class EngineLayout:
         return self.model_layers or len(self.layers)
 
     @property
+    def cuda(self) -> bool:
+        """Whether the caches are on a CUDA device (``torch.cuda.is_available()`` costs a driver query
+        per call on a CPU host; this is read per compression and per step's flushes)."""
+        return any(c.is_cuda for c in list(self.kv_caches.values())[:1])
+
+    @property
     def local_layers(self) -> frozenset[int] | None:
         """The layer indices this stage plans, or ``None`` when every layer is here."""
         if len(self.layers) == self.num_layers:

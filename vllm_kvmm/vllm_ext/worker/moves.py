@@ -3,8 +3,9 @@
 With one KV-cache group per layer (the default under a policy) vLLM allocates one tensor that every
 layer's cache views, and the groups draw their blocks from one pool, so their block ids never overlap: the
 moves of many layers are then one gather and one write, not one of each per layer (a compaction's or a
-flush's cost on a GPU is mostly such small launches). Layers with tensors of their own (several layers in
-a group) are moved tensor by tensor.
+flush's cost on a GPU is mostly such small launches). With several layers a group (``--kv-groups``) vLLM
+allocates one tensor per layer slot of a group, shared by the i-th layers of every group: moves are one
+gather and one write per such tensor.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MOVE_BYTES = 256 << 20
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # tensors: compared by identity
 class Move:
     """Copy ``src`` to ``dst`` in one layer's cache: ``src`` ``[H_kv, n]`` flat slots (a token per KV head),
     ``dst`` ``[n]`` flat slots (all heads)."""
@@ -38,10 +39,9 @@ class Move:
     dst: torch.Tensor
 
     def nbytes(self, engine: EngineLayout) -> int:
-        """Bytes of keys and values this move gathers."""
-        cache = engine.kv_caches[self.layer]
+        """Bytes this move's gather holds: the keys and values, and the accessor's own temporaries."""
         assert engine.paged is not None
-        return 2 * self.src.numel() * engine.paged.head_size * cache.element_size()
+        return engine.paged.gather_bytes(engine.kv_caches[self.layer], self.src.numel())
 
 
 def chunked(units: Iterable[tuple[T, int]], budget: int) -> list[list[T]]:
@@ -60,7 +60,11 @@ def chunked(units: Iterable[tuple[T, int]], budget: int) -> list[list[T]]:
 
 def move_kv(engine: EngineLayout, moves: Sequence[Move]) -> None:
     """Carry out ``moves``: every gather (a copy) before any write, as a destination may be another move's
-    source; one gather and one write per cache tensor the moves' layers share."""
+    source; one gather and one write per cache tensor the moves' layers share.
+
+    What can fail short of a device fault (a layout error, memory for the gathered copies) fails before the
+    first write; the writes allocate no more than their slot indices (the accessors' gathers return what the
+    writes store), so the moves are carried out whole or not at all."""
     paged = engine.paged
     assert paged is not None
     by_tensor: dict[tuple, list[Move]] = {}

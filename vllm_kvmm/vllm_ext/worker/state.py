@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,30 +130,39 @@ class WorkerState:
         return PromptInfo(num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
 
     def after_forward(self) -> None:
-        """Compress prompts whose prefill ended this step, then run this step's decode-time flushes."""
+        """Compress prompts whose prefill ended this step, then run this step's decode-time flushes (all
+        of them together: flush.py)."""
         if self.decoding:
             self.queries.take(self)
         done = [j for j in self.jobs.values() if j.completes and self._healthy(j.req_id)]
         for job in done:
-            self._timed(compress, job, "compression")
+            self._timed("compression", lambda job=job: self._contained(compress, job, "compression"))
         # A request whose compression failed may still have a flush scheduled (the scheduler learns of the
         # failure from this step's output): it has no decode state, so it is skipped.
-        flushes = [f for f in self.flushes.values() if self._healthy(f.req_id) and self._decodes(f.req_id)]
-        for flush_job in flushes:
-            self._timed(flush, flush_job, "flush")
+        batch = [
+            (f, self.requests[f.req_id])
+            for f in self.flushes.values()
+            if self._healthy(f.req_id) and self._decodes(f.req_id)
+        ]
+        if batch:
+            self._timed("flush", lambda: flush(self, batch))  # contains each request's failure itself
         self.jobs = {}
         self.flushes = {}
 
-    def _timed(self, work: Any, job: PrefillJob | FlushJob, stage: str) -> None:
-        """Run one compression or flush, time it (device-synchronised) and contain its failure."""
-        t0 = time.perf_counter()
+    def _contained(self, work: Any, job: PrefillJob, stage: str) -> None:
+        """Run one request's ``work``; its failure is contained (:meth:`contain`), not raised."""
         try:
-            # A named range in profiles (bench profile-decode).
-            with torch.profiler.record_function(f"kvmm.{stage}"):
-                work(self, job, self.requests[job.req_id])
+            work(self, job, self.requests[job.req_id])
         except Exception as e:
             self.contain(job.req_id, job.epoch, stage, e)
-        if torch.cuda.is_available():
+
+    def _timed(self, stage: str, work: Callable[[], None]) -> None:
+        """Run one compression or this step's flushes, timed (device-synchronised) for metrics."""
+        t0 = time.perf_counter()
+        # A named range in profiles (bench profile-decode).
+        with torch.profiler.record_function(f"kvmm.{stage}"):
+            work()
+        if self.engine.cuda:
             torch.cuda.synchronize()  # count the kernels, not just their launches
         dt = time.perf_counter() - t0
         self.out.seconds += dt
