@@ -9,7 +9,7 @@ from vllm_kvmm.vllm_ext.paged_kv import FlashPagedKV
 
 class SpyPagedKV(FlashPagedKV):
     """:class:`FlashPagedKV` on CPU tensors; ``calls``: ``read`` / ``read_keys`` / ``gather`` /
-    ``write``, in order."""
+    ``gather_keys`` / ``write``, in order."""
 
     def __init__(self, block_size: int, head_size: int) -> None:
         super().__init__(block_size, head_size)
@@ -26,6 +26,10 @@ class SpyPagedKV(FlashPagedKV):
     def gather(self, *a: Any) -> Any:
         self.calls.append("gather")
         return super().gather(*a)
+
+    def gather_keys(self, *a: Any) -> Any:
+        self.calls.append("gather_keys")
+        return super().gather_keys(*a)
 
     def write(self, *a: Any) -> None:
         self.calls.append("write")

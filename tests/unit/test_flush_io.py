@@ -110,8 +110,8 @@ def test_flush_writes_what_the_dense_assembly_keeps_and_reads_only_keys_and_move
     flush(state, [(FlushJob("r", LENGTH, [ROW]), st)])  # type: ignore[arg-type]
 
     calls = state.engine.paged.calls
-    # Keys of the view (and of the bin) only where there are decode queries to score; never a whole read.
-    reads = ["read_keys"] * ((1 + with_bin) if spec.kind != "window" else 0)
+    # Keys of the view and the bin, one gather, only where there are decode queries to score; no whole read.
+    reads = ["gather_keys"] if spec.kind != "window" else []
     # The movers into live blocks and into the bin: one gather, then one write (one layer, one tensor).
     assert calls == [*reads, "gather", "write"]
     # The new tail starts at 16: the 4 kept of the 8 slots before it fill live block 0 (physical 7), the bin
@@ -206,3 +206,31 @@ def test_requests_flushed_together_equal_each_flushed_alone(
     kept = expected_b.take(plan.keep[:, : plan.prefix_keep])
     k, v = _stored_at(cache, [ROW_B[0] * BS + i for i in range(plan.prefix_keep)])
     assert torch.equal(k, kept.k.transpose(0, 1)) and torch.equal(v, kept.v.transpose(0, 1))
+
+
+def test_stored_keys_of_a_stack_come_in_row_order_whatever_tensors_the_layers_share() -> None:
+    """A scoring stack reads its layers' keys with one gather per cache tensor: layers ``a`` and ``b`` view
+    one tensor (vLLM's layout for a KV-cache group per layer), ``c`` has its own (``--kv-groups``); the rows
+    come back in the stack's order, each layer's keys at its own slots."""
+    from vllm_kvmm.vllm_ext.worker.flush import _stored_keys
+
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randn(8, BS, H, 2 * D, generator=g).permute(0, 2, 1, 3)
+    own = torch.randn(8, BS, H, 2 * D, generator=g).permute(0, 2, 1, 3)
+    paged = SpyPagedKV(BS, D)
+    state = SimpleNamespace(
+        engine=SimpleNamespace(kv_caches={"a": shared, "b": shared, "c": own}, paged=paged)
+    )
+    slots = {
+        "a": torch.tensor([5, 0, 9, 30]),
+        "b": torch.tensor([17, 18, 2, 6]),
+        "c": torch.tensor([1, 4, 12, 3]),
+    }
+    rows = [("a", slots["a"]), ("c", slots["c"]), ("b", slots["b"])]
+    got = _stored_keys(state, rows)  # type: ignore[arg-type]
+    caches = {"a": shared, "b": shared, "c": own}
+    want = torch.cat([_stored_at(caches[name], src.tolist())[0].transpose(0, 1) for name, src in rows])
+    assert got.shape == (3 * H, 4, D) and torch.equal(got, want)
+    assert paged.calls == ["gather_keys", "gather_keys"]  # one per tensor, not one per layer
+    only_shared = _stored_keys(state, [("b", slots["b"]), ("a", slots["a"])])  # type: ignore[arg-type]
+    assert torch.equal(only_shared, torch.cat([want[2 * H :], want[:H]]))

@@ -1,5 +1,5 @@
 """Token-slot reads and writes of the paged caches round-trip exactly, for every dtype and layout; a per-head
-gather and a keys-only read return exactly what a full read holds at those places."""
+gather, a keys-only read and a keys-only gather return exactly what a full read holds at those places."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def _check_gather(
     assert gk.shape == (pos.shape[1], h, k.shape[2])
     for head in range(h):
         assert torch.equal(gk[:, head], k[pos[head], head]) and torch.equal(gv[:, head], v[pos[head], head])
+    # Whole tokens (every head's key at the same slots), as a decode-time flush reads them.
+    tokens = torch.tensor([n - 1, 0, 7, 7, 3, 2])
+    assert torch.equal(io.gather_keys(cache, slots[tokens]), k[tokens])  # type: ignore[attr-defined]
 
 
 def test_flash_layout_round_trip() -> None:

@@ -98,17 +98,27 @@ class CpuPagedKV:
     def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[K, H_kv, d]`` at flat slots ``slots`` ``[H_kv, K]`` — a different token per head
         (a compaction's kept set), reading only those tokens' ``d`` elements, never whole pages."""
+        bs, d = self.block_size, self.head_size
+        return self._gather_half(kv_cache, slots, self.key_order, 0), self._gather_half(
+            kv_cache, slots, self.value_order, bs * d
+        )
+
+    def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Keys ``[n, H_kv, d]`` of every head at flat slots ``slots`` ``[n]`` (whole tokens)."""
+        return self._gather_half(kv_cache, slots.expand(kv_cache.shape[1], -1), self.key_order, 0)
+
+    def _gather_half(
+        self, kv_cache: torch.Tensor, slots: torch.Tensor, order: torch.Tensor, half: int
+    ) -> torch.Tensor:
+        """``[K, H_kv, d]`` of one half (keys: ``half`` 0, values: ``bs·d``) at ``slots`` ``[H_kv, K]``."""
         _, h, bs, _ = kv_cache.shape
         d = self.head_size
         # Flat offsets into the contiguous cache (one 1-D index_select is far faster on the CPU than
         # indexing four dimensions at once): each (block, head) holds its key page, then its value page.
-        page = (slots // bs * h + torch.arange(h).unsqueeze(1)) * (2 * bs * d)  # [H_kv, K]
-        off = slots % bs
-        flat = kv_cache.view(-1)
-        k = flat.index_select(0, (page.unsqueeze(-1) + self.key_order.view(bs, d)[off]).view(-1))
-        v = flat.index_select(0, (page.unsqueeze(-1) + bs * d + self.value_order.view(bs, d)[off]).view(-1))
+        page = (slots // bs * h + torch.arange(h).unsqueeze(1)) * (2 * bs * d) + half  # [H_kv, K]
+        x = kv_cache.view(-1).index_select(0, (page.unsqueeze(-1) + order.view(bs, d)[slots % bs]).view(-1))
         # [K, H_kv, d] contiguous: what write() stores, so a write after it copies nothing.
-        return k.view(h, -1, d).transpose(0, 1).contiguous(), v.view(h, -1, d).transpose(0, 1).contiguous()
+        return x.view(h, -1, d).transpose(0, 1).contiguous()
 
     def gather_bytes(self, kv_cache: torch.Tensor, n: int) -> int:
         """Memory :meth:`gather` holds for ``n`` slots (all heads): the keys and values, one half's copy in
@@ -167,6 +177,11 @@ class FlashPagedKV:
         blk, off = slots // self.block_size, slots % self.block_size
         head = torch.arange(slots.shape[0], device=kv_cache.device).unsqueeze(1)
         return k_cache[blk, off, head].transpose(0, 1), v_cache[blk, off, head].transpose(0, 1)
+
+    def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Keys ``[n, H_kv, d]`` of every head at flat slots ``slots`` ``[n]`` (whole tokens)."""
+        slots = slots.to(kv_cache.device)
+        return self._split(kv_cache)[0][slots // self.block_size, slots % self.block_size]
 
     def gather_bytes(self, kv_cache: torch.Tensor, n: int) -> int:
         """Memory :meth:`gather` holds for ``n`` slots (all heads): the keys and values and three int64

@@ -29,7 +29,7 @@ from vllm_kvmm.policies.decode import (
 )
 from vllm_kvmm.vllm_ext.messages import CompressedGroup, FlushJob
 from vllm_kvmm.vllm_ext.paged_kv import flat_slots
-from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv
+from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv, tensor_key
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
@@ -57,11 +57,6 @@ class _Stored:
     pos: torch.Tensor  # [H_kv, S] true positions
     score: torch.Tensor  # [H_kv, S] float64, before this interval's decode queries
     src: torch.Tensor  # [S] the physical slot of each stored slot (the same for every head)
-    view_ids: torch.Tensor  # the view's blocks, in order
-    n_view: int  # tokens stored in them
-    bin_ids: torch.Tensor  # the bin's blocks, in order
-    n_bin: int  # tokens stored in them
-    bin_at: int  # where the bin's slots start in the stored order
 
 
 @dataclass
@@ -204,15 +199,15 @@ def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, lay
     row = job.block_ids[group]
     view_ids = torch.tensor([row[i] for i in [*live, *range(tail, -(-length // bs))]], dtype=torch.long)
     src = flat_slots(view_ids, torch.arange(n_view), bs)
-    bin_ids = torch.tensor([row[i] for i in st.bin_blocks.get(group, ())], dtype=torch.long)
     bin_pos = st.bin_positions.get(layer)
-    m, n_bin = pos.shape[1], 0 if bin_pos is None else bin_pos.shape[1]
-    if n_bin:
+    if bin_pos is not None and bin_pos.shape[1]:
+        n_bin = bin_pos.shape[1]
+        bin_ids = torch.tensor([row[i] for i in st.bin_blocks.get(group, ())], dtype=torch.long)
         m = bin_offset(pos, flush_tail_start(length, spec.recent, bs, tail * bs))
         pos = insert_bin(pos, bin_pos, m)
         score = insert_bin(score, st.bin_scores[layer], m)
         src = insert_bin(src[None], flat_slots(bin_ids, torch.arange(n_bin), bs)[None], m)[0]
-    return _Stored(pos, score, src, view_ids, n_view, bin_ids, n_bin, m)
+    return _Stored(pos, score, src)
 
 
 def _rescored(
@@ -247,7 +242,7 @@ def _rescored(
         weights = query_weights(spec, w)
         for part in chunked(sizes, budget):
             rows = [(r, layer) for r, layer, _, _ in part]
-            keys = torch.cat([_stored_keys(state, names[layer], stored[r][layer]) for r, layer in rows])
+            keys = _stored_keys(state, [(names[layer], stored[r][layer].src) for r, layer in rows])
             pos = torch.cat([stored[r][layer].pos for r, layer in rows])
             q = torch.cat([q for _, _, q, _ in part])
             q_pos = torch.cat([qp.expand(h_kv, -1) for *_, qp in part])  # [Σ H_kv, W]
@@ -260,13 +255,24 @@ def _rescored(
     return out
 
 
-def _stored_keys(state: WorkerState, name: str, s: _Stored) -> torch.Tensor:
-    """``[H_kv, S, d]``: one layer's stored keys in slot order (the view's, with the bin's inserted)."""
-    paged, cache = state.engine.paged, state.engine.kv_caches[name]
-    keys = paged.read_keys(cache, s.view_ids, s.n_view).transpose(0, 1)
-    if s.n_bin:
-        keys = insert_bin(keys, paged.read_keys(cache, s.bin_ids, s.n_bin).transpose(0, 1), s.bin_at)
-    return keys
+def _stored_keys(state: WorkerState, rows: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """``[len(rows)·H_kv, S, d]``: each row's stored keys (a layer's, at its slots ``[S]`` in stored order),
+    in row order — one gather per cache tensor the layers share (with a KV-cache group per layer, one for
+    all), not a read per layer."""
+    engine = state.engine
+    by_tensor: dict[tuple, list[int]] = {}
+    for i, (name, _) in enumerate(rows):
+        by_tensor.setdefault(tensor_key(engine.kv_caches[name]), []).append(i)
+    parts: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for idx in by_tensor.values():
+        cache = engine.kv_caches[rows[idx[0]][0]]
+        k = engine.paged.gather_keys(cache, torch.cat([rows[i][1] for i in idx]))  # [len·S, H_kv, d]
+        k = k.view(len(idx), -1, *k.shape[1:]).transpose(1, 2)  # [len, H_kv, S, d]
+        if len(by_tensor) == 1:
+            return k.reshape(-1, *k.shape[2:])
+        for j, i in enumerate(idx):
+            parts[i] = k[j]
+    return torch.cat(parts)
 
 
 def _planned(
@@ -321,7 +327,7 @@ def _layer_flush(
     moves = []
     # The shared prefix stays where it is (the first slots of the first live blocks, kept by plan_flush):
     # never written, as other requests may read its blocks.
-    frozen = int((s.pos[0] < st.shared).sum())
+    frozen = int((s.pos[0] < st.shared).sum()) if st.shared else 0
     for idx, blocks, skip in (
         (plan.keep[:, : plan.prefix_keep], new_live, frozen),
         (binned_idx, new_bins, 0),

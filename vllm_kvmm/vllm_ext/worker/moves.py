@@ -19,7 +19,7 @@ import torch
 if TYPE_CHECKING:
     from vllm_kvmm.vllm_ext.worker.layout import EngineLayout
 
-__all__ = ["MOVE_BYTES", "Move", "chunked", "move_kv"]
+__all__ = ["MOVE_BYTES", "Move", "chunked", "move_kv", "tensor_key"]
 
 # Gathered KV held at once: a run of groups is gathered before any of it is written. One layer's kept
 # prefix of an 8k prompt at ρ 0.2 on LLaVA-1.5-7B (32 KV heads, fp16) is ~26 MiB, so all 32 layers at
@@ -42,6 +42,12 @@ class Move:
         """Bytes this move's gather holds: the keys and values, and the accessor's own temporaries."""
         assert engine.paged is not None
         return engine.paged.gather_bytes(engine.kv_caches[self.layer], self.src.numel())
+
+
+def tensor_key(cache: torch.Tensor) -> tuple:
+    """What identifies the cache tensor a layer's cache views: layers with equal keys share one tensor (one
+    gather or write serves them all)."""
+    return (cache.data_ptr(), tuple(cache.shape), cache.stride(), cache.dtype)
 
 
 def chunked(units: Iterable[tuple[T, int]], budget: int) -> list[list[T]]:
@@ -70,8 +76,7 @@ def move_kv(engine: EngineLayout, moves: Sequence[Move]) -> None:
     by_tensor: dict[tuple, list[Move]] = {}
     for m in moves:
         if m.dst.numel():
-            c = engine.kv_caches[m.layer]
-            by_tensor.setdefault((c.data_ptr(), tuple(c.shape), c.stride(), c.dtype), []).append(m)
+            by_tensor.setdefault(tensor_key(engine.kv_caches[m.layer]), []).append(m)
     gathered = []
     for ms in by_tensor.values():
         cache = engine.kv_caches[ms[0].layer]
