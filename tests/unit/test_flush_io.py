@@ -234,3 +234,42 @@ def test_stored_keys_of_a_stack_come_in_row_order_whatever_tensors_the_layers_sh
     assert paged.calls == ["gather_keys", "gather_keys"]  # one per tensor, not one per layer
     only_shared = _stored_keys(state, [("b", slots["b"]), ("a", slots["a"])])  # type: ignore[arg-type]
     assert torch.equal(only_shared, torch.cat([want[2 * H :], want[:H]]))
+
+
+def test_stored_slots_of_layers_built_together_equal_each_built_alone() -> None:
+    """Layers of one layout are built as one stack (handed out as views); layers of other layouts (more live
+    blocks, a recycle bin) apart: every layer's positions, scores and source slots equal its build alone."""
+    from vllm_kvmm.vllm_ext.worker.flush import _stored
+
+    g = torch.Generator().manual_seed(9)
+    spec = DecodeSpec("bin", interval=6, recent=4, capacity=8, bin_size=8)
+    st = RequestState(policy=None, info=None, decode=spec)  # type: ignore[arg-type]
+    rows, members = [], {}
+    # (live blocks, bin blocks): layers 0-2 share a layout, 3 has two live blocks, 4 a bin block.
+    for layer, (live, bins) in enumerate([((0,), ()), ((0,), ()), ((0,), ()), ((0, 1), ()), ((0,), (5,))]):
+        members[layer] = [(f"l{layer}", layer)]
+        rows.append(torch.randperm(40, generator=g)[:6].tolist())  # this layer's group's physical blocks
+        st.compact[layer] = (live, 3)
+        n_prefix = len(live) * BS
+        prefix = torch.stack([torch.randperm(12, generator=g)[:n_prefix].sort().values for _ in range(H)])
+        st.positions[layer] = torch.cat([prefix, torch.arange(12, 14).expand(H, -1)], 1)
+        st.scores[layer] = torch.rand(st.positions[layer].shape, generator=g, dtype=torch.float64)
+        if bins:
+            st.bin_blocks[layer] = bins
+            st.bin_positions[layer] = BIN.clone()
+            st.bin_scores[layer] = torch.rand(H, 2, generator=g, dtype=torch.float64)
+    state = SimpleNamespace(engine=SimpleNamespace(block_size=BS))
+    job = FlushJob("r", LENGTH, rows)
+    together = _stored(state, job, st, members)  # type: ignore[arg-type]
+    for layer in members:
+        (alone,) = _stored(state, job, st, {layer: members[layer]}).values()  # type: ignore[arg-type]
+        got = together[layer]
+        assert torch.equal(got.pos, alone.pos) and torch.equal(got.score, alone.score)
+        assert torch.equal(got.src, alone.src)
+        # By hand: the view's slots (live blocks, then logical blocks 3, 4 of the tail), the bin after
+        # the slots older than the new tail (16) for layer 4.
+        view = [rows[layer][b] * BS + o for b in [*st.compact[layer][0], 3, 4] for o in range(BS)]
+        if layer == 4:
+            view = [*view[:8], rows[4][5] * BS, rows[4][5] * BS + 1, *view[8:]]
+        assert got.src.tolist() == view
+    assert together[0].pos.shape == (H, 12) and together[3].pos.shape == (H, 16)

@@ -20,7 +20,6 @@ from vllm_kvmm.policies.decode import (
     DecodeSpec,
     FlushInput,
     FlushPlan,
-    bin_offset,
     flush_tail_start,
     insert_bin,
     plan_flushes,
@@ -111,14 +110,7 @@ def prepare(state: WorkerState, batch: Sequence[tuple[FlushJob, RequestState]]) 
     stored keys it scores; writes nothing and changes no request's state (a failure leaves all as they were).
     """
     members = _members(state.engine)
-    stored = [
-        {
-            layer: _stored(state, job, st, group, layer)
-            for group, layers in members.items()
-            for _, layer in layers
-        }
-        for job, st in batch
-    ]
+    stored = [_stored(state, job, st, members) for job, st in batch]
     scores = _rescored(state, [st for _, st in batch], stored)
     plans = _planned(state, batch, stored, scores)
     out: list[_Prepared] = []
@@ -178,36 +170,102 @@ def _members(engine: EngineLayout) -> dict[int, list[tuple[str, int]]]:
     return members
 
 
-def _stored(state: WorkerState, job: FlushJob, st: RequestState, group: int, layer: int) -> _Stored:
-    """Where one layer's stored slots are, with their positions and scores so far. Reads no cache."""
+def _stored(
+    state: WorkerState, job: FlushJob, st: RequestState, members: dict[int, list[tuple[str, int]]]
+) -> dict[int, _Stored]:
+    """Where every layer's stored slots are, with their positions and scores so far. Reads no cache.
+
+    Layers of one layout (the same live blocks, tail, bin blocks and stored shapes: every layer of a
+    uniform-budget policy) are built as one stack — per layer this is a dozen small tensor operations,
+    which were the largest per-layer part of a flush — and handed out as views, one per layer.
+    """
+    bs = state.engine.block_size
+    classes: dict[tuple, list[tuple[int, int]]] = {}  # layout → [(group, layer)]
+    for group, layers in members.items():
+        live, tail = st.compact[group]
+        for _, layer in layers:
+            bin_pos = st.bin_positions.get(layer)
+            n_bin = 0 if bin_pos is None else bin_pos.shape[1]
+            key = (live, tail, st.bin_blocks.get(group, ()), tuple(st.positions[layer].shape), n_bin)
+            classes.setdefault(key, []).append((group, layer))
+    out: dict[int, _Stored] = {}
+    for (live, tail, bins, (_, s0), n_bin), lays in classes.items():
+        pos0 = torch.stack([st.positions[layer] for _, layer in lays])  # [L, H_kv, S0]
+        # Decoded since the last flush: from the end of the stored tail. A tail can be empty (a prompt of
+        # whole blocks whose layout kept no tail, or no token at all: found by the lifecycle fuzzer), and
+        # then the last stored position lies in the prefix; the new tokens still start at the tail's start.
+        last = pos0[:, 0, -1].tolist() if s0 else [-1] * len(lays)
+        for since, idx in _by_value([max(x + 1, tail * bs) for x in last]):
+            sub = [lays[i] for i in idx]
+            pos = pos0 if len(idx) == len(lays) else pos0[torch.tensor(idx)]
+            out.update(_stored_stack(state, job, st, sub, pos, since, live, tail, bins, n_bin))
+    return out
+
+
+def _stored_stack(
+    state: WorkerState,
+    job: FlushJob,
+    st: RequestState,
+    lays: list[tuple[int, int]],
+    pos: torch.Tensor,
+    since: int,
+    live: tuple[int, ...],
+    tail: int,
+    bins: tuple[int, ...],
+    n_bin: int,
+) -> dict[int, _Stored]:
+    """:func:`_stored` for layers ``lays`` (``(group, layer)``) of one layout whose new tokens start at
+    ``since``; ``pos``: their stored positions ``[L, H_kv, S0]``."""
     spec = st.decode
     assert spec is not None
     bs, length = state.engine.block_size, job.length
-    live, tail = st.compact[group]
-    pos, score = st.positions[layer], st.scores[layer]
-    h = pos.shape[0]
-    # Decoded since the last flush: from the end of the stored tail. A tail can be empty (a prompt of whole
-    # blocks whose layout kept no tail, or no token at all: found by the lifecycle fuzzer), and then the
-    # last stored position lies in the prefix; the new tokens still start at the tail's start.
-    since = max(int(pos[0, -1]) + 1 if pos.shape[1] else 0, tail * bs)
-    tail_pos = torch.arange(since, length).expand(h, -1)
-    pos = torch.cat([pos, tail_pos], 1)
-    score = torch.cat([score, torch.zeros(tail_pos.shape, dtype=torch.float64)], 1)
+    n, h = pos.shape[0], pos.shape[1]
+    new = torch.arange(since, length).expand(n, h, -1)
+    pos = torch.cat([pos, new], 2)
+    score = torch.cat(
+        [torch.stack([st.scores[layer] for _, layer in lays]), torch.zeros(new.shape, dtype=torch.float64)], 2
+    )
     n_view = len(live) * bs + length - tail * bs
-    if pos.shape[1] != n_view:
-        raise RuntimeError(f"kvmm: {job.req_id} layer {layer}: {pos.shape[1]} positions, {n_view} slots")
-    row = job.block_ids[group]
-    view_ids = torch.tensor([row[i] for i in [*live, *range(tail, -(-length // bs))]], dtype=torch.long)
-    src = flat_slots(view_ids, torch.arange(n_view), bs)
-    bin_pos = st.bin_positions.get(layer)
-    if bin_pos is not None and bin_pos.shape[1]:
-        n_bin = bin_pos.shape[1]
-        bin_ids = torch.tensor([row[i] for i in st.bin_blocks.get(group, ())], dtype=torch.long)
-        m = bin_offset(pos, flush_tail_start(length, spec.recent, bs, tail * bs))
-        pos = insert_bin(pos, bin_pos, m)
-        score = insert_bin(score, st.bin_scores[layer], m)
-        src = insert_bin(src[None], flat_slots(bin_ids, torch.arange(n_bin), bs)[None], m)[0]
-    return _Stored(pos, score, src)
+    if pos.shape[2] != n_view:
+        layers = [layer for _, layer in lays]
+        raise RuntimeError(f"kvmm: {job.req_id} layers {layers}: {pos.shape[2]} positions, {n_view} slots")
+    blocks = [*live, *range(tail, -(-length // bs))]
+    src = _slots([[job.block_ids[g][i] for i in blocks] for g, _ in lays], n_view, bs)  # [L, S]
+    if n_bin:
+        bin_pos = torch.stack([st.bin_positions[layer] for _, layer in lays])  # [L, H_kv, B]
+        bin_score = torch.stack([st.bin_scores[layer] for _, layer in lays])
+        bin_src = _slots([[job.block_ids[g][i] for i in bins] for g, _ in lays], n_bin, bs)
+        ts = flush_tail_start(length, spec.recent, bs, tail * bs)
+        parts = []
+        for m, idx in _by_value((pos[:, 0] < ts).sum(1).tolist()):  # where each layer's bin goes
+            sel = slice(None) if len(idx) == n else torch.tensor(idx)
+            k = len(idx)
+            parts.append((
+                idx,
+                insert_bin(pos[sel].flatten(0, 1), bin_pos[sel].flatten(0, 1), m).view(k, h, -1),
+                insert_bin(score[sel].flatten(0, 1), bin_score[sel].flatten(0, 1), m).view(k, h, -1),
+                insert_bin(src[sel], bin_src[sel], m),
+            ))  # fmt: skip
+        out = {}
+        for idx, p, z, sr in parts:
+            for i, pi, zi, si in zip(idx, p, z, sr, strict=True):
+                out[lays[i][1]] = _Stored(pi, zi, si)
+        return out
+    return {layer: _Stored(p, z, sr) for (_, layer), p, z, sr in zip(lays, pos, score, src, strict=True)}
+
+
+def _slots(rows: list[list[int]], n: int, bs: int) -> torch.Tensor:
+    """``[L, n]`` flat cache slots of the first ``n`` positions of each row of physical blocks."""
+    j = torch.arange(n)
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), -1)[:, j // bs] * bs + j % bs
+
+
+def _by_value(values: list[int]) -> list[tuple[int, list[int]]]:
+    """``values``' distinct values with the indices holding each, in first-seen order."""
+    out: dict[int, list[int]] = {}
+    for i, x in enumerate(values):
+        out.setdefault(x, []).append(i)
+    return list(out.items())
 
 
 def _rescored(
