@@ -39,7 +39,7 @@ def _setup(spec: DecodeSpec, with_bin: bool) -> tuple[SimpleNamespace, RequestSt
 def _state(cache: torch.Tensor) -> SimpleNamespace:
     engine = SimpleNamespace(
         block_size=BS, layers={"l0": LayerRef(0, 0)}, kv_caches={"l0": cache}, paged=SpyPagedKV(BS, D),
-        num_layers=1, stage=0, cuda=False,
+        num_layers=1, stage=0, cuda=False, members=lambda: {0: [("l0", 0)]},
     )  # fmt: skip
     return SimpleNamespace(
         engine=engine, queries=SimpleNamespace(scales={"l0": SCALE}), out=KVMMWorkerMeta(), recorder=None

@@ -55,9 +55,7 @@ def compress(state: WorkerState, job: PrefillJob, st: RequestState) -> None:
         state.recorder.plans[job.req_id] = plans
     merge = policy.merge_spec(info)
     assert job.block_ids is not None
-    members: dict[int, list[tuple[str, int]]] = {}
-    for name, ref in engine.layers.items():
-        members.setdefault(ref.group, []).append((name, ref.index))
+    members = engine.members()
     done: list[CompressedGroup] = []
     kept = n * len(engine.layers)  # this stage's layers (pipeline stages' reports add up)
     try:

@@ -32,7 +32,6 @@ from vllm_kvmm.vllm_ext.worker.moves import MOVE_BYTES, Move, chunked, move_kv, 
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 
 if TYPE_CHECKING:
-    from vllm_kvmm.vllm_ext.worker.layout import EngineLayout
     from vllm_kvmm.vllm_ext.worker.state import WorkerState
 
 __all__ = ["carry_out", "flush", "prepare"]
@@ -109,7 +108,7 @@ def prepare(state: WorkerState, batch: Sequence[tuple[FlushJob, RequestState]]) 
     """Score and plan every layer of every request in ``batch``, layers of equal shapes together. Reads the
     stored keys it scores; writes nothing and changes no request's state (a failure leaves all as they were).
     """
-    members = _members(state.engine)
+    members = state.engine.members()
     stored = [_stored(state, job, st, members) for job, st in batch]
     scores = _rescored(state, [st for _, st in batch], stored)
     plans = _planned(state, batch, stored, scores)
@@ -160,14 +159,6 @@ def carry_out(state: WorkerState, job: FlushJob, st: RequestState, planned: _Pre
             state.out.stages.add(engine.stage)
     if state.recorder is not None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)
-
-
-def _members(engine: EngineLayout) -> dict[int, list[tuple[str, int]]]:
-    """``group → [(layer name, layer index)]`` of this stage's compressed layers."""
-    members: dict[int, list[tuple[str, int]]] = {}
-    for name, ref in engine.layers.items():
-        members.setdefault(ref.group, []).append((name, ref.index))
-    return members
 
 
 def _stored(

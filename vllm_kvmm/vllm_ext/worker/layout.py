@@ -51,6 +51,13 @@ class EngineLayout:
             return None
         return frozenset(ref.index for ref in self.layers.values())
 
+    def members(self) -> dict[int, list[tuple[str, int]]]:
+        """``group → [(layer name, layer index)]`` of this stage's compressed layers."""
+        out: dict[int, list[tuple[str, int]]] = {}
+        for name, ref in self.layers.items():
+            out.setdefault(ref.group, []).append((name, ref.index))
+        return out
+
     def layer_groups(self) -> list[list[int]]:
         """Decoder layers per KV-cache group (they share a block table, hence a layout). Under pipeline
         parallelism every group is one layer (start-up refuses ``--kv-groups`` with it)."""
