@@ -248,7 +248,7 @@ def _stored_stack(
 def _slots(rows: list[list[int]], n: int, bs: int) -> torch.Tensor:
     """``[L, n]`` flat cache slots of the first ``n`` positions of each row of physical blocks."""
     j = torch.arange(n)
-    return torch.tensor(rows, dtype=torch.long).view(len(rows), -1)[:, j // bs] * bs + j % bs
+    return torch.tensor(rows, dtype=torch.long)[:, j // bs] * bs + j % bs
 
 
 def _by_value(values: list[int]) -> list[tuple[int, list[int]]]:
