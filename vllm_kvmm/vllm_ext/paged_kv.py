@@ -17,8 +17,9 @@ __all__ = ["CpuPagedKV", "FlashPagedKV", "flat_slots"]
 
 
 def flat_slots(ids: torch.Tensor, pos: torch.Tensor, bs: int) -> torch.Tensor:
-    """Flat cache slots ``block_id·bs + offset`` of logical positions ``pos`` in a row of blocks ``ids``."""
-    return ids[pos // bs] * bs + pos % bs
+    """Flat cache slots ``block_id·bs + offset`` of logical positions ``pos`` in a row of blocks ``ids``
+    (``[nb]``; or rows ``[L, nb]`` with positions ``[n]``: ``[L, n]``, one row of slots per row of blocks)."""
+    return ids[..., pos // bs] * bs + pos % bs
 
 
 @cache

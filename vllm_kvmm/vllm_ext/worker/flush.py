@@ -221,11 +221,13 @@ def _stored_stack(
         layers = [layer for _, layer in lays]
         raise RuntimeError(f"kvmm: {job.req_id} layers {layers}: {pos.shape[2]} positions, {n_view} slots")
     blocks = [*live, *range(tail, -(-length // bs))]
-    src = _slots([[job.block_ids[g][i] for i in blocks] for g, _ in lays], n_view, bs)  # [L, S]
+    rows = torch.tensor([[job.block_ids[g][i] for i in blocks] for g, _ in lays], dtype=torch.long)
+    src = flat_slots(rows, torch.arange(n_view), bs)  # [L, S]
     if n_bin:
         bin_pos = torch.stack([st.bin_positions[layer] for _, layer in lays])  # [L, H_kv, B]
         bin_score = torch.stack([st.bin_scores[layer] for _, layer in lays])
-        bin_src = _slots([[job.block_ids[g][i] for i in bins] for g, _ in lays], n_bin, bs)
+        bin_rows = torch.tensor([[job.block_ids[g][i] for i in bins] for g, _ in lays], dtype=torch.long)
+        bin_src = flat_slots(bin_rows, torch.arange(n_bin), bs)
         ts = flush_tail_start(length, spec.recent, bs, tail * bs)
         parts = []
         for m, idx in _by_value((pos[:, 0] < ts).sum(1).tolist()):  # where each layer's bin goes
@@ -243,12 +245,6 @@ def _stored_stack(
                 out[lays[i][1]] = _Stored(pi, zi, si)
         return out
     return {layer: _Stored(p, z, sr) for (_, layer), p, z, sr in zip(lays, pos, score, src, strict=True)}
-
-
-def _slots(rows: list[list[int]], n: int, bs: int) -> torch.Tensor:
-    """``[L, n]`` flat cache slots of the first ``n`` positions of each row of physical blocks."""
-    j = torch.arange(n)
-    return torch.tensor(rows, dtype=torch.long)[:, j // bs] * bs + j % bs
 
 
 def _by_value(values: list[int]) -> list[tuple[int, list[int]]]:

@@ -42,7 +42,7 @@ class EngineLayout:
     def cuda(self) -> bool:
         """Whether the caches are on a CUDA device (``torch.cuda.is_available()`` costs a driver query
         per call on a CPU host; this is read per compression and per step's flushes)."""
-        return any(c.is_cuda for c in list(self.kv_caches.values())[:1])
+        return next(iter(self.kv_caches.values())).is_cuda if self.kv_caches else False
 
     @property
     def local_layers(self) -> frozenset[int] | None:
