@@ -73,14 +73,18 @@ def kvmm_llm(tiny_llama_dir: Path, vanilla_run: dict[str, Any]) -> Any:
 
 
 def test_freed_blocks_show_up_in_the_pool(kvmm_llm: Any, tiny_llama_dir: Path) -> None:
-    """After the prefill step, the pool holds exactly what the reference plan says is kept."""
+    """After the step that compressed the prompt (the one after its prefill: the first token does not
+    wait), the pool holds exactly what the reference plan says is kept."""
     from vllm_kvmm.vllm_ext.spec import managers
 
     engine, pool = kvmm_llm.llm_engine, block_pool(kvmm_llm)
     n = 200
     free0 = pool.get_num_free_blocks()
     engine.add_request("probe", _prompt(99, n), greedy(4))
-    engine.step()  # the whole prompt fits one step: prefill, compression, release
+    engine.step()  # the whole prompt fits one step: prefill and the first token, from the whole cache
+    allocated = LAYERS * -(-n // BLOCK)
+    assert pool.get_num_free_blocks() == free0 - allocated  # nothing released yet
+    engine.step()  # compression (before the forward), the second token, the release
     plans = (
         DenseReference(tiny_llama_dir)
         .generate(
@@ -92,8 +96,7 @@ def test_freed_blocks_show_up_in_the_pool(kvmm_llm: Any, tiny_llama_dir: Path) -
         .plans
     )
     freed = sum((p.tail_start - p.prefix_keep) // BLOCK for p in plans)
-    assert freed > 0
-    allocated = LAYERS * -(-n // BLOCK)
+    assert freed > 0 and n % BLOCK  # the second token fits the last block: no new one
     assert pool.get_num_free_blocks() == free0 - allocated + freed
     held = {
         gid: m.num_held_blocks(next(r for r in m.req_to_blocks if r.startswith("probe")))

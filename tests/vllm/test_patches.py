@@ -47,6 +47,7 @@ def test_every_diff_has_a_runtime_wrapper_and_wrappers_install_once() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.core import kv_cache_utils
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -60,6 +61,7 @@ def test_every_diff_has_a_runtime_wrapper_and_wrappers_install_once() -> None:
         "0003-platform-spec-hook.diff": type(current_platform).register_custom_kv_cache_specs.__func__,
         "0004-cli-and-engine-config.diff": EngineArgs.create_engine_config,
         "0005-no-full-graph-while-observing.diff": CudagraphDispatcher.dispatch,
+        "0006-report-before-finishing.diff": Scheduler.update_from_output,
     }
     assert sorted(wrapped) == sorted(p.name for p in PATCHES.glob("*.diff"))
     for name, fn in wrapped.items():

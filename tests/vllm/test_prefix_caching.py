@@ -64,17 +64,19 @@ def llm(tiny_llama_dir: Path, vanilla: Any) -> Any:
 
 
 def _run(llm: Any, rid: str, ids: list[int], params: Any, watch: bool = False) -> tuple[Any, list]:
-    """Run one request alone to the end; with ``watch``, its block rows after its first step, as
-    ``(block id, has a hash)`` then (``None`` for a null block): a finished request's blocks get entry keys
-    (reuse.py), so their hashes must be read while it runs."""
+    """Run one request alone to the end; with ``watch``, its block rows after its second step (the one
+    that compresses the prompt prefilled in the first), as ``(block id, has a hash)`` then (``None`` for a
+    null block): a finished request's blocks get entry keys (reuse.py), so their hashes must be read while
+    it runs."""
     engine = llm.llm_engine
     engine.add_request(rid, {"prompt_token_ids": ids}, params)
-    rows, out = [], None
+    rows, out, steps = [], None, 0
     while engine.has_unfinished_requests():
         for o in engine.step():
             if o.finished:
                 out = o
-        if watch and not rows and engine.has_unfinished_requests():
+        steps += 1
+        if watch and steps == 2 and engine.has_unfinished_requests():
             null = block_pool(llm).null_block
             seen = block_rows(llm, rid)
             rows = [[None if b is null else (b.block_id, b.block_hash is not None) for b in r] for r in seen]
@@ -132,7 +134,7 @@ def test_every_policy_on_a_prefix_hit_equals_the_dense_reference(
 
     # The first request marks the system prompt and is compressed under the same policy: its compaction
     # (and merging) must leave the shared blocks as they were, or the next request reads other KV.
-    seed = greedy(1, kv_policy=name, kv_budget=0.3, kv_shared_prefix=len(SYS))
+    seed = greedy(2, kv_policy=name, kv_budget=0.3, kv_shared_prefix=len(SYS))  # compressed in step 2
     _run(llm, f"seed-{name}", SYS + _ids(40, 150), seed)
     ids = SYS + _ids(sum(map(ord, name)) % 97, 260)
     out, _ = _run(llm, f"hit-{name}", ids, greedy(NEW, kv_policy=name, kv_budget=0.3))

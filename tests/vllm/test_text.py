@@ -161,3 +161,32 @@ def test_groups_with_the_same_view_share_one_metadata_build(
     views = {(p.prefix_keep, p.tail_start) for p in plans}
     assert len(plans) == 4 and len(views) <= 2
     assert calls == 1 + 5 * len(views)  # one prefill step + five decode steps, one build per layout
+
+
+def test_the_first_token_does_not_wait_for_compression(kvmm: Any, reference: DenseReference) -> None:
+    """The prompt is compressed in the step after its prefill: the first token comes back from a step
+    that compressed nothing; a request that ends with it is never compressed; one that ends in the step
+    that compressed it still reports what it kept (the scheduler takes the worker's report first)."""
+    from vllm_kvmm.vllm_ext.worker import worker_state
+
+    engine, recorder = kvmm.llm_engine, worker_state().recorder
+    ids = _prompts()[0]["prompt_token_ids"]
+    (ref,) = reference.generate(
+        [PromptInput.from_ids(ids)], make_policy("snapkv", 0.25), 2, granularity=BLOCK
+    )
+    for rid, n in (("one-token", 1), ("two-tokens", 2)):
+        engine.add_request(rid, {"prompt_token_ids": ids}, greedy(n, kv_policy="snapkv", kv_budget=0.25))
+        (first,) = engine.step()
+        assert list(first.outputs[0].token_ids) == ref.token_ids[:1]
+        assert not any(k.startswith(rid) for k in recorder.plans)  # not compressed (yet)
+        outs = [first]
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        report = outs[-1].kv_transfer_params["kvmm"]
+        assert outs[-1].finished and list(outs[-1].outputs[0].token_ids) == ref.token_ids[:n]
+        if n == 1:
+            assert report["compressed"] is False and not any(k.startswith(rid) for k in recorder.plans)
+        else:
+            assert_same_kept_sets(plans_by_output_id(recorder.plans, rid), ref.plans)
+            assert report["compressed"] is True
+            assert report["kv_kept"] == pytest.approx(ref.kv_fraction, abs=1e-12)

@@ -9,14 +9,16 @@ Configurations, each in its own subprocess (a clean device) on the same prompts:
 
 Measured per configuration (engine in-process, stepped by the benchmark, so it can read the block pool):
 
-* ``decode_tok_s``: N·OUT / (t(prompt + OUT + 1 tokens) − t(prompt + 1 token)), as in the vanilla anchors;
+* ``decode_tok_s``: N·OUT / (t(prompt + OUT + 1 tokens) − t(prompt + 1 token)), as in the vanilla anchors
+  (the compression runs in the step after a prompt's prefill, so it counts here, not in the prefill);
 * ``ttft_p50/p99_s``, ``tpot_p50/p99_ms`` over the N requests of the full run (all arrive at once, so TTFT
-  includes queueing for prefill), and ``ttft1_ms`` (one request alone: prefill + compression);
-* ``bs1_ms_per_tok``: one request decoding alone;
+  includes queueing for prefill), and ``ttft1_ms`` (one request alone: prefill and statistics);
+* ``bs1_ms_per_tok``: one request decoding alone (its compression included);
 * ``kv_peak_gib`` / ``kv_mean_gib``: KV bytes held in the block pool (peak / mean over engine steps);
 * ``kv_per_request_mib``: what one request holds after its prompt is compressed; ``max_concurrency``: how many
   such requests the pool holds (the capacity at fixed memory); ``peak_running``: concurrency observed;
-* ``compression_s``: worker time spent compressing (device-synchronised), per request.
+* ``compression_s_per_request``: worker time spent compressing (device-synchronised) in the full run,
+  per request.
 
     vllm-kvmm bench perf --arch llama2-7b-mha --ctx 8192 --requests 48 --budget 0.2 --policies snapkv,meda
     vllm-kvmm bench perf --images 8 ...   # LLaVA-shaped prompts: 8 × 576 image tokens in each prompt
@@ -136,10 +138,10 @@ def _child(cfg: dict[str, Any]) -> None:
     prompts = _prompts(cfg, cfg["n"], plen, images)
     # Warm-up at the run's batch size (kernels, graphs and allocator see the shapes before timing).
     timed(_prompts(cfg, cfg["n"], min(plen, 256 + cfg["image_tokens"] * images), images), 4)
+    tp, _, _ = timed(prompts, 1)  # ends with the first tokens: nothing is compressed
     c0 = worker_state().seconds_total
-    tp, _, _ = timed(prompts, 1)
-    comp = worker_state().seconds_total - c0
     tt, first, done = timed(prompts, cfg["out"] + 1, sample=True)
+    comp = worker_state().seconds_total - c0
     ttft = list(first.values())
     tpot = [1000 * (done[r] - first[r]) / cfg["out"] for r in done]
     # One request alone: TTFT, ms per decode token, and what it holds once compressed.
@@ -147,7 +149,7 @@ def _child(cfg: dict[str, Any]) -> None:
     held_before = len(held)
     t1, _, _ = timed(prompts[:1], cfg["out"] + 1, sample=True)
     alone = held[held_before:]
-    per_request = max(alone[1:] or alone)  # after the prefill step, compression has released its blocks
+    per_request = max(alone[1:] or alone)  # after the step after the prefill, which compressed the prompt
     res = dict(
         config=cfg["name"], kind=cfg["kind"], policy=cfg.get("policy"), ctx=plen, n=cfg["n"], out=cfg["out"],
         images=images, prefill_s=round(tp, 3), total_s=round(tt, 3),

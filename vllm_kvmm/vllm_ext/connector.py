@@ -5,8 +5,11 @@ compressing policy and which finish their prompt (``build_connector_meta``), and
 worker reports as no longer read (``update_connector_output``), before the next ``schedule()``.
 
 Worker side: hands the step's jobs to :class:`~vllm_kvmm.vllm_ext.worker.WorkerState` before the
-forward pass and compresses finished prefills after it (``wait_for_save`` runs as the forward context
-exits), then reports the freed ranges (``build_connector_worker_meta``).
+forward pass, notes the prefills that finished in it (``wait_for_save`` runs as the forward context exits)
+and compresses them at the start of the next step (``handle_preemptions``, off the first token's path),
+then reports the freed ranges (``build_connector_worker_meta``). The scheduler takes that report before
+it finishes the step's requests (patches.py, patch 6), so a request that ends in the step that
+compressed it reports what it kept.
 
 It moves no KV anywhere (``kv_role="kv_producer"``). Its one use of vLLM's "external tokens" is compressed
 reuse (vllm_ext/reuse.py): ``get_num_new_matched_tokens`` reports the tokens a follow-up takes from a
@@ -259,9 +262,11 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         ]
 
     def update_connector_output(self, connector_output: Any) -> None:
+        # Called twice a step: early by patch 6 (before finished requests are freed), then by vLLM.
         meta = connector_output.kv_connector_worker_meta
-        if not isinstance(meta, KVMMWorkerMeta):
+        if not isinstance(meta, KVMMWorkerMeta) or meta.applied:
             return
+        meta.applied = True
         mgrs = managers(self._block_pool)
         entries = compressed_entries(self._block_pool)
         st = self._stats
@@ -344,9 +349,8 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         compressed prompt the measured fraction of its KV kept (tokens × layers) and whether that is within
         ``BUDGET_TOLERANCE`` of the budget, applied to the prompt after the shared prefix when there is one
         (``false``: what the policy always keeps, sinks, recent window, whole blocks, exceeds the budget on
-        this prompt; short prompts). A request that
-        finishes in the very step that compressed it ends before the worker's report arrives: it says
-        ``compressed: false`` although its cache was compressed for that one step.
+        this prompt; short prompts). A request that ends with its first token was never compressed (the
+        worker compresses in the step after the prefill) and says ``compressed: false``.
         """
         req_id = request.request_id
         adopted = self._end_reuse(request)
@@ -389,6 +393,9 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             state = worker_state()
             state.drop(kv_connector_metadata.dropped)
             state.adopt(kv_connector_metadata.adopted)
+            # Last step's finished prefills, before this step's attention metadata reads their compact
+            # view (and after the drop: a finished request's blocks may already be another's).
+            state.compress_pending()
             # Prefill statistics are gathered in Python during attention; decode queries are not (see
             # WorkerState.record_queries), so decode-evicting steps may replay full graphs.
             state.eager_attention = bool(kv_connector_metadata.jobs)

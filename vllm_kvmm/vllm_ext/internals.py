@@ -52,6 +52,8 @@ _OWNERS: dict[str, str] = {
     "BlockPool": "vllm.v1.core.block_pool",
     "Request": "vllm.v1.request",
     "KVConnectorOutput": "vllm.v1.outputs",
+    "ModelRunnerOutput": "vllm.v1.outputs",
+    "Scheduler": "vllm.v1.core.sched.scheduler",
     "EngineArgs": "vllm.engine.arg_utils",
     "ArgumentParser": "argparse",
 }
@@ -82,6 +84,9 @@ READS: tuple[str, ...] = (
     "Request.mm_features",
     "Request.sampling_params",
     "KVConnectorOutput.kv_connector_worker_meta",
+    # Read by patch 6 (patches.py), which hands the connector the worker's report early.
+    "ModelRunnerOutput.kv_connector_output",
+    "Scheduler.connector",
     "ArgumentParser._actions",
     # Engine arguments a policy checks or sets (patches.engine_overrides).
     *(

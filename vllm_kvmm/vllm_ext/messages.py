@@ -116,6 +116,7 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     stages: set[int] = field(default_factory=set)  # pipeline stages whose compressions this holds
     seconds: float = 0.0
     durations: list[float] = field(default_factory=list)  # seconds of each compression or flush
+    applied: bool = False  # the scheduler has taken this report (it is offered twice: patches.py, 6)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # Tensor-parallel ranks decide identical layouts (head-averaged statistics are all-reduced before

@@ -13,6 +13,9 @@ shape we rely on; ``tests/vllm/test_patches.py`` runs it, so a vLLM upgrade fail
    flags (a general plugin cannot add CLI flags otherwise) and the engine settings they imply.
 5. ``CudagraphDispatcher.dispatch``: no FULL CUDA graph for a step whose attention must feed statistics
    (Python hooks do not run inside a replayed graph); such steps use piecewise graphs.
+6. ``Scheduler.update_from_output``: hand the connector the worker's report before the step's finished
+   requests are freed (vLLM does it after), so a request that ends in the step that compressed it
+   reports what it kept, and compressed reuse sees its final layout.
 """
 
 from __future__ import annotations
@@ -116,6 +119,14 @@ def check_vllm_internals() -> None:
         problems.append(
             "BlockPool._insert_block_hash(self, block_hash_with_group_id, block, num_tokens) changed"
         )
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if list(inspect.signature(Scheduler.update_from_output).parameters) != [
+        "self",
+        "scheduler_output",
+        "model_runner_output",
+    ]:
+        problems.append("Scheduler.update_from_output(self, scheduler_output, model_runner_output) changed")
     from vllm.platforms.interface import Platform
 
     if not hasattr(Platform, "register_custom_kv_cache_specs"):
@@ -181,6 +192,26 @@ def _patch_cudagraph_dispatch() -> None:
         return original(self, num_tokens, *args, **kwargs)
 
     CudagraphDispatcher.dispatch = _mark(dispatch)
+
+
+# ---- 6. the worker's report before finished requests are freed -----------------------------------
+def _patch_scheduler_report() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_kvmm.vllm_ext.connector import KVMMConnector
+
+    original = Scheduler.update_from_output
+    if _wrapped(original):
+        return
+
+    @functools.wraps(original)
+    def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
+        out = model_runner_output.kv_connector_output
+        if isinstance(self.connector, KVMMConnector) and out is not None:
+            self.connector.update_connector_output(out)  # vLLM's own call later finds it applied
+        return original(self, scheduler_output, model_runner_output)
+
+    Scheduler.update_from_output = _mark(update_from_output)
 
 
 # ---- 3. spec registration ------------------------------------------------------------------------
@@ -488,6 +519,7 @@ def apply_patches() -> None:
     _patch_grouping()
     _patch_row_order()
     _patch_cudagraph_dispatch()
+    _patch_scheduler_report()
     _register_backends()
 
 

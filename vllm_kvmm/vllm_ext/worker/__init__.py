@@ -19,7 +19,8 @@ Modules, one job each:
 the CPU runner inherits it):
 
 1. ``KVMMConnector.handle_preemptions(meta)`` → :meth:`WorkerState.drop` the finished and preempted
-   requests; set ``eager_attention`` if a prefill job needs statistics (read in step 2).
+   requests; :meth:`WorkerState.compress_pending` (:func:`compress` the prompts whose last chunk ran in
+   the previous step); set ``eager_attention`` if a prefill job needs statistics (read in step 2).
 2. ``CudagraphDispatcher.dispatch`` (patch 5) → no FULL graph when ``eager_attention``.
 3. ``GPUModelRunner._build_attention_metadata`` (patch 2) → :meth:`WorkerState.new_step` (row →
    request id), then per KV-cache group ``CompactViewBuilder.build`` → :meth:`WorkerState.note_rows`,
@@ -28,8 +29,8 @@ the CPU runner inherits it):
    prefill jobs, decoding rows and flushes; a request's first job creates its state).
 5. The forward, per attention layer: ``StatsObservingImpl.forward`` runs the stock kernel, then
    ``QueryBuffers.record`` and :func:`observe`.
-6. Leaving the forward: ``wait_for_save`` → :meth:`WorkerState.after_forward` (:func:`compress` the
-   prompts whose last chunk ran, then :func:`flush` every request due, all together);
+6. Leaving the forward: ``wait_for_save`` → :meth:`WorkerState.after_forward` (queue the prompts whose
+   last chunk ran for step 1 of the next step, then :func:`flush` every request due, all together);
    ``build_connector_worker_meta`` → :meth:`WorkerState.take_output`, which the scheduler's
    ``update_connector_output`` turns into freed blocks before its next ``schedule()``.
 
@@ -41,8 +42,8 @@ is served on with it, and the scheduler hears ``failed`` (``vllm_kvmm:failed_com
 ``error`` in the request's ``kv_transfer_params``). Under tensor parallelism the error is raised as
 before: ranks must agree on every layout.
 
-Because step 3 precedes step 4, a request compressed in step *t* reads its compact view from step
-*t + 1* on, and the view of step *t* still covers the whole prompt (which it still holds).
+A prompt whose last chunk runs in step *t* gives its first token from that step's full-cache forward
+and is compressed in step 1 of step *t + 1*, which (step 3 follows) already reads the compact view.
 """
 
 from vllm_kvmm.vllm_ext.worker.compaction import compress

@@ -38,6 +38,8 @@ class WorkerState:
         self.jobs: dict[str, PrefillJob] = {}
         self.decoding: dict[str, int] = {}
         self.flushes: dict[str, FlushJob] = {}
+        # Prompts whose prefill ended last step: compressed at the start of this one (compress_pending).
+        self.pending: dict[str, PrefillJob] = {}
         self.rows = StepRows()
         self.queries = QueryBuffers()
         # This step feeds queries to statistics (a compressing prefill): its attention must run outside
@@ -114,6 +116,7 @@ class WorkerState:
             self.jobs.pop(r, None)
             self.decoding.pop(r, None)
             self.flushes.pop(r, None)
+            self.pending.pop(r, None)
 
     def _new_request(self, job: PrefillJob) -> RequestState:
         policy = job.policy.build()
@@ -129,14 +132,28 @@ class WorkerState:
             vision[off : off + length] = True
         return PromptInfo(num_prompt_tokens, vision, self.engine.num_layers, self.engine.num_kv_heads)
 
+    def compress_pending(self) -> None:
+        """Compress the prompts whose prefill ended last step, before this step builds attention metadata.
+
+        Off the path of the first token: it is sampled from the prefill's logits, which the compression
+        cannot change, so the step that ran the last chunk returns it at once and the work waits for the
+        next step, which reads the compact view (and later ones too). The cost moves to the second token;
+        a request that ended with its first token is dropped before this and never compressed (its
+        cache would never be read again). Called after :meth:`drop`, so the blocks of a request that
+        finished or was preempted meanwhile (and may already be another request's) are not touched.
+        """
+        pending, self.pending = self.pending, {}
+        for job in pending.values():
+            if self._healthy(job.req_id):
+                self._timed("compression", lambda job=job: self._contained(compress, job, "compression"))
+
     def after_forward(self) -> None:
-        """Compress prompts whose prefill ended this step, then run this step's decode-time flushes (all
-        of them together: flush.py)."""
+        """Queue the prompts whose prefill ended this step for compression (:meth:`compress_pending`), then
+        run this step's decode-time flushes (all of them together: flush.py)."""
         if self.decoding:
             self.queries.take(self)
-        done = [j for j in self.jobs.values() if j.completes and self._healthy(j.req_id)]
-        for job in done:
-            self._timed("compression", lambda job=job: self._contained(compress, job, "compression"))
+        done = {j.req_id: j for j in self.jobs.values() if j.completes and self._healthy(j.req_id)}
+        self.pending.update(done)
         # A request whose compression failed may still have a flush scheduled (the scheduler learns of the
         # failure from this step's output): it has no decode state, so it is skipped.
         batch = [
