@@ -173,7 +173,7 @@ class TurnRecord:
     image_prefix: int  # tokens through the last image token, whole blocks
     kv_kept: float | None  # the engine's report (tokens × layers kept / prompt's); None if not compressed
     reused: int  # tokens taken from the previous turn's compressed cache (ours-reuse; 0 otherwise)
-    held_token_layers: int  # real blocks held after the first output step × block size × group layers
+    held_token_layers: int  # real blocks held after the second output step × block size × group layers
     prompt_token_layers: int  # prompt tokens × layers (the uncompressed prompt KV)
 
 
@@ -258,9 +258,14 @@ class _Runner:
         if reset_encoder is not None:
             reset_encoder()
 
-    def ask(self, images: list[Any], msgs: list[dict], max_tokens: int) -> tuple[Any, float, int]:
-        """Run one request alone to its end: ``(final output, TTFT in s, token-layers held after the step
-        that gave its first token)``."""
+    def ask(self, images: list[Any], msgs: list[dict], max_tokens: int) -> tuple[Any, list[int], float, int]:
+        """Run one request alone to its end: ``(final output, its first max_tokens token ids, TTFT in s,
+        token-layers held after its second output step)``.
+
+        The prompt is compressed in the step after its prefill (the first token does not wait for it), so
+        the pool is read after the second output step; the request decodes one token past ``max_tokens``
+        (end-of-sequence ignored, the ids returned cut back) so that it still runs then.
+        """
         from vllm import SamplingParams
 
         extra: dict[str, Any] | None = None
@@ -270,7 +275,9 @@ class _Runner:
                 extra["kv_shared_prefix"] = "images"
             if self.cfg["config"] in ("ours-reuse", "ours-shared-reuse"):
                 extra["kv_reuse"] = True
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, extra_args=extra)
+        params = SamplingParams(
+            max_tokens=max_tokens + 1, ignore_eos=True, temperature=0.0, detokenize=False, extra_args=extra
+        )
         text = self.proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         prompt = {"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
         rid = f"mt{next(self._ids)}"
@@ -283,14 +290,16 @@ class _Runner:
             outs = self.engine.step()
             now = time.perf_counter()
             for o in outs:
-                if ttft is None and o.outputs and o.outputs[0].token_ids:
+                n = len(o.outputs[0].token_ids) if o.outputs else 0
+                if ttft is None and n:
                     ttft = now - t0
+                if n == 2:
                     held = held_token_layers(self.scheduler, rid)
                 if o.finished:
                     final = o
         if final is None or ttft is None:
             raise RuntimeError(f"request {rid} ended without output")
-        return final, ttft, held
+        return final, list(final.outputs[0].token_ids)[:max_tokens], ttft, held
 
 
 def _answer(tok: Any, ids: Sequence[int]) -> str:
@@ -358,15 +367,14 @@ def _run_config(cfg: dict[str, Any], runner: _Runner) -> dict[str, Any]:
         answers: list[str] = []
         for k, q in enumerate(conv.questions):
             msgs = conversation_messages(cfg["n_images"], qs[: k + 1], answers)
-            out, ttft, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
-            ids = list(out.outputs[0].token_ids)
+            out, ids, ttft, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
             records.append(_record(runner, cfg, conv.index, k + 1, q, out, answer_text(tok, ids), ttft, held))
             answers.append(_answer(tok, ids))
         if cfg["single_turn"]:
             for k, q in enumerate(conv.questions, start=1):
                 msgs = conversation_messages(cfg["n_images"], [q.text], [])
-                out, _, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
-                got = answer_text(tok, list(out.outputs[0].token_ids))
+                out, ids, _, held = runner.ask(images, msgs, answer_tokens(tok, q.answer))
+                got = answer_text(tok, ids)
                 rec = _record(runner, {**cfg, "config": SINGLE}, conv.index, k, q, out, got, None, held)
                 records.append(rec)
     run_s = time.perf_counter() - t_run
@@ -424,7 +432,7 @@ class MultiTurnRow:
     shared_prefix: float
     reused: float  # tokens taken from the previous turn's compressed cache
     kv_kept: float | None  # the engine's report (compressed requests)
-    held: float  # token-layers held after prefill / the prompt's token-layers (uncompressed = ~1)
+    held: float  # token-layers held once compressed / the prompt's token-layers (uncompressed = ~1)
     held_token_layers: float
     shared_of_held: float  # the exact shared prefix's token-layers / token-layers held
 
@@ -528,8 +536,9 @@ def table(rows: Sequence[MultiTurnRow]) -> str:
         perf.append("| " + " | ".join(cells) + " |")
     perf.append(
         "(TTFT: geometric mean over conversations of the request's time to first token over vanilla+pc's "
-        "for the same conversation and turn, each request alone; KV held: token-layers held right after "
-        "prefill over prompt tokens × layers; shared: the exact image prefix's part of it; cache hit: vLLM's "
+        "for the same conversation and turn, each request alone; KV held: token-layers held after the "
+        "step that compressed the prompt (the second output step) over prompt tokens × layers; shared: the "
+        "exact image prefix's part of it; cache hit: vLLM's "
         "count, exact prefix and reused compressed tokens together)"
     )
     return "\n".join(acc) + "\n\n" + "\n".join(perf)

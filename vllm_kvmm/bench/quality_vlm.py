@@ -292,7 +292,7 @@ def _reported_kv(out: Any) -> float | None:
     if report["compressed"]:
         return float(report["kv_kept"])
     # Not compressed: the whole prompt is kept where nothing was to be evicted; otherwise the request
-    # ended in its compression step, before the report (unknown).
+    # ended with its first token, before the step that would have compressed it (unknown).
     return 1.0 if report["policy"] == "full" or report["budget"] == 1.0 else None
 
 
