@@ -157,8 +157,10 @@ def test_a_long_prompt_frees_global_blocks_and_local_layers_keep_vllms_blocks(
             greedy(4, kv_policy=policy) if policy == "full" else greedy(4, kv_policy=policy, kv_budget=0.25)
         )
         engine.add_request(policy, {"prompt_token_ids": ids}, params)
-        engine.step()  # the whole prompt fits one step: prefill, compression, release
-        engine.step()  # one decode step: vLLM drops the blocks a local layer's window left behind
+        engine.step()  # the whole prompt fits one step: prefill and the first token
+        # One decode step: the compression and its release, and vLLM drops the blocks a local layer's
+        # window left behind.
+        engine.step()
         held[policy] = _held(coordinator, policy)
         while engine.has_unfinished_requests():
             engine.step()

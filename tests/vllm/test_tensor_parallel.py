@@ -41,7 +41,8 @@ def test_tp2_equals_single_device_reference(llm: Any, tiny_llama_dir: Path, name
         engine.add_request(
             f"tp{name}{i}", {"prompt_token_ids": x}, greedy(10, kv_policy=name, kv_budget=budget)
         )
-    engine.step()  # both prompts fit one step: prefill, compression, release
+    engine.step()  # both prompts fit one step: prefill and the first tokens
+    engine.step()  # compression (before the forward), the second tokens, the release
     refs = DenseReference(tiny_llama_dir).generate(
         [PromptInput.from_ids(x) for x in ids], make_policy(name, budget), 10, granularity=BLOCK
     )
@@ -49,7 +50,8 @@ def test_tp2_equals_single_device_reference(llm: Any, tiny_llama_dir: Path, name
     for i, (x, ref) in enumerate(zip(ids, refs, strict=True)):
         req = next(r for r in mgrs[0].req_to_blocks if r.startswith(f"tp{name}{i}"))
         held = [mgrs[g].num_held_blocks(req) for g in sorted(mgrs)]
-        expected = [-(-len(x) // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for p in ref.plans]
+        # len(x) + 1 tokens stored: the second step wrote the first token's KV
+        expected = [-(-(len(x) + 1) // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for p in ref.plans]
         assert held == expected  # the layouts both ranks agreed on are the single-device ones
     out: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
@@ -114,7 +116,8 @@ def test_tp2_head_averaged_statistics(
     engine.add_request(
         f"mm{name}", {"prompt": text, "multi_modal_data": {"image": images[:2]}}, greedy(8, **xargs)
     )
-    engine.step()
+    engine.step()  # prefill and the first token
+    engine.step()  # compression (before the forward), the second token, the release
     ref = DenseReference(tiny_llava_dir).generate(
         [prompt_from_messages(proc, msgs, images[:2])],
         make_policy(name, budget, config),
@@ -126,7 +129,7 @@ def test_tp2_head_averaged_statistics(
     n = ref.num_prompt_tokens
     held = [mgrs[g].num_held_blocks(req) for g in sorted(mgrs)]
     assert any(not p.is_identity for p in ref.plans)
-    assert held == [-(-n // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for p in ref.plans]
+    assert held == [-(-(n + 1) // BLOCK) - (p.tail_start - p.prefix_keep) // BLOCK for p in ref.plans]
     out: list[int] = []
     while engine.has_unfinished_requests():
         for o in engine.step():
