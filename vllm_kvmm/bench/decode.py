@@ -4,7 +4,7 @@ Each configuration runs in its own process on the same prompts: ``requests`` pro
 tokens, each generating ``out`` tokens (story-generation shape: output ≫ prompt). Reported per
 configuration: output tokens/s over the whole run, the KV blocks held (peak and mean over engine
 steps, sampled from the scheduler's block pool), so the memory claim is measured, not derived, and the
-seconds the worker spent compressing prompts and flushing (device-synchronised; the engine runs in this
+seconds the worker spent compressing prompts and flushing (device time on a GPU; the engine runs in this
 process, so its worker is readable).
 
     vllm-kvmm bench decode                       # SmolLM2 (real weights) on this machine

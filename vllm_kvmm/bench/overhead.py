@@ -9,7 +9,7 @@ process, best of three:
 * TTFT alone: one request of ``--ttft-tokens`` prompt tokens (a different prompt each time: no prefix-cache
   hit) to its first token — prefill and the statistics; ``second_ms``: from the first token to the second,
   which waits for the compression (it runs in the step after the prefill); ``compress_ms`` is the
-  compression step alone (the worker's device-synchronised timer).
+  compression step alone (the worker's timer: device time on a GPU).
 
     vllm-kvmm bench overhead            # vanilla, full, snapkv@0.25, meda@0.25
 

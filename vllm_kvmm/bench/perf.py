@@ -17,8 +17,8 @@ Measured per configuration (engine in-process, stepped by the benchmark, so it c
 * ``kv_peak_gib`` / ``kv_mean_gib``: KV bytes held in the block pool (peak / mean over engine steps);
 * ``kv_per_request_mib``: what one request holds after its prompt is compressed; ``max_concurrency``: how many
   such requests the pool holds (the capacity at fixed memory); ``peak_running``: concurrency observed;
-* ``compression_s_per_request``: worker time spent compressing (device-synchronised) in the full run,
-  per request.
+* ``compression_s_per_request``: worker time spent compressing in the full run (device time on a GPU:
+  worker/timing.py), per request.
 
     vllm-kvmm bench perf --arch llama2-7b-mha --ctx 8192 --requests 48 --budget 0.2 --policies snapkv,meda
     vllm-kvmm bench perf --images 8 ...   # LLaVA-shaped prompts: 8 × 576 image tokens in each prompt

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from vllm_kvmm.vllm_ext.worker.layout import EngineLayout, StepRows
 from vllm_kvmm.vllm_ext.worker.recorder import PlanRecorder
 from vllm_kvmm.vllm_ext.worker.requests import RequestState
 from vllm_kvmm.vllm_ext.worker.stats import QueryBuffers
+from vllm_kvmm.vllm_ext.worker.timing import StageTimer
 
 __all__ = ["EngineLayout", "StepRows", "WorkerState", "worker_state"]
 
@@ -46,8 +46,7 @@ class WorkerState:
         # full CUDA graphs, where Python hooks do not run (read by patches.py, patch 5).
         self.eager_attention = False
         self.out = KVMMWorkerMeta()
-        # Since configure(): seconds spent compressing and flushing (device-synchronised), for benchmarks.
-        self.seconds_total = 0.0
+        self.timer = StageTimer()
         # Tests and benchmarks only: set to a PlanRecorder to keep every plan; force piecewise graphs.
         self.recorder: PlanRecorder | None = None
         self.force_piecewise = False
@@ -174,20 +173,23 @@ class WorkerState:
             self.contain(job.req_id, job.epoch, stage, e)
 
     def _timed(self, stage: str, work: Callable[[], None]) -> None:
-        """Run one compression or this step's flushes, timed (device-synchronised) for metrics."""
-        t0 = time.perf_counter()
-        # A named range in profiles (bench profile-decode).
-        with torch.profiler.record_function(f"kvmm.{stage}"):
+        """Run one compression or this step's flushes, timed for metrics (on a GPU by events, read in a
+        later step: timing.py), as a named range in profiles (bench profile-decode)."""
+        with torch.profiler.record_function(f"kvmm.{stage}"), self.timer(self.engine.cuda):
             work()
-        if self.engine.cuda:
-            torch.cuda.synchronize()  # count the kernels, not just their launches
-        dt = time.perf_counter() - t0
-        self.out.seconds += dt
-        self.out.durations.append(dt)
-        self.seconds_total += dt
+
+    @property
+    def seconds_total(self) -> float:
+        """Seconds spent compressing and flushing since :meth:`configure` (benchmarks; on a GPU this waits
+        for the device to finish what was timed)."""
+        return self.timer.drain()
 
     def take_output(self) -> KVMMWorkerMeta | None:
-        """What this step compressed, freed and failed, for the scheduler (``None``: nothing)."""
+        """What this step compressed, freed and failed, and the compression time known by now, for the
+        scheduler (``None``: nothing)."""
+        for dt in self.timer.finished():
+            self.out.seconds += dt
+            self.out.durations.append(dt)
         out, self.out = self.out, KVMMWorkerMeta()
         return out if out.compressed or out.seconds or out.failed or out.settled else None
 
