@@ -131,10 +131,12 @@ class StatsObservingImpl:
         if state.jobs or (state.decoding and not state.queries.buffered):
             # A named range in profiles (bench profile-decode).
             with torch.profiler.record_function("kvmm.statistics"):
+                n = attn_metadata.num_actual_tokens
                 observe(
                     state,
                     layer.layer_name,
-                    query[: attn_metadata.num_actual_tokens],
+                    query[:n],
+                    None if key is None else key[:n].view(n, -1, query.shape[-1]),
                     kv_cache,
                     attn_metadata,
                     self.num_heads,

@@ -23,6 +23,7 @@ def observe(
     state: WorkerState,
     layer_name: str,
     query: torch.Tensor,
+    key: torch.Tensor | None,
     kv_cache: torch.Tensor,
     md: Any,
     heads: int,
@@ -30,9 +31,11 @@ def observe(
 ) -> None:
     """Feed this layer's queries of every compressing request in prefill to its accumulators.
 
-    ``query``: ``[num_tokens, H, d]`` post-RoPE. Keys are read back from the paged cache, where the
-    backend has just written this step's tokens. Decode rows of decode-evicting requests keep their last
-    query for the next flush (steps too large for the persistent buffers, see :class:`QueryBuffers`).
+    ``query``: ``[num_tokens, H, d]`` post-RoPE; ``key``: the step's keys ``[num_tokens, H_kv, d]`` as the
+    backend has just written them to the paged cache (``None``: read them back from there). Only the keys
+    of earlier steps are read back from the cache (none for a prompt prefilled in one step). Decode rows of
+    decode-evicting requests keep their last query for the next flush (steps too large for the persistent
+    buffers, see :class:`QueryBuffers`).
     """
     engine = state.engine
     if not (state.jobs or state.decoding) or layer_name not in engine.layers:
@@ -55,7 +58,7 @@ def observe(
         if job is None:
             continue
         try:
-            _accumulate(state, st, job, ref.index, row, query, kv_cache, md, heads, scale, qsl, seq_lens)
+            _accumulate(state, st, job, ref.index, row, query, key, kv_cache, md, heads, scale, qsl, seq_lens)
         except Exception as e:
             # This runs inside the model's forward, shared by every request of the step: one request's
             # failure must not end the step (the request is then served uncompressed).
@@ -69,6 +72,7 @@ def _accumulate(
     layer: int,
     row: int,
     query: torch.Tensor,
+    key: torch.Tensor | None,
     kv_cache: torch.Tensor,
     md: Any,
     heads: int,
@@ -107,9 +111,34 @@ def _accumulate(
     if q_start + job.num_new <= acc.first_query:  # no query of this chunk counts: its keys are not read
         acc.skip(q_start, job.num_new)
         return
-    n_blocks = -(-seq_len // engine.block_size)
-    k = engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], seq_len)
-    acc.update(query[qsl[row] : qsl[row] + job.num_new], k, q_start)
+    acc.update(
+        query[qsl[row] : qsl[row] + job.num_new],
+        _keys(engine, row, key, kv_cache, md, q_start, qsl, seq_len),
+        q_start,
+    )
+
+
+def _keys(
+    engine: Any,
+    row: int,
+    key: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    md: Any,
+    q_start: int,
+    qsl: list[int],
+    seq_len: int,
+) -> torch.Tensor:
+    """Keys ``[seq_len, H_kv, d]`` of one row: earlier steps' from the paged cache, this step's as the backend
+    wrote them (bit for bit what a read-back would give: the cache is unquantised, ``patches.py``)."""
+    if key is None:
+        n_blocks = -(-seq_len // engine.block_size)
+        return engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], seq_len)
+    mine = key[qsl[row] : qsl[row] + seq_len - q_start]
+    if q_start == 0:
+        return mine
+    n_blocks = -(-q_start // engine.block_size)
+    earlier = engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], q_start)
+    return torch.cat([earlier, mine.to(earlier.dtype)])
 
 
 class QueryBuffers:
