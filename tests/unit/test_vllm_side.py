@@ -340,6 +340,35 @@ def test_worker_report_frees_blocks_unless_stale_and_reaches_the_output() -> Non
     assert conn._requests == {} and conn._policies == {}
 
 
+def test_a_compression_and_a_flush_in_one_step_both_free_and_count() -> None:
+    """A prompt compressed at the start of a step may flush at its end (decode interval 1): the worker
+    reports the two apart and the scheduler frees both, counts both and reports the compression."""
+    conn, pool, mgrs = _connector("h2o", 0.25, decode_interval=1)
+    a = _request("a", 64)
+    conn.on_new_request(a)
+    for m in mgrs:
+        m.allocate_new_blocks("a", 80, 80)  # 5 blocks: the prompt and a decode block
+    free0 = pool.get_num_free_blocks()
+    meta = KVMMWorkerMeta(
+        compressed={"a": [CompressedGroup(0, 1, 3, 32, (1, 2)), CompressedGroup(1, 1, 3, 32, (1, 2))]},
+        flushed={"a": [CompressedGroup(0, 1, 4, 20, (3,))]},
+        prompt_tokens={"a": 64},
+        kept_token_layers={"a": 64},
+        epochs={"a": 0},
+        num_layers=2,
+    )
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=meta))
+    conn.update_connector_output(SimpleNamespace(kv_connector_worker_meta=meta))  # patch 6, then vLLM
+    assert pool.get_num_free_blocks() == free0 + 5
+    assert _ids(mgrs[0], "a")[1:4] == [0, 0, 0] and _ids(mgrs[1], "a")[1:3] == [0, 0]
+    stats = conn.get_kv_connector_stats()
+    assert stats is not None
+    got = {k: stats.data[k] for k in ("blocks_freed", "decode_flushes", "compressed_requests")}
+    assert got == {"blocks_freed": 5, "decode_flushes": 1, "compressed_requests": 1}
+    _, params = conn.request_finished(a, [])
+    assert params["kvmm"]["compressed"] is True and params["kvmm"]["kv_kept"] == 0.5
+
+
 def test_a_contained_failure_stops_flushes_is_counted_and_reaches_the_output() -> None:
     conn, _pool, mgrs = _connector("h2o", 0.5, decode_interval=16)
     a, b = _request("a", 40), _request("b", 40)

@@ -261,3 +261,27 @@ def test_decode_interval_at_budget_one_schedules_no_flush(llm: Any, name: str) -
     assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
     assert len(out[0].outputs[0].token_ids) == 2 * INTERVAL + 3
     assert out[0].kv_transfer_params["kvmm"] == {"policy": name, "budget": 1.0, "compressed": False}
+
+
+def test_a_flush_in_the_step_that_compresses_the_prompt(llm: Any, tiny_llama_dir: Path) -> None:
+    """Decode interval 1: the first decode step compresses the prompt (at its start) and flushes (at its
+    end). Both free their blocks, the output reports the compression, and the tokens are the reference's."""
+    engine, pool = llm.llm_engine, block_pool(llm)
+    free0 = pool.get_num_free_blocks()
+    ids = _ids(11, 200)
+    engine.add_request("i1", {"prompt_token_ids": ids}, _params("h2o", 0.25, 8, {"decode_interval": 1}))
+    engine.step()  # prefill: 13 blocks a layer
+    engine.step()  # compression, the second token, a flush
+    held = _held(llm, "i1")
+    out: Any = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o if o.finished else out
+    (ref,) = DenseReference(tiny_llama_dir).generate(
+        [PromptInput.from_ids(ids)], make_policy("h2o", 0.25, {"decode_interval": 1}), 8, BLOCK
+    )
+    assert max(held) <= 6  # 50 tokens kept of 200 (13 blocks): the prompt's middle went back to the pool
+    assert list(out.outputs[0].token_ids) == ref.token_ids
+    report = out.kv_transfer_params["kvmm"]
+    assert report["compressed"] is True and report["kv_kept"] == pytest.approx(ref.kv_fraction, abs=1e-12)
+    assert pool.get_num_free_blocks() == free0

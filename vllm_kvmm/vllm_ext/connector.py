@@ -270,18 +270,14 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
         mgrs = managers(self._block_pool)
         entries = compressed_entries(self._block_pool)
         st = self._stats
-        for req_id, groups in meta.compressed.items():
-            req = self._requests.get(req_id)
-            if req is None:
-                continue  # finished in the meantime: its blocks are already free
-            if req.num_preemptions != meta.epochs.get(req_id, req.num_preemptions):
-                continue  # preempted since (async scheduling): these ranges belong to freed blocks
-            n = meta.prompt_tokens.get(req_id, 0)
-            for g in groups:
-                st.add("blocks_freed", mgrs[g.group].release_blocks(req_id, g.freed))
-            if req_id in meta.flushed:
+        for req_id, groups in meta.flushed.items():
+            if self._release(meta, req_id, groups, mgrs):
                 st.add("decode_flushes", 1)
+        for req_id, groups in meta.compressed.items():
+            if not self._release(meta, req_id, groups, mgrs):
                 continue
+            req = self._requests[req_id]
+            n = meta.prompt_tokens.get(req_id, 0)
             epoch = meta.epochs.get(req_id, req.num_preemptions)
             entries.reported(req_id, epoch, {g.group: (g.keep, g.tail) for g in groups})
             st.add("compressed_requests", 1)
@@ -305,6 +301,17 @@ class KVMMConnector(KVConnectorBase_V1, SupportsHMA):
             self._reports.setdefault(req_id, {})["error"] = why
         st.add("compression_seconds", meta.seconds)
         st.observe("compression_durations", meta.durations)
+
+    def _release(self, meta: KVMMWorkerMeta, req_id: str, groups: list[Any], mgrs: dict[int, Any]) -> bool:
+        """Free the blocks ``groups`` no longer read; ``False`` (nothing freed) when the report is stale."""
+        req = self._requests.get(req_id)
+        if req is None:
+            return False  # finished in the meantime: its blocks are already free
+        if req.num_preemptions != meta.epochs.get(req_id, req.num_preemptions):
+            return False  # preempted since (async scheduling): these ranges belong to freed blocks
+        for g in groups:
+            self._stats.add("blocks_freed", mgrs[g.group].release_blocks(req_id, g.freed))
+        return True
 
     def get_kv_connector_stats(self) -> KVMMStats | None:
         if self.role != KVConnectorRole.SCHEDULER or self._stats.is_empty():

@@ -102,11 +102,13 @@ class CompressedGroup:
 class KVMMWorkerMeta(KVConnectorWorkerMetadata):
     """Worker → scheduler, one per step: what each compressed request gave back, and its cost."""
 
-    compressed: dict[str, list[CompressedGroup]] = field(default_factory=dict)
+    compressed: dict[str, list[CompressedGroup]] = field(default_factory=dict)  # prompt compressions
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     kept_token_layers: dict[str, int] = field(default_factory=dict)  # Σ over layers of kept tokens
     epochs: dict[str, int] = field(default_factory=dict)
-    flushed: set[str] = field(default_factory=set)  # reports from decode-time flushes, not prefills
+    # Decode-time flushes, apart: a request compressed at the start of a step may flush at its end (a
+    # decode interval of 1, or a recompute whose first decode step falls on the cadence).
+    flushed: dict[str, list[CompressedGroup]] = field(default_factory=dict)
     # Requests whose compression or flush failed (contained: see WorkerState.contain) -> what failed.
     failed: dict[str, str] = field(default_factory=dict)
     # Requests whose prompt compression ran to its end this step, whether or not it freed anything
@@ -123,11 +125,8 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         # any budget is computed), so one copy of each report is enough; pipeline stages compress
         # different layers (different groups), so their reports add up.
         assert isinstance(other, KVMMWorkerMeta)
-        # A group appears once per tensor-parallel rank (one copy kept) and on one stage only.
-        for req, groups in other.compressed.items():
-            mine = self.compressed.get(req, [])
-            have = {g.group for g in mine}
-            self.compressed[req] = [*mine, *(g for g in groups if g.group not in have)]
+        _merge_groups(self.compressed, other.compressed)
+        _merge_groups(self.flushed, other.flushed)
         new_stage = bool(self.stages) and not other.stages <= self.stages
         for req, kept in other.kept_token_layers.items():
             if new_stage:
@@ -141,10 +140,17 @@ class KVMMWorkerMeta(KVConnectorWorkerMetadata):
         self.stages |= other.stages
         self.prompt_tokens.update(other.prompt_tokens)
         self.epochs.update(other.epochs)
-        self.flushed |= other.flushed
         for req, why in other.failed.items():
             self.failed.setdefault(req, why)
         self.settled.update(other.settled)
         self.seconds = max(self.seconds, other.seconds)
         self.durations = self.durations or list(other.durations)
         return self
+
+
+def _merge_groups(mine: dict[str, list[CompressedGroup]], other: dict[str, list[CompressedGroup]]) -> None:
+    """Add ``other``'s groups per request: a group appears once per tensor-parallel rank (one copy kept)
+    and on one pipeline stage only."""
+    for req, groups in other.items():
+        have = {g.group for g in mine.get(req, [])}
+        mine[req] = [*mine.get(req, []), *(g for g in groups if g.group not in have)]

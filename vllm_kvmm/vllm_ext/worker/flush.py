@@ -153,9 +153,8 @@ def carry_out(state: WorkerState, job: FlushJob, st: RequestState, planned: _Pre
     finally:
         # Groups flushed before a failure are reported: their freed blocks are no longer read.
         if report:
-            state.out.compressed[job.req_id] = report
+            state.out.flushed[job.req_id] = report
             state.out.epochs[job.req_id] = job.epoch
-            state.out.flushed.add(job.req_id)
             state.out.stages.add(engine.stage)
     if state.recorder is not None:
         state.recorder.flushed(job.req_id, st, engine.num_layers)

@@ -191,7 +191,7 @@ class WorkerState:
             self.out.seconds += dt
             self.out.durations.append(dt)
         out, self.out = self.out, KVMMWorkerMeta()
-        return out if out.compressed or out.seconds or out.failed or out.settled else None
+        return out if out.compressed or out.flushed or out.seconds or out.failed or out.settled else None
 
     # ---- failures ----------------------------------------------------------------------------
     def _healthy(self, req_id: str) -> bool:
