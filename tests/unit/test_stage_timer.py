@@ -1,4 +1,4 @@
-"""StageTimer: host durations at once; device durations read only once the device has passed them."""
+"""StageTimer: host durations at once; device durations one step later, the same step on every rank."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from vllm_kvmm.vllm_ext.worker.timing import StageTimer
 
 
 class FakeEvent:
-    """A CUDA event stand-in on a shared fake device clock: ``record`` stamps the clock, ``query`` says
-    whether the device has reached the stamp, ``synchronize`` advances the device to it."""
+    """A CUDA event stand-in on a shared fake device clock: ``record`` stamps the clock, ``synchronize``
+    advances the device to the stamp (and counts)."""
 
     def __init__(self, device: dict[str, float]) -> None:
         self.device = device
@@ -20,10 +20,6 @@ class FakeEvent:
     def record(self) -> None:
         self.device["host"] += 1.0  # each launch moves the host's clock on by 1 ms
         self.at = self.device["host"]
-
-    def query(self) -> bool:
-        assert self.at is not None
-        return self.device["done"] >= self.at
 
     def synchronize(self) -> None:
         assert self.at is not None
@@ -40,18 +36,32 @@ def device() -> dict[str, float]:
     return {"host": 0.0, "done": 0.0, "syncs": 0}
 
 
-def test_device_durations_wait_for_the_device_without_blocking(device: dict[str, float]) -> None:
+def test_device_durations_are_read_one_step_later(device: dict[str, float]) -> None:
     timer = StageTimer(event=lambda: FakeEvent(device))
     with timer(True):
         device["host"] += 5.0  # the work: 5 ms of launches
+    device["done"] = 1e9  # the device finished long ago: still nothing this step (every rank alike)
+    assert timer.finished() == [] and device["syncs"] == 0
     with timer(True):
         device["host"] += 2.0
-    assert timer.finished() == [] and device["syncs"] == 0  # the device has not got there: nothing, no wait
-    device["done"] = 7.0  # past the first pair's end (stamped at 7), not the second's (11)
-    assert timer.finished() == [pytest.approx(0.006)]  # 5 ms of work + the end event's 1 ms launch
+    # The next step: the first pair (5 ms of work + the end event's 1 ms launch), not yet the second.
+    assert timer.finished() == [pytest.approx(0.006)] and device["syncs"] == 1
+    assert timer.finished() == [pytest.approx(0.003)]
+    assert timer.finished() == [] and timer.total == pytest.approx(0.009)
+
+
+def test_drain_waits_for_every_pair_and_its_durations_still_reach_the_next_step(
+    device: dict[str, float],
+) -> None:
+    timer = StageTimer(event=lambda: FakeEvent(device))
+    with timer(True):
+        device["host"] += 5.0
     assert timer.finished() == []
-    assert timer.drain() == pytest.approx(0.006 + 0.003) and device["syncs"] == 1
-    assert timer.finished() == [pytest.approx(0.003)]  # drained durations still reach the next step
+    with timer(True):
+        device["host"] += 2.0
+    assert timer.drain() == pytest.approx(0.009) and device["syncs"] == 2 and device["done"] == 11.0
+    assert timer.finished() == [pytest.approx(0.006), pytest.approx(0.003)]
+    assert timer.finished() == [] and timer.drain() == pytest.approx(0.009)
 
 
 def test_host_durations_are_known_at_once(device: dict[str, float]) -> None:

@@ -14,7 +14,7 @@ Modules, one job each:
   layers share (vLLM gives per-layer groups views of one tensor).
 * ``view.py`` — the compact block table and lengths attention reads for compressed requests.
 * ``recorder.py`` — every plan made, for tests and benchmarks (off unless set).
-* ``timing.py`` — how long each compression and flush took (CUDA events on a GPU, read without a stall).
+* ``timing.py`` — how long each compression and flush took (CUDA events on a GPU, read a step later).
 
 **The hooks of one engine step, in the order vLLM 0.26 calls them** (``GPUModelRunner.execute_model``;
 the CPU runner inherits it):

@@ -3,9 +3,11 @@
 On a CPU the work is done when the call returns: wall-clock time. On a GPU the call returns once its
 kernels are launched; synchronising the device to time them would stop the host from preparing the next
 step while the device catches up (the compression runs at the start of a step, before its forward is
-launched). So the timer records a CUDA event pair around the work and reads it once the device has
-passed the end event (``Event.query``, which does not block): a duration reaches the scheduler a step or
-two later, in the step output in which it is read.
+launched). So the timer records a CUDA event pair around the work and reads it one step later, when the
+device passed its end long ago (the step's forward and sampling came after it). One step, not "whenever
+the device is done": under tensor parallelism every rank must report a stage in the same step's output,
+which keeps one copy (``KVMMWorkerMeta.aggregate``). The work itself may still wait for the device where
+it needs a value on the host (a plan's sizes); that is not the timer's doing.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class StageTimer:
 
     def __init__(self, event: Callable[[], Any] | None = None) -> None:
         self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
-        self._open: list[tuple[Any, Any]] = []  # device event pairs not read yet, in order
-        self._ready: list[float] = []  # host durations, and device ones read by ``total``
+        self._open: list[tuple[Any, Any]] = []  # device event pairs of this step, in order
+        self._last: list[tuple[Any, Any]] = []  # ... and of the step before, read at the next call
+        self._ready: list[float] = []  # host durations, and device ones read by ``drain``
         self.total = 0.0  # every duration read so far
 
     @contextmanager
@@ -47,19 +50,23 @@ class StageTimer:
         self._add(time.perf_counter() - t0)
 
     def finished(self) -> list[float]:
-        """The durations known since the last call: host ones, and device ones whose end the device has
-        passed (in order; a later pair waits for an earlier one)."""
-        while self._open and self._open[0][1].query():
-            self._read(*self._open.pop(0))
+        """Call once a step: its host durations, and the device durations of the step before (their end
+        events waited for, which the device passed a step ago); this step's device pairs wait for the
+        next call."""
+        for start, end in self._last:
+            end.synchronize()
+            self._read(start, end)
+        self._last, self._open = self._open, []
         out, self._ready = self._ready, []
         return out
 
     def drain(self) -> float:
-        """Wait for every open device pair (benchmarks, between runs); returns :attr:`total`."""
-        while self._open:
-            start, end = self._open.pop(0)
+        """Wait for every open device pair (benchmarks, between runs); returns :attr:`total`. Their
+        durations still reach the next :meth:`finished`."""
+        for start, end in (*self._last, *self._open):
             end.synchronize()
             self._read(start, end)
+        self._last, self._open = [], []
         return self.total
 
     def _read(self, start: Any, end: Any) -> None:
