@@ -264,7 +264,9 @@ class _Runner:
 
         The prompt is compressed in the step after its prefill (the first token does not wait for it), so
         the pool is read after the second output step; the request decodes one token past ``max_tokens``
-        (end-of-sequence ignored, the ids returned cut back) so that it still runs then.
+        (end-of-sequence ignored, the ids returned cut back) so that it still runs then. Answers are cut at
+        the tokenizer's end-of-sequence token as before: the VLMs this runs (ours, assembled on SmolLM2)
+        stop on no other token.
         """
         from vllm import SamplingParams
 
