@@ -466,3 +466,17 @@ def test_decode_scores_by_hand_and_stacked_across_requests() -> None:
     )
     assert torch.equal(stacked, torch.cat([got, alone]))
     assert not torch.equal(got, decode_scores(q, k, pos, q_pos2, 0.2, weights))  # the positions matter
+
+
+@pytest.mark.parametrize("n_q,start", [(256, 0), (256, 1800), (37, 2963)])
+def test_probs_written_over_the_logits_equal_a_float64_softmax(n_q: int, start: int) -> None:
+    """The map is computed in place (one fused softmax over the logits): long rows, against float64."""
+    n = start + n_q
+    q, k = make_qk(n, seed=n_q + start, h=8, h_kv=2, d=32)
+    acc = StatsAccumulator(ALL, n, 8, 2, torch.zeros(n, dtype=torch.bool), 32**-0.5)
+    got = acc._probs(q[start:], k, start)  # [H, n_q, n]
+    z = torch.einsum("qhd,khd->hqk", q[start:].double(), k.double().repeat_interleave(4, 1)) * 32**-0.5
+    future = torch.arange(n)[None, :] > torch.arange(start, n)[:, None]
+    want = torch.softmax(z.masked_fill(future, float("-inf")), -1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert bool((got[:, future] == 0).all())  # exact zeros on future keys
