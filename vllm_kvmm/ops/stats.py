@@ -420,7 +420,6 @@ class StatsAccumulator:
         # No device synchronisation in here: which rows count is decided from positions on the CPU, and
         # sums stay on the device until ``result``.
         n_q = q.shape[0]
-        dev = q.device
         heads = self.h * self.world
         pos = torch.arange(start, start + n_q * step, step)
         p = self._probs(q, k, start, None if step == 1 else pos)
@@ -434,11 +433,11 @@ class StatsAccumulator:
         if req.cross_entropy and bool(self.vision.any()):
             self._cross_entropy(p, pos)
         if req.t2v and start + n_q > self.t2v_from:
-            text = (pos >= self.t2v_from) & ~self.vision[pos]
-            rows = torch.nonzero(text).flatten()
-            if rows.numel():
-                pm = self._head_sum(p.index_select(1, rows.to(dev))) / heads  # [r, n_vis] head-averaged
-                self._add_t2v(pm.sum(0), pm.max(0).values)
+            # The text rows: every row after the last vision token, a suffix of this (contiguous) block —
+            # a view, not a gathered copy of the map.
+            assert step == 1, "HAE's rows are never sampled"
+            pm = self._head_sum(p[:, max(0, self.t2v_from - start) :]) / heads  # [r, n_vis] head-averaged
+            self._add_t2v(pm.sum(0), pm.max(0).values)
 
     def _cross_entropy(self, p: torch.Tensor, pos: torch.Tensor) -> None:
         """MEDA's text→vision and vision→text entropies from the full map ``p`` ``[H, n_q, n_vis]`` of the
