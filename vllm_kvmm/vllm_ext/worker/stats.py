@@ -130,14 +130,16 @@ def _keys(
 ) -> torch.Tensor:
     """Keys ``[seq_len, H_kv, d]`` of one row: earlier steps' from the paged cache, this step's as the backend
     wrote them (bit for bit what a read-back would give: the cache is unquantised, ``patches.py``)."""
+
+    def stored(n: int) -> torch.Tensor:  # the first n keys, read back from the paged cache
+        return engine.paged.read_keys(kv_cache, md.block_table[row, : -(-n // engine.block_size)], n)
+
     if key is None:
-        n_blocks = -(-seq_len // engine.block_size)
-        return engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], seq_len)
+        return stored(seq_len)
     mine = key[qsl[row] : qsl[row] + seq_len - q_start]
     if q_start == 0:
         return mine
-    n_blocks = -(-q_start // engine.block_size)
-    earlier = engine.paged.read_keys(kv_cache, md.block_table[row, :n_blocks], q_start)
+    earlier = stored(q_start)
     return torch.cat([earlier, mine.to(earlier.dtype)])
 
 

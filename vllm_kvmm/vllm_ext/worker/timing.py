@@ -53,9 +53,7 @@ class StageTimer:
         """Call once a step: its host durations, and the device durations of the step before (their end
         events waited for, which the device passed a step ago); this step's device pairs wait for the
         next call."""
-        for start, end in self._last:
-            end.synchronize()
-            self._read(start, end)
+        self._wait(self._last)
         self._last, self._open = self._open, []
         out, self._ready = self._ready, []
         return out
@@ -63,14 +61,15 @@ class StageTimer:
     def drain(self) -> float:
         """Wait for every open device pair (benchmarks, between runs); returns :attr:`total`. Their
         durations still reach the next :meth:`finished`."""
-        for start, end in (*self._last, *self._open):
-            end.synchronize()
-            self._read(start, end)
+        self._wait([*self._last, *self._open])
         self._last, self._open = [], []
         return self.total
 
-    def _read(self, start: Any, end: Any) -> None:
-        self._add(start.elapsed_time(end) / 1000.0)  # milliseconds
+    def _wait(self, pairs: list[tuple[Any, Any]]) -> None:
+        """Read device pairs in order, each once the device has passed its end event."""
+        for start, end in pairs:
+            end.synchronize()
+            self._add(start.elapsed_time(end) / 1000.0)  # milliseconds
 
     def _add(self, seconds: float) -> None:
         self._ready.append(seconds)
